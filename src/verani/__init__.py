@@ -1,0 +1,57 @@
+"""verani: Socket.IO-like realtime rooms with persisted state and hibernation, on Trio.
+
+Define a room in a Python file with :func:`define_room`, serve it with ``verani serve FILE``.
+"""
+
+from .context import RoomActor, RoomContext
+from .errors import (
+    ControlError,
+    CorruptDocumentError,
+    FrameEncodeError,
+    FrameTooLargeError,
+    HandshakeRefused,
+    NoServerError,
+    NotPersistableError,
+    PersistenceError,
+    ProtocolError,
+    RoomDefinitionError,
+    RoomLoadError,
+    RoomNotFoundError,
+    StoreError,
+    StoreLockedError,
+    VeraniError,
+)
+from .protocol import ClientFrame
+from .room import PersistOptions, RoomDefinition, define_room
+from .server import HandshakeRequest, Server, ServerConfig, ServeError, open_server
+from .sessions import ConnectionMeta
+
+__all__ = [
+    "ClientFrame",
+    "ConnectionMeta",
+    "ControlError",
+    "CorruptDocumentError",
+    "FrameEncodeError",
+    "FrameTooLargeError",
+    "HandshakeRefused",
+    "HandshakeRequest",
+    "NoServerError",
+    "NotPersistableError",
+    "PersistOptions",
+    "PersistenceError",
+    "ProtocolError",
+    "RoomActor",
+    "RoomContext",
+    "RoomDefinition",
+    "RoomDefinitionError",
+    "RoomLoadError",
+    "RoomNotFoundError",
+    "ServeError",
+    "Server",
+    "ServerConfig",
+    "StoreError",
+    "StoreLockedError",
+    "VeraniError",
+    "define_room",
+    "open_server",
+]

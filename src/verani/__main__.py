@@ -1,0 +1,5 @@
+"""``python -m verani`` runs the CLI."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,406 @@
+"""One awake room instance: its turns, its persistence and its output gate.
+
+An :class:`Actor` lives from revival to hibernation. It takes events from the instance's inbox one
+at a time (a *turn*), so a handler never sees another handler's half-done change. After each turn
+the persisted keys that changed are encoded and handed to the flusher, which writes them to the
+store, coalescing the changes of consecutive turns into one write (group commit).
+
+Output gate: frames emitted in a turn that changed persisted keys are held until that change is
+on disk, then released in emission order; a later turn's frames never overtake them. Frames of a
+turn that changed nothing persisted go straight to the sockets when nothing is held.
+"""
+
+from __future__ import annotations
+
+import collections
+import inspect
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import attrs
+import orjson
+import trio
+
+from .codec import Codec, JSONValue
+from .context import RoomActor, RoomContext, SocketEmitter
+from .errors import (
+    CorruptDocumentError,
+    NotPersistableError,
+    PersistenceError,
+    StoreError,
+)
+from .protocol import ERROR_EVENT, ClientFrame
+from .room import RoomDefinition
+from .sessions import Session, Sessions, send_to
+from .state import peek_changes, set_untracked, take_changes, track
+from .store import Store
+
+log = logging.getLogger("verani.actor")
+
+#: First and longest wait between retries of a failed store write, in seconds.
+RETRY_FIRST = 0.05
+RETRY_MAX = 5.0
+
+
+@attrs.define(eq=False)
+class Connect:
+    """A socket joined the room instance."""
+
+    session: Session
+
+
+@attrs.define(eq=False)
+class Message:
+    """A socket sent a (valid) frame."""
+
+    session: Session
+    frame: ClientFrame
+
+
+@attrs.define(eq=False)
+class Disconnect:
+    """A socket left; ``code`` is its close code (1006 when it just dropped)."""
+
+    session: Session
+    code: int
+
+
+@attrs.define(eq=False)
+class Hibernate:
+    """Hibernate now (``verani hibernate``, shutdown); ``done`` is set once state is durable."""
+
+    done: trio.Event = attrs.field(factory=trio.Event)
+    error: str | None = None
+
+    def finish(self, error: str | None) -> None:
+        """Report the outcome to whoever asked."""
+        self.error = error
+        self.done.set()
+
+
+InboxEvent = Connect | Message | Disconnect | Hibernate
+
+
+class Actor:
+    """An awake room instance (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        definition: RoomDefinition[Any],
+        instance: str,
+        sessions: Sessions,
+        inbox: trio.MemoryReceiveChannel[InboxEvent],
+        store: Store,
+        codec: Codec,
+        idle_timeout: float,
+    ) -> None:
+        self.definition = definition
+        self.instance = instance
+        self.sessions = sessions
+        self._inbox = inbox
+        self._store = store
+        self._codec = codec
+        self.idle_timeout = idle_timeout
+        self._where = f"room {definition.name}/{instance}"
+        self._persisted = frozenset(definition.persisted_keys)
+        self.state: Any = None
+        self.room_actor: RoomActor[Any] | None = None
+        self.last_turn = trio.current_time()
+        # Persistence: the encoded value of every persisted key as last handed to the store.
+        self._encoded: dict[str, JSONValue] = {}
+        self._undecodable: set[str] = set()
+        self._write_seq = 0
+        self._durable_seq = 0
+        self._save_failures = 0
+        self._unsaved: set[str] = set()  # persisted keys changed since the last durable write
+        self._flush_needed = trio.Event()
+        self._durable_changed = trio.Event()
+        # Output gate: batches of (targets, frame) waiting for write ``seq`` to be durable.
+        self._held: collections.deque[tuple[int, list[tuple[Sequence[Session], str]]]] = (
+            collections.deque()
+        )
+        self._turn_outputs: list[tuple[Sequence[Session], str]] | None = None
+
+    # --- lifetime ---------------------------------------------------------------------------
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> Hibernate | None:
+        """Revive from the store, take turns until idle or told to hibernate, flush, and end.
+
+        Returns the hibernation request that ended it, if one did; the caller finishes it once
+        the actor is gone.
+        """
+        await self._load()
+        task_status.started()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._flusher)
+            restore = self.definition.hooks.on_hibernation_restore
+            if len(self.sessions) and restore is not None:
+                await self._turn(self._restore, restore)
+            request = await self._turn_loop()
+            nursery.cancel_scope.cancel()
+        return request
+
+    async def _turn_loop(self) -> Hibernate | None:
+        while True:
+            event: InboxEvent | None = None
+            with trio.move_on_at(self.last_turn + self.idle_timeout):
+                event = await self._inbox.receive()
+            if event is None:
+                if await self._final_flush():
+                    log.info("%s: hibernated after %.1fs idle", self._where, self.idle_timeout)
+                    return None
+                self.last_turn = trio.current_time()
+            elif isinstance(event, Hibernate):
+                if await self._final_flush():
+                    log.info("%s: hibernated on request", self._where)
+                    return event
+                event.finish(f"{self._where}: its state could not be saved; it stays awake")
+            else:
+                await self._turn(self._dispatch, event)
+
+    async def _load(self) -> None:
+        name, spec = self.definition.name, self.definition.state_spec
+        try:
+            doc = await self._store.load(name, self.instance)
+        except CorruptDocumentError as exc:
+            log.error("%s: stored state unreadable, starting from initial values: %s", self._where, exc)
+            doc = None
+        state = spec.new_untracked()
+        stored = doc.state if doc is not None else {}
+        for key in self.definition.persisted_keys:
+            declared = spec.key_types[key]
+            if key in stored:
+                raw = stored[key]
+                self._encoded[key] = raw
+                try:
+                    value = self._codec.decode(raw, declared, path=key)
+                except CorruptDocumentError as exc:
+                    # Keep the stored value on disk until the room assigns the key again.
+                    self._undecodable.add(key)
+                    log.error("%s: stored key %r unreadable, using its initial value: %s", self._where, key, exc)
+                    continue
+                set_untracked(state, key, value)
+            else:
+                self._encoded[key] = self._codec.encode(getattr(state, key), declared, path=key)
+        dropped = set(stored) - self._persisted
+        if dropped:
+            log.info("%s: ignoring stored keys no longer persisted: %s", self._where, sorted(dropped))
+        track(state)
+        self.state = state
+        self.room_actor = RoomActor(name, self.instance, state, self.sessions, self._deliver)
+
+    # --- turns ------------------------------------------------------------------------------
+
+    async def _turn(
+        self, body: Callable[[Any], Awaitable[RoomContext[Any] | None]], arg: Any
+    ) -> None:
+        self._turn_outputs = []
+        try:
+            ctx = await body(arg)
+            for key, error in self._persist_changes():
+                await self._persist_failed(key, error, ctx)
+        finally:
+            outputs, self._turn_outputs = self._turn_outputs, None
+            self._settle(outputs)
+            self.last_turn = trio.current_time()
+
+    async def _restore(self, hook: Callable[..., Any]) -> None:
+        await self._call("on_hibernation_restore", None, hook, self.room_actor)
+
+    async def _dispatch(self, event: InboxEvent) -> RoomContext[Any] | None:
+        hooks = self.definition.hooks
+        if isinstance(event, Connect):
+            session = event.session
+            self.sessions.add(session)
+            ctx = self._context(session)
+            if hooks.on_connect is not None and not await self._call("on_connect", ctx, hooks.on_connect, ctx):
+                self.sessions.remove(session)
+                session.sink.close(1011, "the room failed to accept the connection")
+            return ctx
+        if isinstance(event, Disconnect):
+            session = event.session
+            if not self.sessions.remove(session):
+                return None
+            ctx = self._context(session, close_code=event.code)
+            if hooks.on_disconnect is not None:
+                await self._call("on_disconnect", ctx, hooks.on_disconnect, ctx)
+            return ctx
+        if isinstance(event, Message):
+            session, frame = event.session, event.frame
+            if session not in self.sessions:
+                return None
+            ctx = self._context(session, frame=frame)
+            handlers = self.definition.handlers_for(frame.type)
+            for handler in handlers:
+                await self._call(f"handler for {frame.type!r}", ctx, handler, ctx, frame.data)
+            if not handlers:
+                if hooks.on_message is not None:
+                    await self._call("on_message", ctx, hooks.on_message, ctx, frame)
+                else:
+                    log.warning(
+                        "%s: no handler for event %r from client %s (user %s); dropped",
+                        self._where, frame.type, session.meta.client_id, session.meta.user_id,
+                    )
+                    ctx.emit.emit(ERROR_EVENT, {"code": "unknown_event", "event": frame.type,
+                                                "message": f"this room has no handler for {frame.type!r}"})
+            return ctx
+        raise AssertionError(f"unexpected inbox event {event!r}")
+
+    def _context(
+        self, session: Session, *, frame: ClientFrame | None = None, close_code: int | None = None
+    ) -> RoomContext[Any]:
+        assert self.room_actor is not None
+        emit = SocketEmitter(session, self.sessions, self._deliver)
+        return RoomContext(self.room_actor, session.meta, emit, frame, close_code)
+
+    async def _call(self, what: str, ctx: RoomContext[Any] | None, fn: Callable[..., Any], *args: Any) -> bool:
+        """Run a user handler or hook; an error is logged and given to ``on_error``, never raised."""
+        try:
+            result = fn(*args)
+            if inspect.isawaitable(result):
+                await result
+        except Exception as exc:
+            log.error("%s: %s raised %s: %s", self._where, what, type(exc).__name__, exc, exc_info=exc)
+            await self._on_error(exc, ctx)
+            return False
+        return True
+
+    async def _on_error(self, error: BaseException, ctx: RoomContext[Any] | None) -> None:
+        hook = self.definition.hooks.on_error
+        if hook is None:
+            return
+        try:
+            result = hook(error, ctx)
+            if inspect.isawaitable(result):
+                await result
+        except Exception as exc:
+            log.error("%s: on_error raised %s: %s", self._where, type(exc).__name__, exc, exc_info=exc)
+
+    # --- persistence ------------------------------------------------------------------------
+
+    def _persist_changes(self, *, full: bool = False) -> list[tuple[str, NotPersistableError]]:
+        """Encode the persisted keys this turn changed; schedule a write if any did."""
+        assigned = take_changes(self.state) & self._persisted
+        compare = full or not self.definition.persist_options.shallow
+        failures: list[tuple[str, NotPersistableError]] = []
+        dirty = False
+        for key in self.definition.persisted_keys:
+            if key not in assigned and (not compare or key in self._undecodable):
+                continue
+            declared = self.definition.state_spec.key_types[key]
+            try:
+                encoded = self._codec.encode(getattr(self.state, key), declared, path=key)
+            except NotPersistableError as exc:
+                failures.append((key, exc))
+                continue
+            if key not in assigned and _same(encoded, self._encoded.get(key)):
+                continue
+            self._encoded[key] = encoded
+            self._undecodable.discard(key)
+            self._unsaved.add(key)
+            dirty = True
+        if dirty:
+            self._write_seq += 1
+            self._flush_needed.set()
+        return failures
+
+    async def _persist_failed(self, key: str, error: Exception, ctx: RoomContext[Any] | None) -> None:
+        failure = PersistenceError(key, f"{error}; the previous stored value is kept")
+        failure.__cause__ = error
+        log.error("%s: %s", self._where, failure)
+        hook = self.definition.hooks.on_persist_error
+        if hook is not None:
+            try:
+                result = hook(key, failure)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception as exc:
+                log.error("%s: on_persist_error raised %s: %s", self._where, type(exc).__name__, exc, exc_info=exc)
+        if self.definition.persist_options.throw_on_error and ctx is not None:
+            await self._on_error(failure, ctx)
+
+    async def _flusher(self) -> None:
+        """Write the encoded state whenever it is ahead of the store; coalesce; retry failures."""
+        delay = RETRY_FIRST
+        while True:
+            if self._durable_seq >= self._write_seq:
+                await self._flush_needed.wait()
+                self._flush_needed = trio.Event()
+                continue
+            seq = self._write_seq
+            try:
+                await self._store.save(self.definition.name, self.instance, dict(self._encoded))
+            except StoreError as exc:
+                self._save_failures += 1
+                log.error("%s: saving state failed (retrying in %.2fs): %s", self._where, delay, exc)
+                self._notify_durable()
+                if delay == RETRY_FIRST:  # report once per run of failures, not on every retry
+                    for key in sorted(self._unsaved):
+                        await self._persist_failed(key, exc, None)
+                await trio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX)
+                continue
+            delay = RETRY_FIRST
+            self._durable_seq = seq
+            if seq == self._write_seq:
+                self._unsaved.clear()
+            self._release_durable()
+            self._notify_durable()
+
+    def _notify_durable(self) -> None:
+        self._durable_changed.set()
+        self._durable_changed = trio.Event()
+
+    async def _final_flush(self) -> bool:
+        """Write every persisted key in full and wait until it is durable; False if it failed."""
+        for key, error in self._persist_changes(full=True):
+            await self._persist_failed(key, error, None)
+        target, failures = self._write_seq, self._save_failures
+        while self._durable_seq < target:
+            if self._save_failures != failures:
+                return False
+            await self._durable_changed.wait()
+        return True
+
+    # --- output gate ------------------------------------------------------------------------
+
+    def _deliver(self, targets: Sequence[Session], frame: str) -> int:
+        outputs = self._turn_outputs
+        if outputs is None or (not outputs and self._may_release_now()):
+            return send_to(targets, frame)
+        outputs.append((targets, frame))
+        return len(targets)
+
+    def _may_release_now(self) -> bool:
+        # Mid-turn, a frame may leave at once only if nothing before it waits for the disk and
+        # this turn has not (yet) changed anything persisted that the frame could reflect.
+        return (
+            not self._held
+            and self._durable_seq == self._write_seq
+            and self.definition.persist_options.shallow
+            and not (peek_changes(self.state) & self._persisted)
+        )
+
+    def _settle(self, outputs: list[tuple[Sequence[Session], str]] | None) -> None:
+        if not outputs:
+            return
+        if self._held or self._durable_seq < self._write_seq:
+            self._held.append((self._write_seq, outputs))
+            return
+        for targets, frame in outputs:
+            send_to(targets, frame)
+
+    def _release_durable(self) -> None:
+        while self._held and self._held[0][0] <= self._durable_seq:
+            _, outputs = self._held.popleft()
+            for targets, frame in outputs:
+                send_to(targets, frame)
+
+
+def _same(a: JSONValue, b: JSONValue | None) -> bool:
+    # ``==`` alone treats 0.0 and -0.0 (and 1 and 1.0) as equal; the encoded bytes do not.
+    return a == b and orjson.dumps(a) == orjson.dumps(b)

@@ -1,0 +1,657 @@
+"""Turns persisted room-state values into JSON trees and back, losslessly.
+
+A value is written by its *declared* type (a field type of the state class) where it has one and
+by its runtime type everywhere else (``Any``). Plain JSON values stay plain; any other value
+becomes a tagged object ``{"$t": TAG, "v": ...}``. The tags: ``int`` (past 64 bits), ``float``
+(NaN, ±inf), ``dict`` (a str-keyed dict with a ``"$t"`` key), ``map`` (a dict with other keys, as
+``[[key, value], ...]``), ``set``, ``frozenset``, ``tuple``, ``bytes`` (base64), ``datetime`` and
+``time`` (ISO text, plus ``"zone"`` for a ZoneInfo and ``"fold": 1``), ``date``, ``timedelta``
+(``[days, seconds, microseconds]``), ``decimal``, ``uuid``, ``regexp`` (source in ``"v"``, plus
+``"flags"``) and ``any`` (a value that does not fit its declared type, written by the untyped
+rules so that it reads back as itself).
+
+attrs classes and dataclasses are written as plain objects of their fields, enums by value, and
+only where their type is declared: a document never names a class, so reading one cannot make the
+server import or call anything it does not already expect. Reading never coerces: a stored value
+that does not fit its declared type comes back as what it is. Types are exact: subclasses of the
+built-in types (``OrderedDict``, named tuples, an ``IntEnum`` where no type is declared) are
+refused rather than turned into their base type.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import datetime as dt
+import decimal
+import enum
+import functools
+import inspect
+import io
+import math
+import re
+import reprlib
+import socket
+import threading
+import types
+import typing
+import uuid
+import zoneinfo
+from collections.abc import Callable
+from typing import Any, TypeAlias
+
+import attrs
+import cattrs
+import orjson
+
+from verani.errors import CorruptDocumentError, NotPersistableError
+
+__all__ = ["MAX_DEPTH", "Codec", "JSONValue", "dumps", "loads", "make_codec"]
+
+JSONValue: TypeAlias = bool | int | float | str | list["JSONValue"] | dict[str, "JSONValue"] | None
+
+MAX_DEPTH = 200
+"""How many JSON levels a value may nest. orjson writes at most 254 and the store's document
+wraps each value, so values stop well short of that."""
+
+_I64 = 2**63
+_NoneType = type(None)
+_MISSING = object()
+
+
+@attrs.frozen(eq=False)
+class _Hook:
+    """How values of one declared type are written and read back.
+
+    ``fits(value)``: the value has the declared type. ``accepts(raw)``: the stored value is in the
+    form the declared type writes. ``encode`` and ``decode`` may assume those hold.
+    """
+
+    fits: Callable[[Any], bool]
+    accepts: Callable[[Any], bool]
+    encode: Callable[[Any, str, int, set[int]], JSONValue]
+    decode: Callable[[Any, str, int], Any]
+
+    def __call__(self, value: Any) -> JSONValue:
+        # Makes every hook a valid cattrs unstructure hook.
+        return _encode(self, value, "$", 0, set())
+
+
+def _encode(hook: _Hook, value: Any, path: str, depth: int, active: set[int]) -> JSONValue:
+    if hook.fits(value):
+        return hook.encode(value, path, depth, active)
+    return _self_describing(hook, value, path, depth, active)
+
+
+def _self_describing(hook: _Hook, value: Any, path: str, depth: int, active: set[int]) -> JSONValue:
+    raw = _encode_any(value, path, depth, active)
+    # Unwrapped, the declared type would read this back as one of its own values.
+    return {"$t": "any", "v": raw} if hook.accepts(raw) else raw
+
+
+def _decode(hook: _Hook, raw: Any, path: str, depth: int) -> Any:
+    if (type(raw) is dict and raw.get("$t") == "any") or not hook.accepts(raw):
+        return _decode_any(raw, path, depth)
+    return hook.decode(raw, path, depth)
+
+
+def _enter(value: object, path: str, depth: int, active: set[int]) -> None:
+    # ``active`` holds the containers on the current path only, so shared values are fine.
+    if id(value) in active:
+        raise NotPersistableError(path, "circular reference")
+    if depth >= MAX_DEPTH:
+        raise NotPersistableError(path, f"nested more than {MAX_DEPTH} levels deep")
+    active.add(id(value))
+
+
+def _corrupt(path: str, problem: str) -> CorruptDocumentError:
+    return CorruptDocumentError(f"{path}: {problem}")
+
+
+def _check_depth(path: str, depth: int) -> None:
+    if depth >= MAX_DEPTH:
+        raise _corrupt(path, f"nested more than {MAX_DEPTH} levels deep")
+
+
+def _key_path(path: str, key: object) -> str:
+    return f"{path}[{reprlib.repr(key)}]"
+
+
+def _has_tag(raw: Any, *tags: str) -> bool:
+    return type(raw) is dict and raw.get("$t") in tags
+
+
+def _is_plain(raw: Any) -> bool:
+    return type(raw) is dict and "$t" not in raw
+
+
+# --- untyped values: written by their runtime type ---------------------------------------------
+
+
+def _encode_any(value: Any, path: str, depth: int, active: set[int]) -> JSONValue:
+    scalar = _SCALARS.get(type(value))
+    if scalar is not None:
+        return scalar[1](value, path)
+    container = _ANY_CONTAINERS.get(type(value))
+    if container is not None:
+        return container.encode(value, path, depth, active)
+    raise NotPersistableError(path, _why_not(value))
+
+
+def _decode_any(raw: Any, path: str, depth: int) -> Any:
+    if raw is None or type(raw) in (bool, int, float, str):
+        return raw
+    if type(raw) is list or _is_plain(raw):
+        return _ANY_CONTAINERS[type(raw)].decode(raw, path, depth)
+    if type(raw) is not dict:
+        raise _corrupt(path, f"{type(raw).__name__} is not a JSON value")
+    tag = raw["$t"]
+    if type(tag) is not str:
+        raise _corrupt(path, f"tag {tag!r} is not a string")
+    if tag == "any":
+        _check_depth(path, depth)
+        return _decode_any(_payload(raw, path), path, depth + 1)
+    if tag in _TAGGED_CONTAINERS:
+        return _TAGGED_CONTAINERS[tag].decode(raw, path, depth)
+    if tag not in _SCALAR_DECODERS:
+        raise _corrupt(path, f"unknown tag {tag!r}")
+    payload = _payload(raw, path)
+    try:
+        return _SCALAR_DECODERS[tag](payload, raw)
+    except (ValueError, TypeError, KeyError, ArithmeticError, re.error) as exc:
+        raise _corrupt(path, f"bad {tag!r} value {reprlib.repr(payload)}: {exc}") from None
+
+
+def _payload(raw: dict[str, Any], path: str) -> Any:
+    extra = raw.keys() - {"$t", "v"} - _TAG_EXTRA_KEYS.get(raw["$t"], frozenset())
+    if extra or "v" not in raw:
+        raise _corrupt(path, f"malformed {raw['$t']!r} tag with keys {sorted(raw)}")
+    return raw["v"]
+
+
+_LOCKS = (type(threading.Lock()), type(threading.RLock()), threading.Condition, threading.Event)
+_LIVE_OBJECTS: tuple[tuple[type | tuple[type, ...], str], ...] = (
+    (types.GeneratorType, "generator is not persistable"),
+    (types.CoroutineType, "coroutine is not persistable"),
+    (types.AsyncGeneratorType, "async generator is not persistable"),
+    (types.ModuleType, "module is not persistable"),
+    (type, "class is not persistable"),
+    (socket.socket, "socket is not persistable"),
+    (threading.Thread, "thread is not persistable"),
+    ((*_LOCKS, threading.Semaphore, threading.Barrier), "lock is not persistable"),
+    (io.IOBase, "open file is not persistable"),
+    ((bytearray, memoryview), "mutable buffer is not persistable; store bytes instead"),
+)
+
+
+def _why_not(value: object) -> str:
+    if inspect.isroutine(value) or isinstance(value, functools.partial):
+        return "function is not persistable"
+    for kinds, reason in _LIVE_OBJECTS:
+        if isinstance(value, kinds):
+            return reason
+    return (
+        f"object of undeclared class {type(value).__qualname__} is not persistable; "
+        "declare its type on the state class"
+    )
+
+
+def _encode_int(value: int, path: str) -> JSONValue:
+    if -_I64 <= value < _I64:
+        return value
+    try:
+        text = str(value)
+    except ValueError:  # past Python's int-to-decimal digit limit; int(text, 0) reads hex too
+        text = hex(value)
+    return {"$t": "int", "v": text}
+
+
+def _encode_float(value: float, path: str) -> JSONValue:
+    if math.isfinite(value):
+        return value
+    return {"$t": "float", "v": "nan" if math.isnan(value) else "inf" if value > 0 else "-inf"}
+
+
+def _encode_str(value: str, path: str) -> str:
+    if not value.isascii():
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            reason = "string with a lone surrogate is not persistable"
+            raise NotPersistableError(path, reason) from None
+    return value
+
+
+def _encode_clock(value: dt.datetime | dt.time, path: str) -> JSONValue:
+    out: dict[str, JSONValue] = {"$t": _SCALARS[type(value)][0], "v": value.isoformat()}
+    if isinstance(value.tzinfo, zoneinfo.ZoneInfo) and value.tzinfo.key:
+        out["zone"] = value.tzinfo.key
+    if value.fold:
+        out["fold"] = 1
+    return out
+
+
+def _encode_regexp(value: re.Pattern[Any], path: str) -> JSONValue:
+    source = value.pattern
+    stored: JSONValue = source if type(source) is str else {"$t": "bytes", "v": _b64(source)}
+    return {"$t": "regexp", "v": stored, "flags": value.flags}
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _as_text(tag: str, text: Callable[[Any], str]) -> tuple[str, Callable[[Any, str], JSONValue]]:
+    return tag, lambda value, path: {"$t": tag, "v": text(value)}
+
+
+# The tag each scalar type is stored under (None: stored as itself) and its encoder.
+_SCALARS: dict[type, tuple[str | None, Callable[[Any, str], JSONValue]]] = {
+    _NoneType: (None, lambda value, path: None),
+    bool: (None, lambda value, path: value),
+    str: (None, _encode_str),
+    int: ("int", _encode_int),
+    float: ("float", _encode_float),
+    bytes: _as_text("bytes", _b64),
+    dt.datetime: ("datetime", _encode_clock),
+    dt.time: ("time", _encode_clock),
+    dt.date: _as_text("date", dt.date.isoformat),
+    dt.timedelta: (
+        "timedelta",
+        lambda v, p: {"$t": "timedelta", "v": [v.days, v.seconds, v.microseconds]},
+    ),
+    decimal.Decimal: _as_text("decimal", str),
+    uuid.UUID: _as_text("uuid", str),
+    re.Pattern: ("regexp", _encode_regexp),
+}
+_TAG_EXTRA_KEYS = {"datetime": {"zone", "fold"}, "time": {"zone", "fold"}, "regexp": {"flags"}}
+
+
+def _want(value: Any, kind: type) -> Any:
+    if type(value) is not kind:
+        raise TypeError(f"expected {kind.__name__}, not {type(value).__name__}")
+    return value
+
+
+def _with_zone(value: Any, raw: dict[str, Any]) -> Any:
+    fold = raw.get("fold", 0)
+    if type(fold) is not int or fold not in (0, 1):
+        raise ValueError(f"fold must be 0 or 1, not {fold!r}")
+    if "zone" in raw:
+        return value.replace(tzinfo=zoneinfo.ZoneInfo(_want(raw["zone"], str)), fold=fold)
+    return value.replace(fold=fold)
+
+
+def _decode_timedelta(parts: Any) -> dt.timedelta:
+    if type(parts) is not list or len(parts) != 3:
+        raise ValueError("expected [days, seconds, microseconds]")
+    days, seconds, micros = (_want(part, int) for part in parts)
+    return dt.timedelta(days=days, seconds=seconds, microseconds=micros)
+
+
+def _decode_regexp(source: Any, raw: dict[str, Any]) -> re.Pattern[Any]:
+    if _has_tag(source, "bytes") and source.keys() == {"$t", "v"}:
+        source = base64.b64decode(_want(source["v"], str), validate=True)
+    elif type(source) is not str:
+        raise TypeError(f"expected a str or bytes source, not {type(source).__name__}")
+    return re.compile(source, _want(raw.get("flags"), int))
+
+
+_FLOAT_WORDS = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+_SCALAR_DECODERS: dict[str, Callable[[Any, dict[str, Any]], Any]] = {
+    "int": lambda v, raw: int(_want(v, str), 0),
+    "float": lambda v, raw: _FLOAT_WORDS[_want(v, str)],
+    "bytes": lambda v, raw: base64.b64decode(_want(v, str), validate=True),
+    "datetime": lambda v, raw: _with_zone(dt.datetime.fromisoformat(_want(v, str)), raw),
+    "time": lambda v, raw: _with_zone(dt.time.fromisoformat(_want(v, str)), raw),
+    "date": lambda v, raw: dt.date.fromisoformat(_want(v, str)),
+    "timedelta": lambda v, raw: _decode_timedelta(v),
+    "decimal": lambda v, raw: decimal.Decimal(_want(v, str)),
+    "uuid": lambda v, raw: uuid.UUID(_want(v, str)),
+    "regexp": _decode_regexp,
+}
+
+
+# --- containers -------------------------------------------------------------------------------
+
+
+def _sequence_hook(kind: Any, items: list[_Hook] | None, rest: _Hook) -> _Hook:
+    """A list, set, frozenset or tuple: ``items`` gives a hook per position, else ``rest``."""
+    tag = None if kind is list else kind.__name__
+    inner = 1 if tag is None else 2  # a tagged list sits one JSON level further down
+
+    def sized(elements: Any) -> bool:
+        return type(elements) is list and (items is None or len(elements) == len(items))
+
+    def encode(value: Any, path: str, depth: int, active: set[int]) -> JSONValue:
+        _enter(value, path, depth, active)
+        out: list[JSONValue] = []
+        for i, element in enumerate(value):
+            hook = rest if items is None else items[i]
+            out.append(_encode(hook, element, f"{path}[{i}]", depth + inner, active))
+        active.discard(id(value))
+        return out if tag is None else {"$t": tag, "v": out}
+
+    def decode(raw: Any, path: str, depth: int) -> Any:
+        _check_depth(path, depth)
+        payload = raw if tag is None else _payload(raw, path)
+        if not sized(payload):
+            raise _corrupt(path, f"malformed {tag!r} tag: 'v' is not a fitting list")
+        out = []
+        for i, element in enumerate(payload):
+            hook = rest if items is None else items[i]
+            out.append(_decode(hook, element, f"{path}[{i}]", depth + inner))
+        try:
+            return out if tag is None else kind(out)
+        except TypeError as exc:
+            raise _corrupt(path, f"{tag} element is not hashable: {exc}") from None
+
+    def accepts(raw: Any) -> bool:
+        return type(raw) is list if tag is None else _has_tag(raw, tag) and sized(raw.get("v"))
+
+    def fits(value: Any) -> bool:
+        return type(value) is kind and (items is None or len(value) == len(items))
+
+    return _Hook(fits, accepts, encode, decode)
+
+
+def _dict_hook(key: _Hook, item: _Hook) -> _Hook:
+    def encode(value: dict[Any, Any], path: str, depth: int, active: set[int]) -> JSONValue:
+        _enter(value, path, depth, active)
+        out: JSONValue
+        if all(type(k) is str for k in value):
+            escaped = "$t" in value  # user data that would read back as a tag
+            obj: dict[str, JSONValue] = {}
+            for k, element in value.items():
+                at = _key_path(path, k)
+                obj[_encode_str(k, at)] = _encode(item, element, at, depth + 1 + escaped, active)
+            out = {"$t": "dict", "v": obj} if escaped else obj
+        else:
+            pairs: list[JSONValue] = []
+            for k, element in value.items():
+                at = _key_path(path, k)
+                stored_key = _encode(key, k, at, depth + 3, active)
+                pairs.append([stored_key, _encode(item, element, at, depth + 3, active)])
+            out = {"$t": "map", "v": pairs}
+        active.discard(id(value))
+        return out
+
+    def decode(raw: dict[str, Any], path: str, depth: int) -> dict[Any, Any]:
+        _check_depth(path, depth)
+        if "$t" in raw and raw["$t"] == "map":
+            return decode_map(_payload(raw, path), path, depth)
+        obj, inner = (_payload(raw, path), depth + 2) if "$t" in raw else (raw, depth + 1)
+        if type(obj) is not dict:
+            raise _corrupt(path, "malformed 'dict' tag: 'v' is not an object")
+        # Keys of an object were plain strings when written, whatever the declared key type.
+        return {k: _decode(item, v, _key_path(path, k), inner) for k, v in obj.items()}
+
+    def decode_map(pairs: Any, path: str, depth: int) -> dict[Any, Any]:
+        if type(pairs) is not list or any(type(p) is not list or len(p) != 2 for p in pairs):
+            raise _corrupt(path, "malformed 'map' tag: 'v' is not a list of [key, value]")
+        out: dict[Any, Any] = {}
+        for i, (raw_key, raw_value) in enumerate(pairs):
+            k = _decode(key, raw_key, f"{path}<key {i}>", depth + 3)
+            value = _decode(item, raw_value, _key_path(path, k), depth + 3)
+            try:
+                out[k] = value
+            except TypeError as exc:
+                raise _corrupt(path, f"map key is not hashable: {exc}") from None
+        return out
+
+    def accepts(raw: Any) -> bool:
+        return _is_plain(raw) or _has_tag(raw, "dict", "map")
+
+    return _Hook(lambda value: type(value) is dict, accepts, encode, decode)
+
+
+ANY = _Hook(lambda value: True, lambda raw: True, _encode_any, _decode_any)
+_ANY_CONTAINERS: dict[type, _Hook] = {
+    list: _sequence_hook(list, None, ANY),
+    dict: _dict_hook(ANY, ANY),
+    tuple: _sequence_hook(tuple, None, ANY),
+    set: _sequence_hook(set, None, ANY),
+    frozenset: _sequence_hook(frozenset, None, ANY),
+}
+_TAGGED_CONTAINERS = {"map": _ANY_CONTAINERS[dict]} | {
+    kind.__name__: _ANY_CONTAINERS[kind] for kind in (dict, tuple, set, frozenset)
+}
+
+
+# --- declared types ----------------------------------------------------------------------------
+
+
+def _scalar_hook(kind: type) -> _Hook:
+    tag = _SCALARS[kind][0]
+    native = kind if kind in (_NoneType, bool, int, float, str) else None
+
+    def accepts(raw: Any) -> bool:
+        return type(raw) is native or (tag is not None and _has_tag(raw, tag))
+
+    return _Hook(lambda value: type(value) is kind, accepts, _encode_any, _decode_any)
+
+
+def _choice_hook(choices: list[Any], fits: Callable[[Any], bool], flag: Any = None) -> _Hook:
+    """An enum (members are written by value) or a Literal: one of a fixed set of values."""
+
+    def stored(value: Any) -> Any:
+        return value.value if isinstance(value, enum.Enum) else value
+
+    def json_key(raw: Any) -> bytes | None:
+        try:
+            return orjson.dumps(raw, option=orjson.OPT_SORT_KEYS)
+        except orjson.JSONEncodeError:
+            return None
+
+    table: dict[bytes | None, Any] = {}
+    for choice in choices:
+        try:
+            table[json_key(_encode_any(stored(choice), "$", 0, set()))] = choice
+        except NotPersistableError:
+            continue  # such a choice can never be written, so it never needs to be read
+    table.pop(None, None)
+
+    def find(raw: Any) -> Any:
+        found = table.get(json_key(raw), _MISSING)
+        if found is _MISSING and flag is not None and type(raw) is int:
+            try:  # a combination of flags, which is not one of the listed members
+                return flag(raw)
+            except ValueError:
+                pass
+        return found
+
+    def encode(value: Any, path: str, depth: int, active: set[int]) -> JSONValue:
+        return _encode_any(stored(value), path, depth, active)
+
+    return _Hook(fits, lambda raw: find(raw) is not _MISSING, encode, lambda raw, p, d: find(raw))
+
+
+def _union_hook(members: list[_Hook]) -> _Hook:
+    def first(raw: Any) -> _Hook | None:
+        return next((member for member in members if member.accepts(raw)), None)
+
+    def encode(value: Any, path: str, depth: int, active: set[int]) -> JSONValue:
+        chosen = next(member for member in members if member.fits(value))
+        raw = chosen.encode(value, path, depth, active)
+        if first(raw) is chosen:
+            return raw
+        # An earlier member would read this back as one of its own values.
+        return _self_describing(hook, value, path, depth, active)
+
+    def decode(raw: Any, path: str, depth: int) -> Any:
+        return typing.cast(_Hook, first(raw)).decode(raw, path, depth)
+
+    def fits(value: Any) -> bool:
+        return any(member.fits(value) for member in members)
+
+    hook = _Hook(fits, lambda raw: first(raw) is not None, encode, decode)
+    return hook
+
+
+@attrs.frozen
+class _Field:
+    name: str
+    alias: str | None  # the __init__ argument; None for an init=False field
+    required: bool
+    hook: _Hook
+
+
+def _fields_of(cls: Any, lookup: Callable[[Any], _Hook]) -> list[_Field]:
+    try:
+        hints = typing.get_type_hints(cls)
+    except NameError as exc:
+        raise TypeError(f"cannot resolve the field types of {cls.__qualname__}: {exc}") from exc
+    if attrs.has(cls):
+        specs = [
+            (f.name, f.alias if f.init else None, f.init and f.default is attrs.NOTHING)
+            for f in attrs.fields(cls)
+        ]
+    else:
+        none = dataclasses.MISSING
+        specs = [
+            (f.name, f.name if f.init else None, f.init and f.default is f.default_factory is none)
+            for f in dataclasses.fields(cls)
+        ]
+    return [_Field(name, alias, req, lookup(hints.get(name, Any))) for name, alias, req in specs]
+
+
+def _class_hook(cls: type, lookup: Callable[[Any], _Hook]) -> _Hook:
+    # Fields are resolved on first use, not here: a field's type may name the class itself.
+    spec = functools.cache(lambda: _fields_of(cls, lookup))
+    name = cls.__qualname__
+
+    def encode(value: Any, path: str, depth: int, active: set[int]) -> JSONValue:
+        _enter(value, path, depth, active)
+        out: dict[str, JSONValue] = {}
+        for f in spec():
+            current = getattr(value, f.name, _MISSING)
+            if current is not _MISSING:  # an init=False field may never have been set
+                out[f.name] = _encode(f.hook, current, f"{path}.{f.name}", depth + 1, active)
+        active.discard(id(value))
+        return out
+
+    def decode(raw: dict[str, Any], path: str, depth: int) -> Any:
+        _check_depth(path, depth)
+        unknown = raw.keys() - {f.name for f in spec()}
+        if unknown:
+            raise _corrupt(path, f"{name} has no field {', '.join(map(repr, sorted(unknown)))}")
+        kwargs: dict[str, Any] = {}
+        late: dict[str, Any] = {}
+        for f in spec():
+            if f.name in raw:
+                value = _decode(f.hook, raw[f.name], f"{path}.{f.name}", depth + 1)
+                if f.alias is None:
+                    late[f.name] = value
+                else:
+                    kwargs[f.alias] = value
+            elif f.required:
+                raise _corrupt(path, f"missing field {f.name!r} of {name}")
+        try:
+            obj = cls(**kwargs)
+        except Exception as exc:  # the class's own validators refused the stored fields
+            raise _corrupt(path, f"stored fields do not make a {name}: {exc!r}") from exc
+        for field_name, value in late.items():
+            object.__setattr__(obj, field_name, value)
+        return obj
+
+    return _Hook(lambda value: type(value) is cls, _is_plain, encode, decode)
+
+
+class Codec:
+    """Encodes persisted values to JSON trees and decodes them back (see the module docstring).
+
+    A codec owns a cattrs Converter and uses it as its registry of per-type hooks: cattrs looks up
+    the hook for a declared type and caches it, so each type is analysed once.
+    """
+
+    def __init__(self) -> None:
+        self._converter = cattrs.Converter()
+        self._converter.register_unstructure_hook_factory(lambda declared: True, self._build)
+        for kind in (str, bytes):  # cattrs has class hooks for these that outrank factories
+            self._converter.register_unstructure_hook(kind, _scalar_hook(kind))
+
+    def encode(self, value: object, declared: Any = Any, *, path: str = "$") -> JSONValue:
+        """Return ``value`` as a JSON tree, written according to its ``declared`` type.
+
+        ``path`` names the value (a persisted key) in errors. Raises
+        :class:`~verani.errors.NotPersistableError` naming the path of the first part of
+        ``value`` that cannot be stored: a function or other live object, an object of an
+        undeclared class, a circular reference, or nesting past :data:`MAX_DEPTH`.
+        """
+        try:
+            return _encode(self._hook(declared), value, path, 0, set())
+        except RecursionError:
+            raise NotPersistableError(path, "nested too deeply to persist") from None
+
+    def decode(self, raw: JSONValue, declared: Any = Any, *, path: str = "$") -> Any:
+        """Return the value that :meth:`encode` turned into ``raw`` for the same ``declared``.
+
+        Never coerces: a stored value that does not fit ``declared`` comes back as itself.
+        Raises :class:`~verani.errors.CorruptDocumentError` naming the path of malformed input.
+        """
+        try:
+            return _decode(self._hook(declared), raw, path, 0)
+        except RecursionError:
+            raise _corrupt(path, "nested too deeply to read") from None
+
+    def _hook(self, declared: Any) -> _Hook:
+        hook = self._converter.get_unstructure_hook(declared)
+        if not isinstance(hook, _Hook):
+            raise TypeError(f"no codec hook for {declared!r}")
+        return hook
+
+    def _build(self, declared: Any) -> _Hook:
+        origin = typing.get_origin(declared)
+        args = typing.get_args(declared)
+        kind = origin or declared
+        if declared is None or kind in _SCALARS:
+            return _scalar_hook(_NoneType if declared is None else kind)
+        if origin is typing.Annotated:
+            return self._hook(args[0])
+        if isinstance(declared, typing.NewType):
+            return self._hook(declared.__supertype__)
+        if origin in (typing.Union, types.UnionType):
+            return _union_hook([self._hook(arg) for arg in args])
+        if origin is typing.Literal:
+            return _choice_hook(
+                list(args), lambda v: any(type(v) is type(a) and v == a for a in args)
+            )
+        if isinstance(declared, type) and issubclass(declared, enum.Enum):
+            flag = declared if issubclass(declared, enum.Flag) else None
+            return _choice_hook(list(declared), lambda value: type(value) is declared, flag)
+        if isinstance(kind, type) and (attrs.has(kind) or dataclasses.is_dataclass(kind)):
+            return _class_hook(kind, self._hook)
+        hooks = [self._hook(arg) for arg in args if arg is not Ellipsis]
+        if kind is dict:
+            return _dict_hook(*hooks) if hooks else _dict_hook(ANY, ANY)
+        if kind is tuple and args and args[-1] is not Ellipsis:
+            return _sequence_hook(tuple, hooks, ANY)
+        if kind is tuple and args == () and origin is tuple:  # tuple[()]: the empty tuple only
+            return _sequence_hook(tuple, [], ANY)
+        if kind in (list, tuple, set, frozenset):
+            return _sequence_hook(kind, None, hooks[0] if hooks else ANY)
+        return ANY  # TypeVars, protocols, abstract collections: written by runtime type
+
+
+def make_codec() -> Codec:
+    """Return a new :class:`Codec` with its own cattrs Converter (never the global one)."""
+    return Codec()
+
+
+def dumps(doc: JSONValue, *, pretty: bool = False) -> bytes:
+    """Serialize a JSON tree (as :meth:`Codec.encode` returns) to UTF-8 JSON bytes.
+
+    ``pretty`` indents by two spaces, for documents a person reads.
+    """
+    return orjson.dumps(doc, option=orjson.OPT_INDENT_2 if pretty else None)
+
+
+def loads(data: bytes | str) -> JSONValue:
+    """Parse JSON text into a tree for :meth:`Codec.decode`.
+
+    Raises :class:`~verani.errors.CorruptDocumentError` when ``data`` is not JSON.
+    """
+    try:
+        return typing.cast(JSONValue, orjson.loads(data))
+    except orjson.JSONDecodeError as exc:
+        raise CorruptDocumentError(f"not JSON: {exc}") from None

@@ -1,0 +1,222 @@
+"""The local control endpoint the CLI uses to reach a running server, and the store lock.
+
+One server per store: the server holds an exclusive ``flock`` on ``STORE/server.lock`` for its
+lifetime. It listens for control requests on a Unix socket (mode 0600) in a private temporary
+directory (mode 0700) — the store path can be longer than the ~107 bytes a Unix socket path may
+have — and records that socket's path and its pid in ``STORE/server.json``. Nothing is reachable
+from the network. Requests and answers are one JSON object per line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import pathlib
+import shutil
+import socket
+import tempfile
+from typing import TYPE_CHECKING, Any
+
+import orjson
+import trio
+
+from .errors import ControlError, NoServerError, RoomNotFoundError, StoreLockedError
+
+if TYPE_CHECKING:
+    from .server import Server
+
+log = logging.getLogger("verani.control")
+
+LOCK_FILE = "server.lock"
+INFO_FILE = "server.json"
+_MAX_REQUEST = 64 * 1024
+
+
+class StoreLock:
+    """An exclusive, process-lifetime lock on a store directory."""
+
+    def __init__(self, directory: pathlib.Path, fd: int) -> None:
+        self.directory = directory
+        self._fd = fd
+
+    @classmethod
+    def acquire(cls, directory: pathlib.Path) -> StoreLock:
+        """Take the lock, or raise :class:`StoreLockedError` naming the server that holds it."""
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise StoreLockedError(
+                f"cannot use store directory {directory}: {exc.strerror or exc}"
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise StoreLockedError(
+                f"store {directory} is already served by another verani server (pid {holder}); "
+                f"stop it or pass a different --store"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return cls(directory, fd)
+
+    @staticmethod
+    def is_held(directory: pathlib.Path) -> bool:
+        """Whether some process holds the lock of ``directory`` now."""
+        try:
+            fd = os.open(directory / LOCK_FILE, os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    def release(self) -> None:
+        """Give the lock up (closing the file releases it)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+async def serve_control(
+    server: Server,
+    store_dir: pathlib.Path,
+    *,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Answer control requests for ``server`` until cancelled; starts with the socket's path."""
+    private = pathlib.Path(tempfile.mkdtemp(prefix="verani-"))
+    path = private / "control.sock"
+    info = store_dir / INFO_FILE
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        await sock.bind(str(path))
+        os.chmod(path, 0o600)
+        sock.listen(16)
+        record = {"pid": os.getpid(), "control": str(path), "url": server.url}
+        await trio.to_thread.run_sync(_write_info, info, record)
+        listener = trio.SocketListener(sock)
+        task_status.started(str(path))
+        await trio.serve_listeners(lambda s: _handle(server, s), [listener])
+    finally:
+        sock.close()
+        with contextlib.suppress(OSError):
+            info.unlink()
+        shutil.rmtree(private, ignore_errors=True)
+
+
+def _write_info(path: pathlib.Path, info: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_bytes(orjson.dumps(info, option=orjson.OPT_INDENT_2))
+    os.replace(tmp, path)
+
+
+async def _handle(server: Server, stream: trio.SocketStream) -> None:
+    async with stream:
+        try:
+            with trio.fail_after(5):
+                request = await _read_line(stream)
+            reply = await _dispatch(server, request)
+        except (ControlError, ValueError, trio.TooSlowError) as exc:
+            reply = {"ok": False, "error": str(exc) or type(exc).__name__,
+                     "kind": "not_found" if isinstance(exc, RoomNotFoundError) else "bad_request"}
+        except trio.BrokenResourceError:
+            return
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await stream.send_all(orjson.dumps(reply) + b"\n")
+
+
+async def _read_line(stream: trio.abc.ReceiveStream) -> dict[str, Any]:
+    data = bytearray()
+    while b"\n" not in data:
+        chunk = await stream.receive_some(4096)
+        if not chunk:
+            break
+        data += chunk
+        if len(data) > _MAX_REQUEST:
+            raise ValueError("control request too large")
+    try:
+        obj = orjson.loads(bytes(data).split(b"\n", 1)[0])
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"control request is not JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ValueError("control request must be a JSON object")
+    return obj
+
+
+async def _dispatch(server: Server, request: dict[str, Any]) -> dict[str, Any]:
+    op = request.get("op")
+    if op == "status":
+        return {
+            "ok": True,
+            "pid": os.getpid(),
+            "url": server.url,
+            "rooms": {r.name: r.websocket_path for r in server.router.rooms},
+            "instances": [
+                {"room": s.room, "instance": s.instance, "awake": s.awake, "sessions": s.sessions}
+                for s in server.supervisor.status()
+            ],
+        }
+    if op == "hibernate":
+        room, instance = request.get("room"), request.get("instance")
+        if not (room is None or isinstance(room, str)) or not (
+            instance is None or isinstance(instance, str)
+        ):
+            raise ValueError("hibernate: room and instance must be strings")
+        results = await server.hibernate(room, instance)
+        return {
+            "ok": all(error is None for _, _, error in results),
+            "hibernated": [{"room": r, "instance": i, "error": e} for r, i, e in results],
+        }
+    raise ValueError(f"unknown control operation {op!r}; known: status, hibernate")
+
+
+async def control_request(
+    store_dir: str | os.PathLike[str], request: dict[str, Any], *, timeout: float = 60.0
+) -> dict[str, Any]:
+    """Send one request to the server serving ``store_dir`` and return its answer.
+
+    Raises :class:`NoServerError` when no server serves that store, :class:`RoomNotFoundError`
+    when the server names no such room, :class:`ControlError` for any other failure.
+    """
+    directory = pathlib.Path(store_dir).absolute()
+    hint = f"start one with: verani serve ROOMS --store {store_dir}"
+    try:
+        info = orjson.loads((directory / INFO_FILE).read_bytes())
+        path = str(info["control"])
+    except (OSError, orjson.JSONDecodeError, KeyError, TypeError):
+        raise NoServerError(f"no verani server is running for store {store_dir} ({hint})") from None
+    try:
+        with trio.fail_after(timeout):
+            stream = await trio.open_unix_socket(path)
+            async with stream:
+                await stream.send_all(orjson.dumps(request) + b"\n")
+                reply = await _read_line(stream)
+    except OSError:
+        if StoreLock.is_held(directory):
+            raise ControlError(
+                f"the verani server of store {store_dir} (pid {info.get('pid')}) does not answer "
+                f"on {path}"
+            ) from None
+        raise NoServerError(
+            f"no verani server is running for store {store_dir} (pid {info.get('pid')} left a "
+            f"stale {INFO_FILE}; {hint})"
+        ) from None
+    except trio.TooSlowError:
+        raise ControlError(f"the verani server of store {store_dir} did not answer within "
+                           f"{timeout}s") from None
+    except ValueError as exc:
+        raise ControlError(f"the verani server of store {store_dir} answered badly: {exc}") from None
+    if not reply.get("ok") and reply.get("kind") == "not_found":
+        raise RoomNotFoundError(str(reply.get("error")))
+    if not reply.get("ok") and reply.get("kind") == "bad_request":
+        raise ControlError(str(reply.get("error")))
+    return reply

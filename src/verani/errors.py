@@ -1,0 +1,103 @@
+"""The exceptions verani raises, as one family under :class:`VeraniError`.
+
+Each error a user can cause has its own type, and its message names the thing at fault and says
+what to do. Transport and OS errors are translated into these at the I/O edge, so callers catch
+verani's errors, not trio's or the file system's.
+"""
+
+from __future__ import annotations
+
+
+class VeraniError(Exception):
+    """Base class of every error verani raises on purpose."""
+
+
+# --- room definitions -------------------------------------------------------------------------
+
+
+class RoomDefinitionError(VeraniError, ValueError):
+    """A room definition is invalid (bad name or path, unknown persisted key, clashing routes)."""
+
+
+class RoomLoadError(VeraniError):
+    """A room file could not be loaded (missing, syntax error, no rooms in it)."""
+
+
+# --- the wire protocol ------------------------------------------------------------------------
+
+
+class ProtocolError(VeraniError):
+    """A client frame does not follow the wire protocol; it is dropped, never handled."""
+
+
+class FrameTooLargeError(ProtocolError):
+    """A client frame is over the size limit; the socket is closed with 1009."""
+
+
+class FrameEncodeError(VeraniError, TypeError):
+    """A room emitted data that cannot be encoded as a JSON frame."""
+
+
+class HandshakeRefused(VeraniError):  # noqa: N818 - reads as an outcome, like trio's Cancelled
+    """Raised by ``extract_meta`` to refuse a connection before the WebSocket upgrade.
+
+    The client gets an HTTP answer with ``status`` (401 or 403 are the usual ones) and ``reason``
+    as a short plain-text body; no room code runs for it.
+    """
+
+    def __init__(self, status: int = 403, reason: str = "forbidden") -> None:
+        if not 400 <= status <= 599:
+            raise ValueError(f"HandshakeRefused status must be a 4xx or 5xx code, not {status}")
+        super().__init__(f"{status} {reason}")
+        self.status = status
+        self.reason = reason
+
+
+# --- persistence ------------------------------------------------------------------------------
+
+
+class PersistenceError(VeraniError):
+    """A persisted key could not be saved; the previous stored value is kept."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"cannot persist key {key!r}: {message}")
+        self.key = key
+
+
+class NotPersistableError(VeraniError, TypeError):
+    """A value (or something inside it) cannot be written to the store.
+
+    ``path`` names where inside the key's value the problem is, e.g. ``items[2].callback``.
+    """
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class StoreError(VeraniError):
+    """The store could not be read or written."""
+
+
+class CorruptDocumentError(StoreError):
+    """A stored document cannot be read; it has been moved aside and the room starts afresh."""
+
+
+class StoreLockedError(StoreError):
+    """Another verani server already serves this store directory."""
+
+
+# --- the running server and its control endpoint ----------------------------------------------
+
+
+class ControlError(VeraniError):
+    """A request to a running server (from the CLI) failed."""
+
+
+class NoServerError(ControlError):
+    """No running server serves the given store."""
+
+
+class RoomNotFoundError(ControlError, LookupError):
+    """No room (or room instance) has the given name."""

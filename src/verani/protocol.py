@@ -1,0 +1,87 @@
+"""The wire protocol, shared with Verani's JavaScript client: pure encoding and decoding.
+
+Client → server: ``{"type": EVENT, "data": PAYLOAD, "channel"?: CHANNEL}``; ``{"type": "ping"}`` is
+answered with ``{"type": "pong"}``.
+
+Server → client: ``{"type": "event", "channel": CHANNEL, "data": {"type": EVENT, ...PAYLOAD}}``.
+Verani's client unwraps ``data.type`` as the event name and hands ``data`` to its listeners.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import attrs
+import orjson
+
+from .errors import FrameEncodeError, FrameTooLargeError, ProtocolError
+
+#: Default limit on one client frame, in characters of the decoded text.
+MAX_FRAME_SIZE: Final = 1024 * 1024
+
+#: The event name Verani's client and ours use for keepalive.
+PING: Final = "ping"
+
+#: Answer to an application-level ``{"type": "ping"}``; encoded once for every socket.
+PONG_FRAME: Final = '{"type":"pong"}'
+
+#: Event sent to a client whose frame was dropped, so a developer sees why nothing happened.
+ERROR_EVENT: Final = "verani:error"
+
+
+@attrs.frozen
+class ClientFrame:
+    """One decoded client frame: the event name, its payload and the optional channel."""
+
+    type: str
+    data: Any = None
+    channel: str | None = None
+
+
+def decode_frame(message: str | bytes, *, max_size: int = MAX_FRAME_SIZE) -> ClientFrame:
+    """Decode one client WebSocket message, or raise :class:`ProtocolError` saying why not.
+
+    Binary messages are refused: the protocol is JSON text, and Verani's client never sends binary.
+    """
+    if isinstance(message, bytes):
+        raise ProtocolError("binary frames are not part of the protocol; send JSON text frames")
+    if len(message) > max_size:
+        raise FrameTooLargeError(f"frame of {len(message)} characters is over the {max_size} limit")
+    try:
+        obj = orjson.loads(message)
+    except orjson.JSONDecodeError as exc:
+        raise ProtocolError(f"frame is not valid JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"frame must be a JSON object, not {type(obj).__name__}")
+    event = obj.get("type")
+    if not isinstance(event, str) or not event:
+        raise ProtocolError('frame has no "type" string naming the event')
+    channel = obj.get("channel")
+    if channel is not None and not isinstance(channel, str):
+        raise ProtocolError('frame "channel" must be a string when present')
+    return ClientFrame(type=event, data=obj.get("data"), channel=channel)
+
+
+def event_payload(event: str, data: Any) -> dict[str, Any]:
+    """The ``data`` object of a server frame: the payload's keys with ``type`` set to ``event``.
+
+    A dict payload is spread into it, as Verani's ``{type: event, ...data}`` does; the event name
+    wins over a ``type`` key in the payload so the client dispatches on the name the room chose.
+    Any other payload (a list, a number) travels under ``"data"``.
+    """
+    if data is None:
+        return {"type": event}
+    if isinstance(data, dict):
+        return {**data, "type": event}
+    return {"type": event, "data": data}
+
+
+def encode_event(channel: str, event: str, data: Any) -> str:
+    """Encode one server → client event frame, once, ready to be sent to any number of sockets."""
+    frame = {"type": "event", "channel": channel, "data": event_payload(event, data)}
+    try:
+        return orjson.dumps(frame).decode()
+    except TypeError as exc:
+        raise FrameEncodeError(
+            f"cannot send event {event!r}: its data is not JSON-serialisable ({exc})"
+        ) from None

@@ -1,0 +1,524 @@
+"""The WebSocket server: HTTP routing, handshakes, and one reader and one writer per socket.
+
+Each connection runs in its own guarded scope: whatever goes wrong with one socket ends that
+socket only, never the listener or the other connections. The HTTP request head is read here
+first, so a plain HTTP request to a room path gets ``426 Upgrade Required``, an unknown path
+``404``, a bad instance name ``400``; only a well-formed upgrade to a room path reaches
+trio-websocket, which performs the handshake on the same bytes.
+"""
+
+from __future__ import annotations
+
+import http
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
+import h11
+import trio
+import trio_websocket
+
+from .actor import Connect, Disconnect, Message
+from .errors import FrameTooLargeError, HandshakeRefused, ProtocolError, StoreError, VeraniError
+from .protocol import ERROR_EVENT, MAX_FRAME_SIZE, PING, PONG_FRAME, decode_frame, encode_event
+from .room import DEFAULT_IDLE_TIMEOUT, RoomDefinition
+from .routing import Route, Router, split_target
+from .sessions import ConnectionMeta, Session
+from .store import FileStore, Store
+from .supervisor import RoomInstance, Supervisor
+
+log = logging.getLogger("verani.server")
+
+
+class ServeError(VeraniError):
+    """The server could not start (address in use, store locked or unusable)."""
+
+
+@attrs.frozen
+class ServerConfig:
+    """Limits and timeouts of a server; every one has a default safe for the internet."""
+
+    max_frame_size: int = MAX_FRAME_SIZE
+    #: Frames queued for one socket before it counts as too slow and is closed (1008).
+    outbound_queue: int = 1024
+    #: Seconds one send may take before the socket is dropped.
+    send_timeout: float = 30.0
+    #: Seconds a client gets to send its whole HTTP request head and finish the upgrade.
+    handshake_timeout: float = 10.0
+    #: Seconds the closing handshake may take before the TCP connection is dropped.
+    close_timeout: float = 5.0
+    max_request_head: int = 16 * 1024
+
+
+@attrs.frozen
+class HandshakeRequest:
+    """The HTTP upgrade request, as ``extract_meta`` sees it."""
+
+    path: str
+    query: dict[str, str]
+    #: Header names lower-cased; repeated headers joined with ``", "``.
+    headers: dict[str, str]
+    remote: str
+    room: str
+    instance: str
+
+
+def default_meta(request: HandshakeRequest) -> ConnectionMeta:
+    """Verani's default: ``userId`` from the query string (else ``anonymous``), a random client id,
+    channel ``default``."""
+    return ConnectionMeta(
+        user_id=request.query.get("userId") or "anonymous",
+        client_id=str(uuid.uuid4()),
+        channels=["default"],
+    )
+
+
+@attrs.define
+class ServerStats:
+    """Counters a running server keeps (for logs, ``verani inspect`` and tests)."""
+
+    connections: int = 0
+    frames_dropped: int = 0
+    http_rejected: int = 0
+
+
+class Server:
+    """A running server; made by :func:`open_server`."""
+
+    def __init__(self, router: Router, supervisor: Supervisor, config: ServerConfig) -> None:
+        self.router = router
+        self.supervisor = supervisor
+        self.config = config
+        self.stats = ServerStats()
+        self.host = ""
+        self.port = 0
+        self._connections: set[_Connection] = set()
+        self._no_connections = trio.Event()
+        self._no_connections.set()
+        self._accept_scope = trio.CancelScope()
+
+    @property
+    def url(self) -> str:
+        """``ws://HOST:PORT`` of the listener."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"ws://{host}:{self.port}"
+
+    async def hibernate(
+        self, room: str | None = None, instance: str | None = None
+    ) -> list[tuple[str, str, str | None]]:
+        """Hibernate awake rooms now (see :meth:`Supervisor.hibernate`)."""
+        return await self.supervisor.hibernate(room, instance)
+
+    async def _accept(
+        self,
+        listeners: Sequence[trio.SocketListener],
+        conn_nursery: trio.Nursery,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        with self._accept_scope:
+            await trio.serve_listeners(
+                self._handle_stream, list(listeners), handler_nursery=conn_nursery,
+                task_status=task_status,
+            )
+
+    async def _shutdown(self) -> None:
+        self._accept_scope.cancel()
+        results = await self.supervisor.shutdown()
+        for room, instance, error in results:
+            if error:
+                log.error("room %s/%s: %s", room, instance, error)
+        for conn in list(self._connections):
+            conn.close(1001, "server shutting down")
+        with trio.move_on_after(self.config.close_timeout + 1):
+            await self._no_connections.wait()
+
+    # --- one TCP connection -----------------------------------------------------------------
+
+    async def _handle_stream(self, stream: trio.SocketStream) -> None:
+        remote = _peer(stream)
+        try:
+            await self._serve_stream(stream, remote)
+        except Exception as exc:
+            # One connection's failure must never reach the listener or other connections.
+            log.warning("connection from %s ended with %s: %s", remote, type(exc).__name__, exc)
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _serve_stream(self, stream: trio.SocketStream, remote: str) -> None:
+        cfg = self.config
+        with trio.move_on_after(cfg.handshake_timeout) as timeout:
+            head = await _read_request_head(stream, cfg.max_request_head)
+        if timeout.cancelled_caught:
+            log.info("connection from %s: no complete HTTP request within %ss", remote, cfg.handshake_timeout)
+            return
+        if isinstance(head, _HttpAnswer):
+            await self._answer(stream, head, remote, "")
+            return
+        request, raw = head
+        target = request.target.decode("ascii", "replace")
+        path, query = split_target(target)
+        route = self.router.route(path)
+        answer = _check_upgrade(request, route, path)
+        if answer is not None:
+            await self._answer(stream, answer, remote, target)
+            return
+        assert route is not None
+        async with trio.open_nursery() as ws_nursery:
+            with trio.move_on_after(cfg.handshake_timeout) as timeout:
+                ws_request = await trio_websocket.wrap_server_stream(
+                    ws_nursery, _ReplayStream(raw, stream),
+                    # Room enough that trio-websocket's reader keeps answering protocol pings
+                    # while our reader waits on a busy room's inbox.
+                    message_queue_size=64,
+                    max_message_size=cfg.max_frame_size,
+                )
+                hreq = HandshakeRequest(
+                    path=path,
+                    query=query,
+                    headers=_headers(request.headers),
+                    remote=remote,
+                    room=route.room.name,
+                    instance=route.instance,
+                )
+                meta = await self._extract_meta(route.room, hreq, ws_request)
+                if meta is None:
+                    ws_nursery.cancel_scope.cancel()
+                    return
+                ws = await ws_request.accept()
+            if timeout.cancelled_caught:
+                log.info("connection from %s: WebSocket handshake timed out", remote)
+                ws_nursery.cancel_scope.cancel()
+                return
+            inst = self.supervisor.instance(route.room.name, route.instance)
+            conn = _Connection(self, ws, inst, meta)
+            self._connections.add(conn)
+            self._no_connections = trio.Event()
+            self.stats.connections += 1
+            try:
+                await conn.run()
+            finally:
+                self._connections.discard(conn)
+                if not self._connections:
+                    self._no_connections.set()
+                ws_nursery.cancel_scope.cancel()
+
+    async def _extract_meta(
+        self,
+        room: RoomDefinition[Any],
+        request: HandshakeRequest,
+        ws_request: trio_websocket.WebSocketRequest,
+    ) -> ConnectionMeta | None:
+        extract = room.hooks.extract_meta or default_meta
+        where = f"room {room.name}/{request.instance}"
+        try:
+            result = extract(request)
+            meta = await result if isinstance(result, Awaitable) else result
+        except HandshakeRefused as refusal:
+            log.info("%s: refused connection from %s: %s", where, request.remote, refusal)
+            self.stats.http_rejected += 1
+            await ws_request.reject(refusal.status, body=refusal.reason.encode())
+            return None
+        except Exception as exc:
+            log.error("%s: extract_meta raised %s: %s", where, type(exc).__name__, exc, exc_info=exc)
+            await ws_request.reject(500, body=b"the room could not accept the connection")
+            return None
+        if not isinstance(meta, ConnectionMeta):
+            log.error("%s: extract_meta returned %r, not a ConnectionMeta", where, meta)
+            await ws_request.reject(500, body=b"the room could not accept the connection")
+            return None
+        return meta
+
+    async def _answer(
+        self, stream: trio.SocketStream, answer: _HttpAnswer, remote: str, target: str
+    ) -> None:
+        self.stats.http_rejected += 1
+        log.info("%s %s from %s: %s", answer.status, target or "(bad request)", remote, answer.body)
+        with trio.move_on_after(self.config.close_timeout):
+            await stream.send_all(answer.encode())
+
+
+@attrs.frozen
+class _HttpAnswer:
+    status: int
+    body: str
+    headers: tuple[tuple[str, str], ...] = ()
+
+    def encode(self) -> bytes:
+        body = (self.body + "\n").encode()
+        phrase = http.HTTPStatus(self.status).phrase
+        lines = [f"HTTP/1.1 {self.status} {phrase}", "Content-Type: text/plain; charset=utf-8",
+                 f"Content-Length: {len(body)}", "Connection: close",
+                 *(f"{k}: {v}" for k, v in self.headers)]
+        return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+async def _read_request_head(
+    stream: trio.SocketStream, limit: int
+) -> tuple[h11.Request, bytes] | _HttpAnswer:
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limit)
+    raw = bytearray()
+    while True:
+        try:
+            event = conn.next_event()
+        except h11.RemoteProtocolError as exc:
+            return _HttpAnswer(exc.error_status_hint, f"bad HTTP request: {exc}")
+        if event is h11.NEED_DATA:
+            data = await stream.receive_some(4096)
+            raw += data
+            conn.receive_data(data)
+            if not data:
+                return _HttpAnswer(400, "the connection closed before a complete request")
+            continue
+        if isinstance(event, h11.Request):
+            return event, bytes(raw)
+        return _HttpAnswer(400, "bad HTTP request")
+
+
+def _check_upgrade(request: h11.Request, route: Route | None, path: str) -> _HttpAnswer | None:
+    headers = _headers(request.headers)
+    wants_ws = "websocket" in headers.get("upgrade", "").lower()
+    if route is None:
+        return _HttpAnswer(404, f"no room is served at {path}")
+    if not wants_ws:
+        return _HttpAnswer(
+            426,
+            f"{path} is a WebSocket endpoint of room {route.room.name!r}; connect with a "
+            f"WebSocket client",
+            (("Upgrade", "websocket"), ("Connection", "Upgrade")),
+        )
+    if route.error is not None:
+        return _HttpAnswer(400, f"bad room instance name: {route.error}")
+    if request.method != b"GET":
+        return _HttpAnswer(405, "a WebSocket upgrade must use GET", (("Allow", "GET"),))
+    if "upgrade" not in headers.get("connection", "").lower() or not headers.get(
+        "sec-websocket-key"
+    ):
+        return _HttpAnswer(400, "incomplete WebSocket upgrade request")
+    if headers.get("sec-websocket-version") != "13":
+        return _HttpAnswer(
+            426, "unsupported WebSocket version; use 13", (("Sec-WebSocket-Version", "13"),)
+        )
+    return None
+
+
+def _headers(raw: Sequence[tuple[bytes, bytes]]) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for name, value in raw:
+        key, text = name.decode("latin-1").lower(), value.decode("latin-1")
+        headers[key] = f"{headers[key]}, {text}" if key in headers else text
+    return headers
+
+
+def _peer(stream: trio.SocketStream) -> str:
+    try:
+        host, port, *_ = stream.socket.getpeername()
+    except (OSError, ValueError):
+        return "unknown"
+    return f"{host}:{port}"
+
+
+class _ReplayStream(trio.abc.Stream):
+    """A stream that first returns bytes already read from it (the request head we parsed)."""
+
+    def __init__(self, prefix: bytes, stream: trio.SocketStream) -> None:
+        self._prefix = prefix
+        self._stream = stream
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._prefix:
+            await trio.lowlevel.checkpoint()
+            size = len(self._prefix) if max_bytes is None else max_bytes
+            data, self._prefix = self._prefix[:size], self._prefix[size:]
+            return data
+        return await self._stream.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+#: Close codes after which queued frames are still sent before the close frame.
+_DRAINING_CODES = frozenset({1000, 1001})
+
+
+class _Connection:
+    """One accepted socket: its session, bounded outbound queue, reader and writer."""
+
+    def __init__(
+        self,
+        server: Server,
+        ws: trio_websocket.WebSocketConnection,
+        instance: RoomInstance,
+        meta: ConnectionMeta,
+    ) -> None:
+        self._server = server
+        self._ws = ws
+        self._instance = instance
+        self.session = Session(meta, self)
+        self._out_send, self._out_recv = trio.open_memory_channel[str](
+            server.config.outbound_queue
+        )
+        self._io_scope = trio.CancelScope()
+        self._close_code: int | None = None
+        self._close_reason = ""
+        self._where = f"room {instance.definition.name}/{instance.name}"
+
+    # FrameSink
+    def send_frame(self, frame: str) -> None:
+        if self._close_code is not None:
+            return
+        try:
+            self._out_send.send_nowait(frame)
+        except trio.WouldBlock:
+            log.warning(
+                "%s: client %s (user %s) reads too slowly; %d frames queued, closing with 1008",
+                self._where, self.session.meta.client_id, self.session.meta.user_id,
+                self._server.config.outbound_queue,
+            )
+            self.close(1008, "outbound queue full: the client reads too slowly")
+        except trio.ClosedResourceError:
+            pass
+
+    def close(self, code: int, reason: str) -> None:
+        if self._close_code is not None:
+            return
+        self._close_code, self._close_reason = code, reason
+        if code in _DRAINING_CODES:
+            self._out_send.close()  # the writer sends what is queued, then ends the socket
+        else:
+            self._io_scope.cancel()
+
+    async def run(self) -> None:
+        inst, session = self._instance, self.session
+        try:
+            await inst.submit(Connect(session))
+        except StoreError:
+            raise
+        with self._io_scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._writer)
+                await self._reader()
+                nursery.cancel_scope.cancel()
+        closed = self._ws.closed
+        code = self._close_code or (closed.code if closed else 1006)
+        await inst.submit(Disconnect(session, code))
+        with trio.move_on_after(self._server.config.close_timeout):
+            await self._ws.aclose(self._close_code or 1000, self._close_reason or None)
+
+    async def _reader(self) -> None:
+        ws, session, server = self._ws, self.session, self._server
+        while True:
+            try:
+                message = await ws.get_message()
+            except trio_websocket.ConnectionClosed as closed:
+                if closed.reason is not None and closed.reason.code == 1009:
+                    server.stats.frames_dropped += 1
+                    log.warning(
+                        "%s: client %s sent a frame over %d bytes; closed with 1009",
+                        self._where, session.meta.client_id, server.config.max_frame_size,
+                    )
+                return
+            try:
+                frame = decode_frame(message, max_size=server.config.max_frame_size)
+            except ProtocolError as exc:
+                server.stats.frames_dropped += 1
+                log.warning(
+                    "%s: dropped a frame from client %s (user %s): %s",
+                    self._where, session.meta.client_id, session.meta.user_id, exc,
+                )
+                if isinstance(exc, FrameTooLargeError):
+                    self.close(1009, "frame too large")
+                    return
+                self.send_frame(encode_event(
+                    session.first_channel, ERROR_EVENT, {"code": "bad_frame", "message": str(exc)}
+                ))
+                continue
+            if frame.type == PING:
+                # Answered here, so keepalive never wakes a hibernated room.
+                self.send_frame(PONG_FRAME)
+                continue
+            await self._instance.submit(Message(session, frame))
+
+    async def _writer(self) -> None:
+        timeout = self._server.config.send_timeout
+        try:
+            async for frame in self._out_recv:
+                with trio.fail_after(timeout):
+                    await self._ws.send_message(frame)
+        except trio.TooSlowError:
+            log.warning("%s: a send to client %s took over %ss; dropping it", self._where,
+                        self.session.meta.client_id, timeout)
+            self._close_code = self._close_code or 1008
+        except trio_websocket.ConnectionClosed:
+            return
+        self._io_scope.cancel()
+
+
+@asynccontextmanager
+async def open_server(
+    rooms: Sequence[RoomDefinition[Any]],
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    store: Store | str | None = None,
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+    config: ServerConfig | None = None,
+    control: bool = True,
+) -> AsyncIterator[Server]:
+    """Serve ``rooms`` on ``host:port`` until the ``async with`` block ends.
+
+    ``store`` is a :class:`Store` or a directory for a :class:`FileStore` (default ``.verani``).
+    With a file store the server takes the store's lock (one server per store) and, when
+    ``control`` is true, opens the local control endpoint ``verani hibernate`` talks to. Leaving
+    the block shuts down gracefully: stop accepting, hibernate every room (a durable flush),
+    close the sockets with 1001.
+    """
+    from .control import StoreLock, serve_control
+
+    router = Router(rooms)
+    store_obj: Store = store if isinstance(store, Store) else FileStore(store or ".verani")
+    lock = StoreLock.acquire(store_obj.directory) if isinstance(store_obj, FileStore) else None
+    try:
+        supervisor = Supervisor(router.rooms, store_obj, idle_timeout=idle_timeout)
+        server = Server(router, supervisor, config or ServerConfig())
+        try:
+            listeners = await trio.open_tcp_listeners(port, host=host)
+        except OSError as exc:
+            raise ServeError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        sockname = listeners[0].socket.getsockname()
+        server.host, server.port = sockname[0], sockname[1]
+        async with trio.open_nursery() as nursery:
+            await nursery.start(supervisor.run)
+            conn_nursery: trio.Nursery = await nursery.start(_nursery_task)
+            await nursery.start(server._accept, listeners, conn_nursery)
+            if control and isinstance(store_obj, FileStore):
+                await nursery.start(serve_control, server, store_obj.directory)
+            try:
+                yield server
+            finally:
+                with trio.CancelScope(shield=True):
+                    await server._shutdown()
+                nursery.cancel_scope.cancel()
+    finally:
+        await store_obj.aclose()
+        if lock is not None:
+            lock.release()
+
+
+async def _nursery_task(*, task_status: trio.TaskStatus[trio.Nursery]) -> None:
+    # A nursery of its own for connections, so they can outlive (and be closed after) the rooms.
+    async with trio.open_nursery() as nursery:
+        task_status.started(nursery)
+        await trio.sleep_forever()
+
+
+ServeCallback = Callable[[Server], Awaitable[None]]

@@ -1,0 +1,104 @@
+"""Sessions (one per connected socket) and emit targeting: pure bookkeeping, no I/O.
+
+A session outlives its room's hibernation, as a Durable Object's socket attachment does: the meta
+stays with the socket, and the room finds its sessions again when it is revived.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Protocol
+
+import attrs
+
+
+@attrs.define(eq=False)
+class ConnectionMeta:
+    """Who is on the other end of a socket. ``extract_meta`` may return a subclass with more fields.
+
+    ``channels`` lists the channels the socket receives; a socket-level emit uses its first one.
+    """
+
+    user_id: str
+    client_id: str
+    channels: list[str] = attrs.field(factory=lambda: ["default"])
+
+
+class FrameSink(Protocol):
+    """Where a session's outgoing frames go: the socket's bounded outbound queue."""
+
+    def send_frame(self, frame: str) -> None:
+        """Queue an encoded frame without waiting; a full queue closes the socket instead."""
+
+    def close(self, code: int, reason: str) -> None:
+        """Ask for the socket to be closed with ``code``; returns at once."""
+
+
+@attrs.define(eq=False)
+class Session:
+    """One socket's presence in one room instance."""
+
+    meta: ConnectionMeta
+    sink: FrameSink
+
+    @property
+    def first_channel(self) -> str:
+        """The channel socket-level emits are addressed to (``default`` when it has none)."""
+        return self.meta.channels[0] if self.meta.channels else "default"
+
+
+class Sessions:
+    """The sessions of one room instance, in connection order."""
+
+    def __init__(self) -> None:
+        self._by_client: dict[str, Session] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_client)
+
+    def __iter__(self) -> Iterator[Session]:
+        return iter(list(self._by_client.values()))
+
+    def __contains__(self, session: object) -> bool:
+        return (
+            isinstance(session, Session)
+            and self._by_client.get(session.meta.client_id) is session
+        )
+
+    def add(self, session: Session) -> None:
+        """Register a session; a client id can only be connected once per room instance."""
+        if session.meta.client_id in self._by_client:
+            raise ValueError(f"client id {session.meta.client_id!r} is already connected")
+        self._by_client[session.meta.client_id] = session
+
+    def remove(self, session: Session) -> bool:
+        """Forget a session; returns whether it was there."""
+        if self._by_client.get(session.meta.client_id) is session:
+            del self._by_client[session.meta.client_id]
+            return True
+        return False
+
+    def in_channel(self, channel: str, *, exclude: Session | None = None) -> list[Session]:
+        """Sessions subscribed to ``channel``, except ``exclude``."""
+        return [
+            s
+            for s in self._by_client.values()
+            if channel in s.meta.channels and s is not exclude
+        ]
+
+    def of_user(self, user_id: str) -> list[Session]:
+        """Every session (device, tab) of one user."""
+        return [s for s in self._by_client.values() if s.meta.user_id == user_id]
+
+    def user_ids(self) -> list[str]:
+        """Connected user ids, each once, in first-connection order."""
+        return list(dict.fromkeys(s.meta.user_id for s in self._by_client.values()))
+
+
+def send_to(sessions: Iterable[Session], frame: str) -> int:
+    """Queue one already-encoded frame on each session; returns how many it was queued on."""
+    count = 0
+    for session in sessions:
+        session.sink.send_frame(frame)
+        count += 1
+    return count

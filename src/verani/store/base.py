@@ -1,0 +1,141 @@
+"""The store interface and the pieces every store shares.
+
+A store keeps one document per room instance: the instance's persisted keys, each value already
+encoded to JSON by the caller. This module does no I/O, so it can be used by any store.
+"""
+
+from __future__ import annotations
+
+import abc
+import datetime
+import hashlib
+import re
+import urllib.parse
+from collections.abc import Mapping
+from typing import TypeAlias
+
+import attrs
+
+__all__ = [
+    "FORMAT_VERSION",
+    "JSONValue",
+    "Store",
+    "StoredDocument",
+    "decode_instance_name",
+    "encode_instance_name",
+    "validate_room_name",
+]
+
+JSONValue: TypeAlias = bool | int | float | str | list["JSONValue"] | dict[str, "JSONValue"] | None
+
+FORMAT_VERSION = 1
+"""The document format this version of verani writes; it reads this one and older ones."""
+
+_ROOM_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_SAFE_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+# A stem over this many bytes is shortened, so that a stem plus ".json" plus the suffixes of temp
+# and corrupt copies stays under the usual 255-byte file name limit.
+_MAX_STEM = 180
+_HASHED_PREFIX = 100
+_HASH_CHARS = 32
+
+
+@attrs.frozen
+class StoredDocument:
+    """What a store holds for one room instance.
+
+    ``state`` maps each persisted key to its already-encoded JSON value. ``saved_at`` is the time
+    of the save that wrote the document (aware, UTC). ``format_version`` is the format the document
+    was written in.
+    """
+
+    room: str
+    instance: str
+    state: dict[str, JSONValue]
+    saved_at: datetime.datetime
+    format_version: int
+
+
+class Store(abc.ABC):
+    """The interface every store implements (the file store now; SQLite, Redis, Postgres later).
+
+    Room names must match ``[A-Za-z0-9_-]{1,64}``; instance names are any non-empty string.
+    Failures are reported as :class:`verani.errors.StoreError`.
+    """
+
+    @abc.abstractmethod
+    async def load(self, room: str, instance: str) -> StoredDocument | None:
+        """Return the stored document of ``room``/``instance``, or None when nothing is stored.
+
+        Raises :class:`verani.errors.CorruptDocumentError` when a document exists but cannot be
+        read (the store has set it aside, so the next load returns None), and
+        :class:`verani.errors.StoreError` when the store itself cannot be read.
+        """
+
+    @abc.abstractmethod
+    async def save(self, room: str, instance: str, state: Mapping[str, JSONValue]) -> None:
+        """Replace the stored document of ``room``/``instance`` with ``state``, atomically.
+
+        When this returns, the new document is stored; if it raises
+        :class:`verani.errors.StoreError`, the previous document is still the stored one.
+        """
+
+    @abc.abstractmethod
+    async def list_instances(self, room: str | None = None) -> list[tuple[str, str]]:
+        """Return the sorted ``(room, instance)`` pairs that have a stored document.
+
+        Only pairs of ``room`` when it is given.
+        """
+
+    async def aclose(self) -> None:  # noqa: B027 - an optional hook, not an abstract method
+        """Release what the store holds (connections, files). The default does nothing."""
+
+
+def validate_room_name(room: str) -> str:
+    """Return ``room`` when it is a valid room name, else raise ValueError naming it."""
+    if not isinstance(room, str) or not _ROOM_NAME.fullmatch(room):
+        raise ValueError(
+            f"invalid room name {room!r}: use 1 to 64 ASCII letters, digits, '_' or '-'"
+        )
+    return room
+
+
+def encode_instance_name(name: str) -> str:
+    """Return a file-name-safe stem for the instance name ``name``.
+
+    Every UTF-8 byte other than an ASCII letter, digit, ``_`` or ``-`` is percent-encoded
+    (``%2E``), so the stem never contains ``.``, ``/``, ``\\`` or NUL and cannot leave its
+    directory. Distinct names give distinct stems. A stem that would be over 180 characters is
+    shortened to its first 100 characters, ``~`` and 32 hex digits of the name's SHA-256; such a
+    stem cannot be decoded (the document holds the real name).
+
+    Raises ValueError for an empty name or one that is not valid Unicode (a lone surrogate).
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"instance name must be a non-empty string, not {name!r}")
+    try:
+        raw = name.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"instance name {name!r} is not valid Unicode: {exc.reason}") from None
+    stem = "".join(chr(b) if b in _SAFE_BYTES else f"%{b:02X}" for b in raw)
+    if len(stem) > _MAX_STEM:
+        digest = hashlib.sha256(raw).hexdigest()[:_HASH_CHARS]
+        stem = f"{stem[:_HASHED_PREFIX]}~{digest}"
+    return stem
+
+
+def decode_instance_name(stem: str) -> str | None:
+    """Return the instance name encoded as ``stem``, or None when the stem was hashed.
+
+    Raises ValueError for a stem that :func:`encode_instance_name` cannot produce.
+    """
+    if "~" in stem:
+        return None
+    try:
+        name = urllib.parse.unquote_to_bytes(stem).decode("utf-8")
+    except UnicodeDecodeError:
+        name = ""
+    # Only the canonical spelling is accepted, so each name has exactly one file (no "%41" for "A").
+    if not name or encode_instance_name(name) != stem:
+        raise ValueError(f"{stem!r} is not an encoded instance name")
+    return name

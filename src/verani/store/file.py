@@ -1,0 +1,331 @@
+"""The file store: one JSON document per room instance under a directory."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+import pathlib
+import tempfile
+from collections.abc import AsyncIterator, Mapping
+from typing import Literal
+
+import orjson
+import trio
+
+from verani.errors import CorruptDocumentError, StoreError
+from verani.store.base import (
+    FORMAT_VERSION,
+    JSONValue,
+    Store,
+    StoredDocument,
+    decode_instance_name,
+    encode_instance_name,
+    validate_room_name,
+)
+
+__all__ = ["FileStore"]
+
+_log = logging.getLogger("verani.store")
+
+_FORMAT = "verani.room"
+_SUFFIX = ".json"
+
+
+class _Unreadable(Exception):
+    """A document's content is not a valid document; the message says why."""
+
+
+class FileStore(Store):
+    """Keeps each room instance in ``DIRECTORY/rooms/<room>/<encoded instance>.json``.
+
+    A document is indented JSON a person can read::
+
+        {"format": "verani.room", "version": 1, "room": "...", "instance": "...",
+         "saved_at": "2025-01-31T12:00:00.123456Z", "state": {"key": <value>, ...}}
+
+    Each save writes a temp file next to the document and renames it over the document, so a
+    reader (or a crash) sees the old document or the new one, never a mix. With
+    ``durability="fsync"`` (the default) the temp file and then the directory are fsynced, so a
+    saved document also survives a power loss or kernel crash. ``durability="os"`` skips the
+    fsyncs: much faster, and still safe against a crash of the process, but after a power loss
+    the last saves may be missing (the older document is found instead). Use it for tests and
+    development.
+
+    Saves and loads of the same document run one at a time, in the order they were called, so the
+    last save called is the one left on disk. The file work runs in worker threads. The store
+    assumes one server per directory.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        durability: Literal["fsync", "os"] = "fsync",
+    ) -> None:
+        if durability not in ("fsync", "os"):
+            raise ValueError(f"durability must be 'fsync' or 'os', not {durability!r}")
+        # Absolute, so a later chdir cannot move the store.
+        self._directory = pathlib.Path(directory).absolute()
+        self._fsync = durability == "fsync"
+        self._locks: dict[pathlib.Path, trio.Lock] = {}
+
+    @property
+    def directory(self) -> pathlib.Path:
+        """The store's directory (absolute)."""
+        return self._directory
+
+    def path_for(self, room: str, instance: str) -> pathlib.Path:
+        """Return the path of the document of ``room``/``instance``.
+
+        Raises ValueError for an invalid room name or instance name.
+        """
+        room_dir = self._directory / "rooms" / validate_room_name(room)
+        return room_dir / (encode_instance_name(instance) + _SUFFIX)
+
+    async def load(self, room: str, instance: str) -> StoredDocument | None:
+        """Return the stored document of ``room``/``instance``, or None when there is none.
+
+        A document that cannot be read as one (not JSON, wrong format, a newer version, missing
+        or ill-typed fields, another room's or instance's document) is renamed to
+        ``<file>.corrupt-<UTC time>`` next to it, logged as a warning on ``verani.store``, and
+        :class:`~verani.errors.CorruptDocumentError` is raised; the next load returns None.
+        An OS error (permission denied, I/O error) raises :class:`~verani.errors.StoreError` and
+        moves nothing; so does a corrupt document that cannot be moved aside, so that it is not
+        overwritten by a fresh room.
+        """
+        path = self.path_for(room, instance)
+        async with self._lock(path):
+            return await trio.to_thread.run_sync(self._load_sync, path, room, instance)
+
+    async def save(self, room: str, instance: str, state: Mapping[str, JSONValue]) -> None:
+        """Write ``state`` as the document of ``room``/``instance``, atomically (see the class).
+
+        ``state`` values must already be JSON values (``orjson`` writes NaN and infinities as
+        null, so encode those first). Raises TypeError when they are not, and
+        :class:`~verani.errors.StoreError` when the document cannot be written; the previous
+        document is then left as it was.
+        """
+        path = self.path_for(room, instance)
+        saved_at = datetime.datetime.now(datetime.UTC)
+        document = {
+            "format": _FORMAT,
+            "version": FORMAT_VERSION,
+            "room": room,
+            "instance": instance,
+            "saved_at": saved_at,
+            "state": state,
+        }
+        # Encoded here, not in the worker thread: the caller may change `state` once we yield.
+        try:
+            data = orjson.dumps(document, option=orjson.OPT_INDENT_2 | orjson.OPT_UTC_Z)
+        except orjson.JSONEncodeError as exc:
+            raise TypeError(f"state of {_name(room, instance)} is not JSON: {exc}") from exc
+        async with self._lock(path):
+            await trio.to_thread.run_sync(self._save_sync, path, room, instance, data + b"\n")
+
+    async def list_instances(self, room: str | None = None) -> list[tuple[str, str]]:
+        """Return the sorted ``(room, instance)`` pairs stored, only those of ``room`` if given.
+
+        Temp files, ``.corrupt-*`` copies and files the store did not write are ignored.
+        """
+        if room is not None:
+            validate_room_name(room)
+        return await trio.to_thread.run_sync(self._list_sync, room)
+
+    @contextlib.asynccontextmanager
+    async def _lock(self, path: pathlib.Path) -> AsyncIterator[None]:
+        lock = self._locks.setdefault(path, trio.Lock())
+        try:
+            async with lock:
+                yield
+        finally:
+            # Trio's lock hands itself straight to the next waiter, so "unlocked with no waiters"
+            # means nobody else holds this lock object and it can go.
+            if not lock.locked() and not lock.statistics().tasks_waiting:
+                self._locks.pop(path, None)
+
+    # --- in worker threads ----------------------------------------------------------------------
+
+    def _save_sync(self, path: pathlib.Path, room: str, instance: str, data: bytes) -> None:
+        tmp: str | None = None
+        try:
+            self._make_dirs(path.parent)
+            # Starts with "." and ends with ".tmp" so listing skips it; mkstemp makes it 0600.
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            with open(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                if self._fsync:
+                    os.fsync(f.fileno())
+            os.replace(tmp, path)
+            tmp = None
+            if self._fsync:
+                _fsync_dir(path.parent)
+        except OSError as exc:
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+            raise StoreError(f"cannot save {_name(room, instance)} to {path}: {exc}") from exc
+
+    def _make_dirs(self, directory: pathlib.Path) -> None:
+        # os.makedirs would give the intermediate directories the default mode, not 0700.
+        if directory.is_dir():
+            return
+        self._make_dirs(directory.parent)
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            return
+        if self._fsync:
+            # The new directory's entry must be durable too, or the document may vanish with it.
+            _fsync_dir(directory.parent)
+
+    def _load_sync(self, path: pathlib.Path, room: str, instance: str) -> StoredDocument | None:
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StoreError(f"cannot read {_name(room, instance)} from {path}: {exc}") from exc
+        try:
+            return _parse(data, room, instance)
+        except _Unreadable as exc:
+            cause = str(exc)
+        try:
+            moved = _move_aside(path)
+        except OSError as exc:
+            raise StoreError(
+                f"the document of {_name(room, instance)} at {path} is unreadable ({cause}) and"
+                f" cannot be moved aside: {exc}; move or fix it by hand"
+            ) from exc
+        message = (
+            f"the document of {_name(room, instance)} is unreadable ({cause}); moved it to {moved}"
+        )
+        _log.warning("%s", message)
+        raise CorruptDocumentError(message)
+
+    def _list_sync(self, only_room: str | None) -> list[tuple[str, str]]:
+        rooms_dir = self._directory / "rooms"
+        found: list[tuple[str, str]] = []
+        try:
+            if only_room is not None:
+                rooms = [only_room]
+            elif rooms_dir.is_dir():
+                with os.scandir(rooms_dir) as entries:
+                    rooms = [e.name for e in entries if _is_room_dir(e)]
+            else:
+                rooms = []
+            for room in rooms:
+                room_dir = rooms_dir / room
+                if not room_dir.is_dir():
+                    continue
+                with os.scandir(room_dir) as entries:
+                    names = [_instance_of(e) for e in entries]
+                found.extend((room, name) for name in names if name is not None)
+        except OSError as exc:
+            raise StoreError(f"cannot list the rooms in {rooms_dir}: {exc}") from exc
+        return sorted(found)
+
+
+def _name(room: str, instance: str) -> str:
+    return f"room {room!r} instance {_short(instance)}"
+
+
+def _short(value: object) -> str:
+    # Instance names may be thousands of characters long; messages only need to identify them.
+    shown = repr(value)
+    return shown if len(shown) <= 100 else shown[:100] + "..."
+
+
+def _fsync_dir(directory: pathlib.Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _move_aside(path: pathlib.Path) -> pathlib.Path:
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+    target = path.with_name(f"{path.name}.corrupt-{stamp}")
+    n = 0
+    # Checked then renamed: safe because saves and loads of this path hold its lock and only one
+    # server uses the directory.
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
+    os.rename(path, target)
+    return target
+
+
+def _parse(data: bytes, room: str, instance: str) -> StoredDocument:
+    try:
+        doc = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise _Unreadable(f"not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise _Unreadable(f"not a JSON object but {type(doc).__name__}")
+    if doc.get("format") != _FORMAT:
+        raise _Unreadable(f"format is {_short(doc.get('format'))}, not {_FORMAT!r}")
+    version = doc.get("version")
+    if type(version) is not int or version < 1:
+        raise _Unreadable(f"version is {_short(version)}, not a positive integer")
+    if version > FORMAT_VERSION:
+        raise _Unreadable(
+            f"version {version} is newer than this verani reads ({FORMAT_VERSION});"
+            " it was written by a newer verani"
+        )
+    for field, expected in (("room", room), ("instance", instance)):
+        if doc.get(field) != expected:
+            raise _Unreadable(f"its {field} is {_short(doc.get(field))}, not {_short(expected)}")
+    saved_at = doc.get("saved_at")
+    try:
+        when = datetime.datetime.fromisoformat(saved_at if isinstance(saved_at, str) else "")
+    except ValueError:
+        raise _Unreadable(f"saved_at {_short(saved_at)} is not an ISO 8601 time") from None
+    if when.tzinfo is None:
+        raise _Unreadable(f"saved_at {saved_at!r} has no time zone")
+    state = doc.get("state")
+    if not isinstance(state, dict):
+        raise _Unreadable(f"state is {type(state).__name__}, not an object")
+    return StoredDocument(
+        room=room,
+        instance=instance,
+        state=state,
+        saved_at=when.astimezone(datetime.UTC),
+        format_version=version,
+    )
+
+
+def _is_room_dir(entry: os.DirEntry[str]) -> bool:
+    try:
+        validate_room_name(entry.name)
+    except ValueError:
+        return False
+    return entry.is_dir()
+
+
+def _instance_of(entry: os.DirEntry[str]) -> str | None:
+    """The instance name stored in ``entry``, or None when it is not a document."""
+    if entry.name.startswith(".") or not entry.name.endswith(_SUFFIX):
+        return None
+    stem = entry.name.removesuffix(_SUFFIX)
+    try:
+        name = decode_instance_name(stem)
+    except ValueError:
+        return None
+    if name is not None:
+        return name
+    # A hashed stem: the real name is only in the document.
+    try:
+        doc = orjson.loads(pathlib.Path(entry.path).read_bytes())
+    except orjson.JSONDecodeError:
+        doc = None
+    name = doc.get("instance") if isinstance(doc, dict) else None
+    with contextlib.suppress(ValueError):
+        if isinstance(name, str) and encode_instance_name(name) == stem:
+            return name
+    _log.warning("skipping %s: it does not name its instance", entry.path)
+    return None

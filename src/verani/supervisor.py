@@ -1,0 +1,244 @@
+"""Room instances and the supervisor that wakes, hibernates and isolates their actors.
+
+A :class:`RoomInstance` outlives its actor: it keeps the sessions (sockets stay open while the room
+sleeps) and the inbox. When an event arrives for a sleeping instance, the supervisor starts an
+actor for it in the supervisor's nursery; the actor ends when it hibernates. If an actor's own
+machinery fails, only that instance's sockets are closed (1011); other rooms never notice.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import attrs
+import trio
+
+from .actor import Actor, Connect, Disconnect, Hibernate, InboxEvent
+from .codec import Codec, make_codec
+from .errors import RoomNotFoundError
+from .room import DEFAULT_IDLE_TIMEOUT, RoomDefinition
+from .sessions import Sessions
+from .store import Store
+
+log = logging.getLogger("verani.supervisor")
+
+#: Events waiting for one room instance; a reader that finds it full waits (backpressure).
+INBOX_SIZE = 1024
+
+
+class RoomInstance:
+    """A room definition + an instance name: its sessions and inbox, awake or asleep."""
+
+    def __init__(self, supervisor: Supervisor, definition: RoomDefinition[Any], name: str) -> None:
+        self.definition = definition
+        self.name = name
+        self.sessions = Sessions()
+        self.actor: Actor | None = None
+        self.running = False
+        self._supervisor = supervisor
+        self._send, self.inbox = trio.open_memory_channel[InboxEvent](INBOX_SIZE)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """``(room name, instance name)``."""
+        return (self.definition.name, self.name)
+
+    @property
+    def awake(self) -> bool:
+        """Whether an actor is running for this instance (possibly finishing its hibernation)."""
+        return self.running
+
+    def has_pending(self) -> bool:
+        """Whether events wait in the inbox (or senders wait for room in it)."""
+        stats = self.inbox.statistics()
+        return bool(stats.current_buffer_used or stats.tasks_waiting_send)
+
+    async def submit(self, event: InboxEvent) -> None:
+        """Queue an event for the room, waking it if it sleeps; waits while the inbox is full."""
+        if self._supervisor.stopping and not isinstance(event, Hibernate):
+            return
+        if isinstance(event, Disconnect) and not self.running and event.session not in self.sessions:
+            # The session never joined or was already dropped (a crash); nothing to wake for.
+            return
+        self._supervisor.ensure_running(self)
+        await self._send.send(event)
+
+    async def hibernate(self) -> str | None:
+        """Hibernate now if awake; returns an error message when its state could not be saved."""
+        if not self.running:
+            return None
+        request = Hibernate()
+        try:
+            # No checkpoint between the ``running`` check and the enqueue: the actor cannot end
+            # in between, so the request is never what wakes a sleeping room.
+            self._send.send_nowait(request)
+        except trio.WouldBlock:
+            await self._send.send(request)
+        await request.done.wait()
+        return request.error
+
+
+@attrs.frozen
+class InstanceStatus:
+    """A snapshot of one room instance, for ``verani inspect`` and tests."""
+
+    room: str
+    instance: str
+    awake: bool
+    sessions: int
+
+
+class Supervisor:
+    """Owns the nursery every awake room instance's actor runs in."""
+
+    def __init__(
+        self,
+        rooms: Sequence[RoomDefinition[Any]],
+        store: Store,
+        *,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        codec: Codec | None = None,
+    ) -> None:
+        self.rooms = {room.name: room for room in rooms}
+        self.store = store
+        self.idle_timeout = idle_timeout
+        self.codec = codec or make_codec()
+        self.instances: dict[tuple[str, str], RoomInstance] = {}
+        self.stopping = False
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run until cancelled; room actors live in this task's nursery."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    def instance(self, room: str, name: str) -> RoomInstance:
+        """The instance ``name`` of ``room``, created (asleep) if it is not known yet."""
+        key = (room, name)
+        inst = self.instances.get(key)
+        if inst is None:
+            inst = self.instances[key] = RoomInstance(self, self.rooms[room], name)
+        return inst
+
+    def ensure_running(self, inst: RoomInstance) -> None:
+        """Start an actor for ``inst`` unless one runs."""
+        if inst.running:
+            return
+        if self._nursery is None:
+            raise RuntimeError("the supervisor is not running; start Supervisor.run first")
+        inst.running = True
+        self.instances[inst.key] = inst
+        self._nursery.start_soon(self._run_instance, inst, name=f"room {inst.key[0]}/{inst.key[1]}")
+
+    async def _run_instance(self, inst: RoomInstance) -> None:
+        try:
+            while True:
+                definition = inst.definition
+                actor = Actor(
+                    definition=definition,
+                    instance=inst.name,
+                    sessions=inst.sessions,
+                    inbox=inst.inbox,
+                    store=self.store,
+                    codec=self.codec,
+                    idle_timeout=definition.idle_timeout or self.idle_timeout,
+                )
+                inst.actor = actor
+                try:
+                    request = await actor.run()
+                except Exception as exc:
+                    log.error(
+                        "room %s/%s crashed (%s: %s); closing its sockets with 1011",
+                        *inst.key, type(exc).__name__, exc, exc_info=exc,
+                    )
+                    self._fail_instance(inst)
+                    return
+                finally:
+                    inst.actor = None
+                # Events that arrived during the final flush wake the room again at once.
+                pending = inst.has_pending()
+                if not pending:
+                    self._retire(inst)
+                if request is not None:
+                    # Only now: whoever asked sees the instance asleep (or awake again for the
+                    # events that came meanwhile), never still finishing its hibernation.
+                    request.finish(None)
+                if not pending:
+                    return
+        finally:
+            self._retire(inst)
+
+    def _retire(self, inst: RoomInstance) -> None:
+        inst.running = False
+        if not len(inst.sessions) and self.instances.get(inst.key) is inst:
+            del self.instances[inst.key]
+
+    def _fail_instance(self, inst: RoomInstance) -> None:
+        for session in inst.sessions:
+            inst.sessions.remove(session)
+            session.sink.close(1011, "the room failed; reconnect to revive it")
+        while True:
+            try:
+                event = inst.inbox.receive_nowait()
+            except trio.WouldBlock:
+                break
+            if isinstance(event, Connect):
+                event.session.sink.close(1011, "the room failed; reconnect to revive it")
+            elif isinstance(event, Hibernate):
+                event.finish("the room failed before it could hibernate")
+
+    def status(self) -> list[InstanceStatus]:
+        """Every known instance, sorted by room and name."""
+        return [
+            InstanceStatus(room, name, inst.awake, len(inst.sessions))
+            for (room, name), inst in sorted(self.instances.items())
+        ]
+
+    async def hibernate(
+        self, room: str | None = None, instance: str | None = None
+    ) -> list[tuple[str, str, str | None]]:
+        """Hibernate the awake instances of ``room`` (all rooms when None), or one instance.
+
+        Returns ``(room, instance, error)`` for each instance that was awake; ``error`` is None
+        when its state is durable and it sleeps. Raises :class:`RoomNotFoundError` for an unknown
+        room, or an instance that is neither known here nor in the store.
+        """
+        if room is not None and room not in self.rooms:
+            known = ", ".join(sorted(self.rooms)) or "(none)"
+            raise RoomNotFoundError(f"no room named {room!r} is served (rooms: {known})")
+        if instance is not None:
+            assert room is not None
+            if (room, instance) not in self.instances:
+                stored = await self.store.list_instances(room)
+                if (room, instance) not in stored:
+                    raise RoomNotFoundError(f"room {room!r} has no instance named {instance!r}")
+        targets = [
+            inst
+            for (r, name), inst in list(self.instances.items())
+            if inst.running
+            and (room is None or r == room)
+            and (instance is None or name == instance)
+        ]
+        return await self._hibernate_all(targets)
+
+    async def _hibernate_all(
+        self, targets: Iterable[RoomInstance]
+    ) -> list[tuple[str, str, str | None]]:
+        results: list[tuple[str, str, str | None]] = []
+
+        async def one(inst: RoomInstance) -> None:
+            results.append((*inst.key, await inst.hibernate()))
+
+        async with trio.open_nursery() as nursery:
+            for inst in targets:
+                nursery.start_soon(one, inst)
+        return sorted(results, key=lambda r: (r[0], r[1]))
+
+    async def shutdown(self) -> list[tuple[str, str, str | None]]:
+        """Stop taking events and hibernate every awake instance (a full, durable flush)."""
+        self.stopping = True
+        return await self._hibernate_all([i for i in list(self.instances.values()) if i.running])

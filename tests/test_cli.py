@@ -1,0 +1,134 @@
+"""The real CLI in subprocesses: `verani serve` and `verani hibernate` against it."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import orjson
+import pytest
+import trio
+import trio_websocket
+
+from verani.store import FileStore
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+COUNTER = str(ROOT / "rooms" / "counter.py")
+VERANI = [sys.executable, "-m", "verani"]
+
+
+def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*VERANI, *args], capture_output=True, text=True, timeout=timeout)
+
+
+@contextmanager
+def serving(store: pathlib.Path, *extra: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    proc = subprocess.Popen(
+        [*VERANI, "serve", COUNTER, "--port", "0", "--store", str(store), *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        match = re.search(r"serving on (ws://\S+)", line)
+        assert match, (line, proc.stderr.read() if proc.stderr else "")
+        yield proc, match.group(1)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=10)  # also closes the pipes
+
+
+async def _count_up(url: str, times: int) -> int:
+    async with trio_websocket.open_websocket_url(f"{url}/ws/counter?userId=cli") as ws:
+        await ws.get_message()  # counter:sync
+        for _ in range(times):
+            await ws.send_message('{"type":"counter:increment","data":{"amount":1}}')
+        count = 0
+        for _ in range(times):
+            count = orjson.loads(await ws.get_message())["data"]["count"]
+        return count
+
+
+def test_serve_hibernate_and_sigterm(tmp_path: pathlib.Path) -> None:
+    store = tmp_path / "store"
+    with serving(store) as (proc, url):
+        assert trio.run(_count_up, url, 3) == 3
+        result = run("hibernate", "counter/default", "--store", str(store))
+        assert (result.returncode, result.stdout) == (0, "hibernated counter/default\n"), result.stderr
+        doc = orjson.loads(FileStore(store).path_for("counter", "default").read_bytes())
+        assert doc["state"]["count"] == 3
+
+        result = run("hibernate", "counter", "--store", str(store))
+        assert result.returncode == 0 and "nothing to hibernate" in result.stdout
+
+        result = run("hibernate", "nope", "--store", str(store))
+        assert result.returncode == 1
+        assert "no room named 'nope' is served (rooms: counter)" in result.stderr
+
+        result = run("hibernate", "counter/ghost", "--store", str(store))
+        assert result.returncode == 1 and "no instance named 'ghost'" in result.stderr
+
+        # A second server on the same store is refused, naming the first one's pid.
+        second = run("serve", COUNTER, "--port", "0", "--store", str(store), timeout=30)
+        assert second.returncode == 2
+        assert f"already served by another verani server (pid {proc.pid})" in second.stderr
+
+        assert trio.run(_count_up, url, 2) == 5
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    # SIGTERM flushed the awake room before exiting.
+    doc = orjson.loads(FileStore(store).path_for("counter", "default").read_bytes())
+    assert doc["state"]["count"] == 5
+    assert not (store / "server.json").exists()
+
+
+def test_hibernate_without_a_server(tmp_path: pathlib.Path) -> None:
+    result = run("hibernate", "--all", "--store", str(tmp_path))
+    assert result.returncode == 1
+    assert f"no verani server is running for store {tmp_path}" in result.stderr
+
+
+def test_hibernate_usage_errors(tmp_path: pathlib.Path) -> None:
+    assert run("hibernate", "--store", str(tmp_path)).returncode == 2
+    both = run("hibernate", "counter", "--all", "--store", str(tmp_path))
+    assert both.returncode == 2 and "either ROOM[/INSTANCE] or --all" in both.stderr
+
+
+def test_serve_startup_errors_exit_2(tmp_path: pathlib.Path) -> None:
+    bad = tmp_path / "bad.py"
+    bad.write_text("def broken(:\n")
+    result = run("serve", str(bad), "--store", str(tmp_path / "s"))
+    assert result.returncode == 2 and f"{bad}:1: syntax error" in result.stderr
+    result = run("serve", str(tmp_path / "missing.py"))
+    assert result.returncode == 2 and "does not exist" in result.stderr
+    result = run("serve", COUNTER, "--port", "70000")
+    assert result.returncode == 2 and "70000" in result.stderr
+    result = run("serve", COUNTER, "--idle-timeout", "0")
+    assert result.returncode == 2
+
+
+def test_serve_port_in_use(tmp_path: pathlib.Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run("serve", COUNTER, "--port", str(port), "--store", str(tmp_path))
+    assert result.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in result.stderr
+
+
+@pytest.mark.skipif(os.name != "posix", reason="signals")
+def test_sigint_exits_0(tmp_path: pathlib.Path) -> None:
+    with serving(tmp_path) as (proc, _url):
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 0
