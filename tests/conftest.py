@@ -10,7 +10,7 @@ from verani.loader import load_rooms
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])  # tests/helpers.py
 
-from helpers import ROOMS  # noqa: E402
+from helpers import ROOMS
 
 
 @pytest.fixture

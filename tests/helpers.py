@@ -27,7 +27,9 @@ class Client:
 
     async def send(self, payload: Any) -> None:
         """Send a raw frame (a str as is, anything else JSON-encoded)."""
-        await self.ws.send_message(payload if isinstance(payload, str | bytes) else orjson.dumps(payload).decode())
+        await self.ws.send_message(
+            payload if isinstance(payload, str | bytes) else orjson.dumps(payload).decode()
+        )
 
     async def emit(self, event: str, data: Any = None) -> None:
         """Send ``{"type": event, "data": data}``."""
@@ -51,10 +53,14 @@ class Client:
 
 
 @asynccontextmanager
-async def connect(url: str, path: str = "/ws/counter", user_id: str | None = None) -> AsyncIterator[Client]:
+async def connect(
+    url: str, path: str = "/ws/counter", user_id: str | None = None
+) -> AsyncIterator[Client]:
     """Open a WebSocket to ``url + path`` (``?userId=`` added when given)."""
     query = f"?userId={user_id}" if user_id is not None else ""
-    async with trio_websocket.open_websocket_url(f"{url}{path}{query}", message_queue_size=64) as ws:
+    async with trio_websocket.open_websocket_url(
+        f"{url}{path}{query}", message_queue_size=64
+    ) as ws:
         try:
             yield Client(ws)
         finally:

@@ -32,7 +32,9 @@ def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
 def serving(store: pathlib.Path, *extra: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
     proc = subprocess.Popen(
         [*VERANI, "serve", COUNTER, "--port", "0", "--store", str(store), *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         assert proc.stdout is not None
@@ -62,7 +64,9 @@ def test_serve_hibernate_and_sigterm(tmp_path: pathlib.Path) -> None:
     with serving(store) as (proc, url):
         assert trio.run(_count_up, url, 3) == 3
         result = run("hibernate", "counter/default", "--store", str(store))
-        assert (result.returncode, result.stdout) == (0, "hibernated counter/default\n"), result.stderr
+        assert (result.returncode, result.stdout) == (0, "hibernated counter/default\n"), (
+            result.stderr
+        )
         doc = orjson.loads(FileStore(store).path_for("counter", "default").read_bytes())
         assert doc["state"]["count"] == 3
 

@@ -6,8 +6,8 @@ from typing import Any
 
 import orjson
 import trio
-from helpers import connect
 
+from helpers import connect
 from verani import RoomDefinition, open_server
 from verani.store import FileStore
 
@@ -18,11 +18,13 @@ async def test_seed_scenario_survives_hibernation_and_restart(
     store = tmp_path / "store"
     with trio.fail_after(20):
         async with open_server(counter_rooms, store=str(store)) as server:
-            async with connect(server.url, user_id="alice") as alice, connect(
-                server.url, user_id="bob"
-            ) as bob:
+            async with (
+                connect(server.url, user_id="alice") as alice,
+                connect(server.url, user_id="bob") as bob,
+            ):
                 assert await alice.next_event() == (
-                    "counter:sync", {"type": "counter:sync", "count": 0, "lastUpdatedBy": None}
+                    "counter:sync",
+                    {"type": "counter:sync", "count": 0, "lastUpdatedBy": None},
                 )
                 assert (await bob.next_event("counter:sync"))[1]["count"] == 0
 
@@ -60,7 +62,8 @@ async def test_seed_scenario_survives_hibernation_and_restart(
                 assert (data["count"], data["lastUpdatedBy"]) == (4, "alice")
                 await dave.emit("counter:reset", {})
                 assert await dave.next_event("counter:reset") == (
-                    "counter:reset", {"type": "counter:reset", "resetBy": "dave"}
+                    "counter:reset",
+                    {"type": "counter:reset", "resetBy": "dave"},
                 )
                 await dave.emit("counter:get", {})
                 _, data = await dave.next_event("counter:sync")
@@ -84,9 +87,10 @@ async def test_instances_are_separate_rooms(
 ) -> None:
     with trio.fail_after(10):
         async with open_server(counter_rooms, store=str(tmp_path)) as server:
-            async with connect(server.url, "/ws/counter/room-a") as a, connect(
-                server.url, "/ws/counter"
-            ) as default:
+            async with (
+                connect(server.url, "/ws/counter/room-a") as a,
+                connect(server.url, "/ws/counter") as default,
+            ):
                 await a.next_event("counter:sync")
                 await default.next_event("counter:sync")
                 await a.emit("counter:increment", {"amount": 3})
@@ -94,7 +98,8 @@ async def test_instances_are_separate_rooms(
                 await default.emit("counter:get")
                 # The default instance never saw room-a's update.
                 assert await default.next_event() == (
-                    "counter:sync", {"type": "counter:sync", "count": 0, "lastUpdatedBy": None}
+                    "counter:sync",
+                    {"type": "counter:sync", "count": 0, "lastUpdatedBy": None},
                 )
             names = {(s.room, s.instance) for s in server.supervisor.status()}
             assert ("counter", "room-a") in names

@@ -22,7 +22,10 @@ class Typed:
 
 
 def test_persisted_key_not_in_state_is_named() -> None:
-    with pytest.raises(RoomDefinitionError, match=r"persisted key 'cuont' is not a state key \(state keys: count, name\)"):
+    with pytest.raises(
+        RoomDefinitionError,
+        match=r"persisted key 'cuont' is not a state key \(state keys: count, name\)",
+    ):
         define_room(name="c", state=Typed, persisted_keys=["cuont"])
 
 
@@ -50,7 +53,9 @@ def test_default_path_is_ws_name() -> None:
 def test_two_rooms_on_one_path_are_refused() -> None:
     a = define_room(name="a", websocket_path="/ws/same")
     b = define_room(name="b", websocket_path="/ws/same")
-    with pytest.raises(RoomDefinitionError, match="rooms 'a' and 'b' both use websocket_path '/ws/same'"):
+    with pytest.raises(
+        RoomDefinitionError, match="rooms 'a' and 'b' both use websocket_path '/ws/same'"
+    ):
         Router([a, b])
 
 
@@ -61,7 +66,9 @@ def test_dict_state_is_attribute_access_and_unknown_keys_raise() -> None:
     one.items.append("x")
     assert (one.count, one.items, two.items) == (1, ["x"], [])  # no shared mutable default
     assert take_changes(one) == {"count"}
-    with pytest.raises(AttributeError, match="room 'd' has no state key 'cuont' \\(state keys: count, items\\)"):
+    with pytest.raises(
+        AttributeError, match="room 'd' has no state key 'cuont' \\(state keys: count, items\\)"
+    ):
         one.cuont = 3
 
 
@@ -84,7 +91,9 @@ def test_dataclass_state_and_missing_defaults() -> None:
     class NoDefault:
         items: list[int]
 
-    assert define_room(name="g", state=Good, persisted_keys=["items"]).state_spec.key_types == {"items": list[int]}
+    assert define_room(name="g", state=Good, persisted_keys=["items"]).state_spec.key_types == {
+        "items": list[int]
+    }
     with pytest.raises(RoomDefinitionError, match="give every state field a default"):
         define_room(name="n", state=NoDefault)
 
@@ -134,7 +143,9 @@ def test_hooks_by_option_or_decorator() -> None:
 
 
 def test_load_rooms_errors_name_the_file(tmp_path: pathlib.Path) -> None:
-    (tmp_path / "bad.py").write_text("from verani import define_room\n\nroom = define_room(name='x'\n")
+    (tmp_path / "bad.py").write_text(
+        "from verani import define_room\n\nroom = define_room(name='x'\n"
+    )
     with pytest.raises(RoomLoadError, match=r"bad\.py:3: syntax error"):
         load_rooms([tmp_path / "bad.py"])
     (tmp_path / "empty.py").write_text("x = 1\n")
@@ -143,7 +154,9 @@ def test_load_rooms_errors_name_the_file(tmp_path: pathlib.Path) -> None:
     with pytest.raises(RoomLoadError, match=r"missing\.py does not exist"):
         load_rooms([tmp_path / "missing.py"])
     (tmp_path / "raises.py").write_text("x = 1\nraise ValueError('nope')\n")
-    with pytest.raises(RoomLoadError, match=r"raises\.py:2: loading the room file raised ValueError: nope"):
+    with pytest.raises(
+        RoomLoadError, match=r"raises\.py:2: loading the room file raised ValueError: nope"
+    ):
         load_rooms([tmp_path / "raises.py"])
 
 
@@ -154,7 +167,8 @@ def test_load_rooms_from_a_directory_and_clashes(tmp_path: pathlib.Path) -> None
         )
     assert [r.name for r in load_rooms([tmp_path])] == ["one", "two"]
     (tmp_path / "three.py").write_text(
-        "from verani import define_room\nroom = define_room(name='three', websocket_path='/ws/one')\n"
+        "from verani import define_room\n"
+        "room = define_room(name='three', websocket_path='/ws/one')\n"
     )
     with pytest.raises(RoomDefinitionError, match="both use websocket_path '/ws/one'"):
         load_rooms([tmp_path])
@@ -164,6 +178,13 @@ def test_counter_room_file_loads() -> None:
     root = pathlib.Path(__file__).resolve().parent.parent
     (room,) = load_rooms([root / "rooms" / "counter.py"])
     assert (room.name, room.websocket_path, room.persisted_keys) == (
-        "counter", "/ws/counter", ("count", "last_updated_by"),
+        "counter",
+        "/ws/counter",
+        ("count", "last_updated_by"),
     )
-    assert set(room.events) == {"counter:increment", "counter:decrement", "counter:reset", "counter:get"}
+    assert set(room.events) == {
+        "counter:increment",
+        "counter:decrement",
+        "counter:reset",
+        "counter:get",
+    }

@@ -56,8 +56,11 @@ def test_decoder_never_fails_other_than_protocol_error(message: bytes | str) -> 
 
 def test_encode_event_spreads_dict_payload_and_event_name_wins() -> None:
     frame = orjson.loads(encode_event("default", "counter:update", {"count": 1, "type": "evil"}))
-    assert frame == {"type": "event", "channel": "default",
-                     "data": {"count": 1, "type": "counter:update"}}
+    assert frame == {
+        "type": "event",
+        "channel": "default",
+        "data": {"count": 1, "type": "counter:update"},
+    }
     assert orjson.loads(encode_event("c", "e", None))["data"] == {"type": "e"}
     assert orjson.loads(encode_event("c", "e", [1, 2]))["data"] == {"type": "e", "data": [1, 2]}
 
@@ -68,7 +71,10 @@ def test_encode_unserialisable_data_names_the_event() -> None:
 
 
 def test_split_target_first_value_wins() -> None:
-    assert split_target("/ws/counter?userId=a&userId=b&x=") == ("/ws/counter", {"userId": "a", "x": ""})
+    assert split_target("/ws/counter?userId=a&userId=b&x=") == (
+        "/ws/counter",
+        {"userId": "a", "x": ""},
+    )
 
 
 def test_routing() -> None:

@@ -13,8 +13,9 @@ from typing import Any
 
 import attrs
 import trio
-from helpers import connect
+import trio.lowlevel
 
+from helpers import connect
 from verani import RoomContext, define_room, open_server
 
 
@@ -35,12 +36,14 @@ def notes_room(events: list[Any], *, idle_timeout: float = 30.0) -> Any:
     @room.on_connect
     def joined(ctx: RoomContext[NotesState]) -> None:
         ctx.actor.room_state.visits += 1
-        ctx.emit.emit("notes:sync", {"notes": ctx.actor.room_state.notes,
-                                     "visits": ctx.actor.room_state.visits})
+        ctx.emit.emit(
+            "notes:sync",
+            {"notes": ctx.actor.room_state.notes, "visits": ctx.actor.room_state.visits},
+        )
 
     @room.on("notes:add")
     async def add(ctx: RoomContext[NotesState], data: Any) -> None:
-        await trio.sleep(0)  # an async handler, with a checkpoint inside the turn
+        await trio.lowlevel.checkpoint()  # an async handler, with a checkpoint inside the turn
         state = ctx.actor.room_state
         state.notes = [*state.notes, data["text"]]
         state.visits += 1
@@ -53,13 +56,20 @@ def notes_room(events: list[Any], *, idle_timeout: float = 30.0) -> Any:
 
     @room.on_error
     def on_error(error: BaseException, ctx: RoomContext[NotesState] | None) -> None:
-        events.append(("error", type(error).__name__, str(error),
-                       ctx.meta.user_id if ctx else None))
+        events.append(
+            ("error", type(error).__name__, str(error), ctx.meta.user_id if ctx else None)
+        )
 
     @room.on_hibernation_restore
     def restored(actor: Any) -> None:
-        events.append(("restore", actor.get_session_count(), list(actor.room_state.notes),
-                       actor.room_state.visits))
+        events.append(
+            (
+                "restore",
+                actor.get_session_count(),
+                list(actor.room_state.notes),
+                actor.room_state.visits,
+            )
+        )
 
     return room
 
@@ -118,9 +128,10 @@ async def test_handler_error_reaches_on_error_and_the_room_goes_on(tmp_path: Any
     room = notes_room(events)
     with trio.fail_after(10):
         async with open_server([room], store=str(tmp_path)) as server:
-            async with connect(server.url, "/ws/notes", user_id="ann") as ann, connect(
-                server.url, "/ws/notes", user_id="bob"
-            ) as bob:
+            async with (
+                connect(server.url, "/ws/notes", user_id="ann") as ann,
+                connect(server.url, "/ws/notes", user_id="bob") as bob,
+            ):
                 await ann.next_event("notes:sync")
                 await bob.next_event("notes:sync")
                 await ann.emit("notes:boom", {})

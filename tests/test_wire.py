@@ -6,12 +6,14 @@ from typing import Any
 
 import trio
 import trio_websocket
-from helpers import connect, http_request, upgrade_request
 
+from helpers import connect, http_request, upgrade_request
 from verani import RoomDefinition, ServerConfig, open_server
 
 
-async def test_http_answers_before_upgrade(tmp_path: Any, counter_rooms: list[RoomDefinition[Any]]) -> None:
+async def test_http_answers_before_upgrade(
+    tmp_path: Any, counter_rooms: list[RoomDefinition[Any]]
+) -> None:
     with trio.fail_after(10):
         async with open_server(counter_rooms, store=str(tmp_path)) as server:
             status, headers, body = await http_request(
@@ -23,8 +25,13 @@ async def test_http_answers_before_upgrade(tmp_path: Any, counter_rooms: list[Ro
             status, _, body = await http_request(server.port, upgrade_request("/nowhere"))
             assert status == 404 and b"no room is served at /nowhere" in body
 
-            for bad in ("/ws/counter/..", "/ws/counter/%2e%2e", "/ws/counter/a%2Fb",
-                        "/ws/counter/%00", "/ws/counter/" + "x" * 200):
+            for bad in (
+                "/ws/counter/..",
+                "/ws/counter/%2e%2e",
+                "/ws/counter/a%2Fb",
+                "/ws/counter/%00",
+                "/ws/counter/" + "x" * 200,
+            ):
                 status, _, body = await http_request(server.port, upgrade_request(bad))
                 assert status == 400 and b"bad room instance name" in body, bad
 
@@ -75,7 +82,9 @@ async def test_bad_frames_change_nothing_and_get_an_error_event(
                 # The other client saw nothing of it and still works.
                 await other.emit("counter:get")
                 assert (await other.recv())["data"] == {
-                    "type": "counter:sync", "count": 2, "lastUpdatedBy": "eve"
+                    "type": "counter:sync",
+                    "count": 2,
+                    "lastUpdatedBy": "eve",
                 }
 
 

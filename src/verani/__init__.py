@@ -23,7 +23,7 @@ from .errors import (
 )
 from .protocol import ClientFrame
 from .room import PersistOptions, RoomDefinition, define_room
-from .server import HandshakeRequest, Server, ServerConfig, ServeError, open_server
+from .server import HandshakeRequest, ServeError, Server, ServerConfig, open_server
 from .sessions import ConnectionMeta
 
 __all__ = [

@@ -167,7 +167,9 @@ class Actor:
         try:
             doc = await self._store.load(name, self.instance)
         except CorruptDocumentError as exc:
-            log.error("%s: stored state unreadable, starting from initial values: %s", self._where, exc)
+            log.error(
+                "%s: stored state unreadable, starting from initial values: %s", self._where, exc
+            )
             doc = None
         state = spec.new_untracked()
         stored = doc.state if doc is not None else {}
@@ -181,14 +183,21 @@ class Actor:
                 except CorruptDocumentError as exc:
                     # Keep the stored value on disk until the room assigns the key again.
                     self._undecodable.add(key)
-                    log.error("%s: stored key %r unreadable, using its initial value: %s", self._where, key, exc)
+                    log.error(
+                        "%s: stored key %r unreadable, using its initial value: %s",
+                        self._where,
+                        key,
+                        exc,
+                    )
                     continue
                 set_untracked(state, key, value)
             else:
                 self._encoded[key] = self._codec.encode(getattr(state, key), declared, path=key)
         dropped = set(stored) - self._persisted
         if dropped:
-            log.info("%s: ignoring stored keys no longer persisted: %s", self._where, sorted(dropped))
+            log.info(
+                "%s: ignoring stored keys no longer persisted: %s", self._where, sorted(dropped)
+            )
         track(state)
         self.state = state
         self.room_actor = RoomActor(name, self.instance, state, self.sessions, self._deliver)
@@ -217,7 +226,9 @@ class Actor:
             session = event.session
             self.sessions.add(session)
             ctx = self._context(session)
-            if hooks.on_connect is not None and not await self._call("on_connect", ctx, hooks.on_connect, ctx):
+            if hooks.on_connect is not None and not await self._call(
+                "on_connect", ctx, hooks.on_connect, ctx
+            ):
                 self.sessions.remove(session)
                 session.sink.close(1011, "the room failed to accept the connection")
             return ctx
@@ -243,10 +254,19 @@ class Actor:
                 else:
                     log.warning(
                         "%s: no handler for event %r from client %s (user %s); dropped",
-                        self._where, frame.type, session.meta.client_id, session.meta.user_id,
+                        self._where,
+                        frame.type,
+                        session.meta.client_id,
+                        session.meta.user_id,
                     )
-                    ctx.emit.emit(ERROR_EVENT, {"code": "unknown_event", "event": frame.type,
-                                                "message": f"this room has no handler for {frame.type!r}"})
+                    ctx.emit.emit(
+                        ERROR_EVENT,
+                        {
+                            "code": "unknown_event",
+                            "event": frame.type,
+                            "message": f"this room has no handler for {frame.type!r}",
+                        },
+                    )
             return ctx
         raise AssertionError(f"unexpected inbox event {event!r}")
 
@@ -257,14 +277,18 @@ class Actor:
         emit = SocketEmitter(session, self.sessions, self._deliver)
         return RoomContext(self.room_actor, session.meta, emit, frame, close_code)
 
-    async def _call(self, what: str, ctx: RoomContext[Any] | None, fn: Callable[..., Any], *args: Any) -> bool:
-        """Run a user handler or hook; an error is logged and given to ``on_error``, never raised."""
+    async def _call(
+        self, what: str, ctx: RoomContext[Any] | None, fn: Callable[..., Any], *args: Any
+    ) -> bool:
+        """Run a user handler or hook; an error is logged and goes to ``on_error``, never up."""
         try:
             result = fn(*args)
             if inspect.isawaitable(result):
                 await result
         except Exception as exc:
-            log.error("%s: %s raised %s: %s", self._where, what, type(exc).__name__, exc, exc_info=exc)
+            log.error(
+                "%s: %s raised %s: %s", self._where, what, type(exc).__name__, exc, exc_info=exc
+            )
             await self._on_error(exc, ctx)
             return False
         return True
@@ -278,7 +302,9 @@ class Actor:
             if inspect.isawaitable(result):
                 await result
         except Exception as exc:
-            log.error("%s: on_error raised %s: %s", self._where, type(exc).__name__, exc, exc_info=exc)
+            log.error(
+                "%s: on_error raised %s: %s", self._where, type(exc).__name__, exc, exc_info=exc
+            )
 
     # --- persistence ------------------------------------------------------------------------
 
@@ -308,7 +334,9 @@ class Actor:
             self._flush_needed.set()
         return failures
 
-    async def _persist_failed(self, key: str, error: Exception, ctx: RoomContext[Any] | None) -> None:
+    async def _persist_failed(
+        self, key: str, error: Exception, ctx: RoomContext[Any] | None
+    ) -> None:
         failure = PersistenceError(key, f"{error}; the previous stored value is kept")
         failure.__cause__ = error
         log.error("%s: %s", self._where, failure)
@@ -319,7 +347,13 @@ class Actor:
                 if inspect.isawaitable(result):
                     await result
             except Exception as exc:
-                log.error("%s: on_persist_error raised %s: %s", self._where, type(exc).__name__, exc, exc_info=exc)
+                log.error(
+                    "%s: on_persist_error raised %s: %s",
+                    self._where,
+                    type(exc).__name__,
+                    exc,
+                    exc_info=exc,
+                )
         if self.definition.persist_options.throw_on_error and ctx is not None:
             await self._on_error(failure, ctx)
 
@@ -336,7 +370,9 @@ class Actor:
                 await self._store.save(self.definition.name, self.instance, dict(self._encoded))
             except StoreError as exc:
                 self._save_failures += 1
-                log.error("%s: saving state failed (retrying in %.2fs): %s", self._where, delay, exc)
+                log.error(
+                    "%s: saving state failed (retrying in %.2fs): %s", self._where, delay, exc
+                )
                 self._notify_durable()
                 if delay == RETRY_FIRST:  # report once per run of failures, not on every retry
                     for key in sorted(self._unsaved):

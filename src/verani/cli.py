@@ -39,20 +39,31 @@ def main() -> None:
 @click.argument("paths", nargs=-1, required=True, metavar="FILE_OR_DIR...")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
 @click.option(
-    "--port", default=8787, show_default=True, type=click.IntRange(0, 65535),
+    "--port",
+    default=8787,
+    show_default=True,
+    type=click.IntRange(0, 65535),
     help="TCP port (0 picks a free one).",
 )
 @click.option(
-    "--store", default=".verani", show_default=True, type=click.Path(file_okay=False),
+    "--store",
+    default=".verani",
+    show_default=True,
+    type=click.Path(file_okay=False),
     help="Directory of the file store (one server per store).",
 )
 @click.option(
-    "--idle-timeout", default=DEFAULT_IDLE_TIMEOUT, show_default=True,
+    "--idle-timeout",
+    default=DEFAULT_IDLE_TIMEOUT,
+    show_default=True,
     type=click.FloatRange(min=0, min_open=True),
     help="Seconds without events before a room hibernates (rooms may set their own).",
 )
 @click.option(
-    "--log-level", default="info", show_default=True, type=click.Choice(LOG_LEVELS),
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(LOG_LEVELS),
     help="Least severe log messages shown.",
 )
 def serve(
@@ -104,7 +115,10 @@ def _print_routes(server: Server, store: str) -> None:
 @click.argument("target", required=False, metavar="[ROOM[/INSTANCE]]")
 @click.option("--all", "all_", is_flag=True, help="Hibernate every awake room instance.")
 @click.option(
-    "--store", default=".verani", show_default=True, type=click.Path(file_okay=False),
+    "--store",
+    default=".verani",
+    show_default=True,
+    type=click.Path(file_okay=False),
     help="Store of the server to ask.",
 )
 def hibernate(target: str | None, all_: bool, store: str) -> None:
@@ -135,7 +149,9 @@ def hibernate(target: str | None, all_: bool, store: str) -> None:
         _fail(str(exc), 1)
     results = reply.get("hibernated", [])
     if not results:
-        click.echo("nothing to hibernate: " + (f"{target} is not awake" if target else "no room is awake"))
+        click.echo(
+            "nothing to hibernate: " + (f"{target} is not awake" if target else "no room is awake")
+        )
     for item in results:
         name = f"{item['room']}/{item['instance']}"
         if item.get("error"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 import pathlib
@@ -105,7 +106,7 @@ async def serve_control(
         await trio.to_thread.run_sync(_write_info, info, record)
         listener = trio.SocketListener(sock)
         task_status.started(str(path))
-        await trio.serve_listeners(lambda s: _handle(server, s), [listener])
+        await trio.serve_listeners(functools.partial(_handle, server), [listener])
     finally:
         sock.close()
         with contextlib.suppress(OSError):
@@ -119,15 +120,18 @@ def _write_info(path: pathlib.Path, info: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-async def _handle(server: Server, stream: trio.SocketStream) -> None:
+async def _handle(server: Server, stream: trio.abc.Stream) -> None:
     async with stream:
         try:
             with trio.fail_after(5):
                 request = await _read_line(stream)
             reply = await _dispatch(server, request)
         except (ControlError, ValueError, trio.TooSlowError) as exc:
-            reply = {"ok": False, "error": str(exc) or type(exc).__name__,
-                     "kind": "not_found" if isinstance(exc, RoomNotFoundError) else "bad_request"}
+            reply = {
+                "ok": False,
+                "error": str(exc) or type(exc).__name__,
+                "kind": "not_found" if isinstance(exc, RoomNotFoundError) else "bad_request",
+            }
         except trio.BrokenResourceError:
             return
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
@@ -148,7 +152,7 @@ async def _read_line(stream: trio.abc.ReceiveStream) -> dict[str, Any]:
     except orjson.JSONDecodeError as exc:
         raise ValueError(f"control request is not JSON: {exc}") from None
     if not isinstance(obj, dict):
-        raise ValueError("control request must be a JSON object")
+        raise ValueError("control request must be a JSON object")  # noqa: TRY004 - bad input
     return obj
 
 
@@ -187,10 +191,10 @@ async def control_request(
     Raises :class:`NoServerError` when no server serves that store, :class:`RoomNotFoundError`
     when the server names no such room, :class:`ControlError` for any other failure.
     """
-    directory = pathlib.Path(store_dir).absolute()
+    directory = pathlib.Path(os.path.abspath(store_dir))  # noqa: ASYNC240 - no I/O
     hint = f"start one with: verani serve ROOMS --store {store_dir}"
     try:
-        info = orjson.loads((directory / INFO_FILE).read_bytes())
+        info = orjson.loads(await trio.Path(directory / INFO_FILE).read_bytes())
         path = str(info["control"])
     except (OSError, orjson.JSONDecodeError, KeyError, TypeError):
         raise NoServerError(f"no verani server is running for store {store_dir} ({hint})") from None
@@ -211,10 +215,13 @@ async def control_request(
             f"stale {INFO_FILE}; {hint})"
         ) from None
     except trio.TooSlowError:
-        raise ControlError(f"the verani server of store {store_dir} did not answer within "
-                           f"{timeout}s") from None
+        raise ControlError(
+            f"the verani server of store {store_dir} did not answer within {timeout}s"
+        ) from None
     except ValueError as exc:
-        raise ControlError(f"the verani server of store {store_dir} answered badly: {exc}") from None
+        raise ControlError(
+            f"the verani server of store {store_dir} answered badly: {exc}"
+        ) from None
     if not reply.get("ok") and reply.get("kind") == "not_found":
         raise RoomNotFoundError(str(reply.get("error")))
     if not reply.get("ok") and reply.get("kind") == "bad_request":

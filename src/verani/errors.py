@@ -38,7 +38,7 @@ class FrameEncodeError(VeraniError, TypeError):
     """A room emitted data that cannot be encoded as a JSON frame."""
 
 
-class HandshakeRefused(VeraniError):  # noqa: N818 - reads as an outcome, like trio's Cancelled
+class HandshakeRefused(VeraniError):
     """Raised by ``extract_meta`` to refuse a connection before the WebSocket upgrade.
 
     The client gets an HTTP answer with ``status`` (401 or 403 are the usual ones) and ``reason``

@@ -70,5 +70,7 @@ def _load_file(path: pathlib.Path) -> list[RoomDefinition[Any]]:
         del sys.modules[module_name]
         frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == str(resolved)]
         where = f"{path}:{frames[-1].lineno}" if frames else str(path)
-        raise RoomLoadError(f"{where}: loading the room file raised {type(exc).__name__}: {exc}") from exc
+        raise RoomLoadError(
+            f"{where}: loading the room file raised {type(exc).__name__}: {exc}"
+        ) from exc
     return [value for value in vars(module).values() if isinstance(value, RoomDefinition)]

@@ -36,9 +36,7 @@ MessageHook = Callable[["RoomContext[S]", "ClientFrame"], MaybeAwaitable]
 ErrorHook = Callable[[BaseException, "RoomContext[S] | None"], MaybeAwaitable]
 RestoreHook = Callable[["RoomActor[S]"], MaybeAwaitable]
 PersistErrorHook = Callable[[str, BaseException], MaybeAwaitable]
-ExtractMeta = Callable[
-    ["HandshakeRequest"], "ConnectionMeta | Awaitable[ConnectionMeta]"
-]
+ExtractMeta = Callable[["HandshakeRequest"], "ConnectionMeta | Awaitable[ConnectionMeta]"]
 
 #: Matches every event; wildcard handlers run after the event's own handlers.
 WILDCARD = "*"
@@ -304,7 +302,9 @@ def _check_path(name: str, path: object) -> None:
         )
 
 
-def _persist_options(name: str, value: PersistOptions | Mapping[str, bool] | None) -> PersistOptions:
+def _persist_options(
+    name: str, value: PersistOptions | Mapping[str, bool] | None
+) -> PersistOptions:
     if value is None:
         return PersistOptions()
     if isinstance(value, PersistOptions):
@@ -329,6 +329,5 @@ def _check_initial_values_persist(name: str, spec: StateSpec, keys: tuple[str, .
             codec.encode(getattr(state, key), spec.key_types[key], path=key)
         except NotPersistableError as exc:
             raise RoomDefinitionError(
-                f"room {name!r}: the initial value of persisted key {key!r} cannot be stored: "
-                f"{exc}"
+                f"room {name!r}: the initial value of persisted key {key!r} cannot be stored: {exc}"
             ) from None

@@ -22,7 +22,7 @@ import trio
 import trio_websocket
 
 from .actor import Connect, Disconnect, Message
-from .errors import FrameTooLargeError, HandshakeRefused, ProtocolError, StoreError, VeraniError
+from .errors import FrameTooLargeError, HandshakeRefused, ProtocolError, VeraniError
 from .protocol import ERROR_EVENT, MAX_FRAME_SIZE, PING, PONG_FRAME, decode_frame, encode_event
 from .room import DEFAULT_IDLE_TIMEOUT, RoomDefinition
 from .routing import Route, Router, split_target
@@ -117,11 +117,13 @@ class Server:
         listeners: Sequence[trio.SocketListener],
         conn_nursery: trio.Nursery,
         *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+        task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         with self._accept_scope:
             await trio.serve_listeners(
-                self._handle_stream, list(listeners), handler_nursery=conn_nursery,
+                self._handle_stream,
+                list(listeners),
+                handler_nursery=conn_nursery,
                 task_status=task_status,
             )
 
@@ -153,7 +155,11 @@ class Server:
         with trio.move_on_after(cfg.handshake_timeout) as timeout:
             head = await _read_request_head(stream, cfg.max_request_head)
         if timeout.cancelled_caught:
-            log.info("connection from %s: no complete HTTP request within %ss", remote, cfg.handshake_timeout)
+            log.info(
+                "connection from %s: no complete HTTP request within %ss",
+                remote,
+                cfg.handshake_timeout,
+            )
             return
         if isinstance(head, _HttpAnswer):
             await self._answer(stream, head, remote, "")
@@ -170,7 +176,8 @@ class Server:
         async with trio.open_nursery() as ws_nursery:
             with trio.move_on_after(cfg.handshake_timeout) as timeout:
                 ws_request = await trio_websocket.wrap_server_stream(
-                    ws_nursery, _ReplayStream(raw, stream),
+                    ws_nursery,
+                    _ReplayStream(raw, stream),
                     # Room enough that trio-websocket's reader keeps answering protocol pings
                     # while our reader waits on a busy room's inbox.
                     message_queue_size=64,
@@ -193,6 +200,7 @@ class Server:
                 log.info("connection from %s: WebSocket handshake timed out", remote)
                 ws_nursery.cancel_scope.cancel()
                 return
+            assert meta is not None
             inst = self.supervisor.instance(route.room.name, route.instance)
             conn = _Connection(self, ws, inst, meta)
             self._connections.add(conn)
@@ -223,7 +231,9 @@ class Server:
             await ws_request.reject(refusal.status, body=refusal.reason.encode())
             return None
         except Exception as exc:
-            log.error("%s: extract_meta raised %s: %s", where, type(exc).__name__, exc, exc_info=exc)
+            log.error(
+                "%s: extract_meta raised %s: %s", where, type(exc).__name__, exc, exc_info=exc
+            )
             await ws_request.reject(500, body=b"the room could not accept the connection")
             return None
         if not isinstance(meta, ConnectionMeta):
@@ -250,9 +260,13 @@ class _HttpAnswer:
     def encode(self) -> bytes:
         body = (self.body + "\n").encode()
         phrase = http.HTTPStatus(self.status).phrase
-        lines = [f"HTTP/1.1 {self.status} {phrase}", "Content-Type: text/plain; charset=utf-8",
-                 f"Content-Length: {len(body)}", "Connection: close",
-                 *(f"{k}: {v}" for k, v in self.headers)]
+        lines = [
+            f"HTTP/1.1 {self.status} {phrase}",
+            "Content-Type: text/plain; charset=utf-8",
+            f"Content-Length: {len(body)}",
+            "Connection: close",
+            *(f"{k}: {v}" for k, v in self.headers),
+        ]
         return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
@@ -364,9 +378,7 @@ class _Connection:
         self._ws = ws
         self._instance = instance
         self.session = Session(meta, self)
-        self._out_send, self._out_recv = trio.open_memory_channel[str](
-            server.config.outbound_queue
-        )
+        self._out_send, self._out_recv = trio.open_memory_channel[str](server.config.outbound_queue)
         self._io_scope = trio.CancelScope()
         self._close_code: int | None = None
         self._close_reason = ""
@@ -381,7 +393,9 @@ class _Connection:
         except trio.WouldBlock:
             log.warning(
                 "%s: client %s (user %s) reads too slowly; %d frames queued, closing with 1008",
-                self._where, self.session.meta.client_id, self.session.meta.user_id,
+                self._where,
+                self.session.meta.client_id,
+                self.session.meta.user_id,
                 self._server.config.outbound_queue,
             )
             self.close(1008, "outbound queue full: the client reads too slowly")
@@ -399,10 +413,7 @@ class _Connection:
 
     async def run(self) -> None:
         inst, session = self._instance, self.session
-        try:
-            await inst.submit(Connect(session))
-        except StoreError:
-            raise
+        await inst.submit(Connect(session))
         with self._io_scope:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._writer)
@@ -424,7 +435,9 @@ class _Connection:
                     server.stats.frames_dropped += 1
                     log.warning(
                         "%s: client %s sent a frame over %d bytes; closed with 1009",
-                        self._where, session.meta.client_id, server.config.max_frame_size,
+                        self._where,
+                        session.meta.client_id,
+                        server.config.max_frame_size,
                     )
                 return
             try:
@@ -433,14 +446,21 @@ class _Connection:
                 server.stats.frames_dropped += 1
                 log.warning(
                     "%s: dropped a frame from client %s (user %s): %s",
-                    self._where, session.meta.client_id, session.meta.user_id, exc,
+                    self._where,
+                    session.meta.client_id,
+                    session.meta.user_id,
+                    exc,
                 )
                 if isinstance(exc, FrameTooLargeError):
                     self.close(1009, "frame too large")
                     return
-                self.send_frame(encode_event(
-                    session.first_channel, ERROR_EVENT, {"code": "bad_frame", "message": str(exc)}
-                ))
+                self.send_frame(
+                    encode_event(
+                        session.first_channel,
+                        ERROR_EVENT,
+                        {"code": "bad_frame", "message": str(exc)},
+                    )
+                )
                 continue
             if frame.type == PING:
                 # Answered here, so keepalive never wakes a hibernated room.
@@ -455,8 +475,12 @@ class _Connection:
                 with trio.fail_after(timeout):
                     await self._ws.send_message(frame)
         except trio.TooSlowError:
-            log.warning("%s: a send to client %s took over %ss; dropping it", self._where,
-                        self.session.meta.client_id, timeout)
+            log.warning(
+                "%s: a send to client %s took over %ss; dropping it",
+                self._where,
+                self.session.meta.client_id,
+                timeout,
+            )
             self._close_code = self._close_code or 1008
         except trio_websocket.ConnectionClosed:
             return

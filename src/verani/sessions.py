@@ -61,8 +61,7 @@ class Sessions:
 
     def __contains__(self, session: object) -> bool:
         return (
-            isinstance(session, Session)
-            and self._by_client.get(session.meta.client_id) is session
+            isinstance(session, Session) and self._by_client.get(session.meta.client_id) is session
         )
 
     def add(self, session: Session) -> None:
@@ -81,9 +80,7 @@ class Sessions:
     def in_channel(self, channel: str, *, exclude: Session | None = None) -> list[Session]:
         """Sessions subscribed to ``channel``, except ``exclude``."""
         return [
-            s
-            for s in self._by_client.values()
-            if channel in s.meta.channels and s is not exclude
+            s for s in self._by_client.values() if channel in s.meta.channels and s is not exclude
         ]
 
     def of_user(self, user_id: str) -> list[Session]:

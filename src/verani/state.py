@@ -113,7 +113,7 @@ def _class_from_dict(room_name: str, initial: Mapping[str, Any]) -> type[Any]:
         fields[key] = attrs.field(factory=functools.partial(copy.deepcopy, value))
     name = "".join(part.capitalize() for part in room_name.replace("-", "_").split("_")) + "State"
     cls: type[Any] = attrs.make_class(name, fields, slots=True)
-    cls.__verani_dict_state__ = True  # type: ignore[attr-defined]
+    cls.__verani_dict_state__ = True
     return cls
 
 
@@ -145,13 +145,15 @@ def _key_types(room_name: str, cls: type[Any]) -> dict[str, Any]:
 
 def _tracked_subclass(room_name: str, cls: type[Any], keys: frozenset[str]) -> type[Any]:
     listing = ", ".join(sorted(keys)) or "(none)"
+    # The class's own __setattr__ (attrs validators and on_setattr hooks included).
+    base_setattr: Callable[[Any, str, Any], None] = cls.__setattr__  # type: ignore[assignment]
 
     def __setattr__(self: Any, name: str, value: Any) -> None:
         if name not in keys:
             raise AttributeError(
                 f"room {room_name!r} has no state key {name!r} (state keys: {listing})"
             )
-        cls.__setattr__(self, name, value)
+        base_setattr(self, name, value)
         changes = getattr(self, _CHANGES, None)
         if changes is not None:
             changes.add(name)

@@ -59,7 +59,11 @@ class RoomInstance:
         """Queue an event for the room, waking it if it sleeps; waits while the inbox is full."""
         if self._supervisor.stopping and not isinstance(event, Hibernate):
             return
-        if isinstance(event, Disconnect) and not self.running and event.session not in self.sessions:
+        if (
+            isinstance(event, Disconnect)
+            and not self.running
+            and event.session not in self.sessions
+        ):
             # The session never joined or was already dropped (a crash); nothing to wake for.
             return
         self._supervisor.ensure_running(self)
@@ -153,7 +157,10 @@ class Supervisor:
                 except Exception as exc:
                     log.error(
                         "room %s/%s crashed (%s: %s); closing its sockets with 1011",
-                        *inst.key, type(exc).__name__, exc, exc_info=exc,
+                        *inst.key,
+                        type(exc).__name__,
+                        exc,
+                        exc_info=exc,
                     )
                     self._fail_instance(inst)
                     return
