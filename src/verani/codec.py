@@ -38,7 +38,7 @@ import typing
 import uuid
 import zoneinfo
 from collections.abc import Callable
-from typing import Any, TypeAlias
+from typing import Any
 
 import attrs
 import cattrs
@@ -48,7 +48,8 @@ from verani.errors import CorruptDocumentError, NotPersistableError
 
 __all__ = ["MAX_DEPTH", "Codec", "JSONValue", "dumps", "loads", "make_codec"]
 
-JSONValue: TypeAlias = bool | int | float | str | list["JSONValue"] | dict[str, "JSONValue"] | None
+# One definition, shared with the store that writes these trees.
+from .store.base import JSONValue
 
 MAX_DEPTH = 200
 """How many JSON levels a value may nest. orjson writes at most 254 and the store's document
@@ -78,6 +79,8 @@ class _Hook:
 
 
 def _encode(hook: _Hook, value: Any, path: str, depth: int, active: set[int]) -> JSONValue:
+    if hook is ANY:  # the common case, spared a call to fits
+        return _encode_any(value, path, depth, active)
     if hook.fits(value):
         return hook.encode(value, path, depth, active)
     return _self_describing(hook, value, path, depth, active)
@@ -90,7 +93,7 @@ def _self_describing(hook: _Hook, value: Any, path: str, depth: int, active: set
 
 
 def _decode(hook: _Hook, raw: Any, path: str, depth: int) -> Any:
-    if (type(raw) is dict and raw.get("$t") == "any") or not hook.accepts(raw):
+    if hook is ANY or (type(raw) is dict and raw.get("$t") == "any") or not hook.accepts(raw):
         return _decode_any(raw, path, depth)
     return hook.decode(raw, path, depth)
 
@@ -114,7 +117,8 @@ def _check_depth(path: str, depth: int) -> None:
 
 
 def _key_path(path: str, key: object) -> str:
-    return f"{path}[{reprlib.repr(key)}]"
+    # Plain repr for str keys: this runs for every key, reprlib (which shortens) is much slower.
+    return f"{path}[{key!r}]" if type(key) is str else f"{path}[{reprlib.repr(key)}]"
 
 
 def _has_tag(raw: Any, *tags: str) -> bool:
@@ -595,6 +599,10 @@ class Codec:
             raise _corrupt(path, "nested too deeply to read") from None
 
     def _hook(self, declared: Any) -> _Hook:
+        try:
+            hash(declared)
+        except TypeError:  # e.g. Annotated with a list in it: cattrs cannot cache it
+            return self._build(declared)
         hook = self._converter.get_unstructure_hook(declared)
         if not isinstance(hook, _Hook):
             raise TypeError(f"no codec hook for {declared!r}")
