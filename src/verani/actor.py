@@ -125,16 +125,13 @@ class Actor:
 
     # --- lifetime ---------------------------------------------------------------------------
 
-    async def run(
-        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> Hibernate | None:
+    async def run(self) -> Hibernate | None:
         """Revive from the store, take turns until idle or told to hibernate, flush, and end.
 
         Returns the hibernation request that ended it, if one did; the caller finishes it once
         the actor is gone.
         """
         await self._load()
-        task_status.started()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._flusher)
             restore = self.definition.hooks.on_hibernation_restore
@@ -224,7 +221,13 @@ class Actor:
         hooks = self.definition.hooks
         if isinstance(event, Connect):
             session = event.session
-            self.sessions.add(session)
+            try:
+                self.sessions.add(session)
+            except ValueError as exc:
+                # extract_meta gave two live sockets one client id; refuse the newcomer only.
+                log.error("%s: refused a connection: %s", self._where, exc)
+                session.sink.close(1008, "client id already connected to this room")
+                return None
             ctx = self._context(session)
             if hooks.on_connect is not None and not await self._call(
                 "on_connect", ctx, hooks.on_connect, ctx

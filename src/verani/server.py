@@ -51,6 +51,8 @@ class ServerConfig:
     #: Seconds the closing handshake may take before the TCP connection is dropped.
     close_timeout: float = 5.0
     max_request_head: int = 16 * 1024
+    #: Seconds a graceful shutdown may spend saving rooms and closing sockets.
+    shutdown_timeout: float = 30.0
 
 
 @attrs.frozen
@@ -530,7 +532,13 @@ async def open_server(
                 yield server
             finally:
                 with trio.CancelScope(shield=True):
-                    await server._shutdown()
+                    with trio.move_on_after(server.config.shutdown_timeout) as timeout:
+                        await server._shutdown()
+                    if timeout.cancelled_caught:
+                        log.error(
+                            "shutdown took over %ss; stopping without waiting further",
+                            server.config.shutdown_timeout,
+                        )
                 nursery.cancel_scope.cancel()
     finally:
         await store_obj.aclose()
