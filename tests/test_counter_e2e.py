@@ -7,9 +7,10 @@ from typing import Any
 import orjson
 import trio
 
-from helpers import connect
 from verani import RoomDefinition, open_server
 from verani.store import FileStore
+
+from helpers import connect
 
 
 async def test_seed_scenario_survives_hibernation_and_restart(

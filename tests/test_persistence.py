@@ -16,10 +16,11 @@ import orjson
 import pytest
 import trio
 import trio_websocket
-from helpers import connect
 
 from verani import RoomContext, StoreError, define_room, open_server
 from verani.store import FileStore, JSONValue
+
+from helpers import connect
 
 
 class GatedStore(FileStore):

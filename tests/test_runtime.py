@@ -15,8 +15,9 @@ import attrs
 import trio
 import trio.lowlevel
 
-from helpers import connect
 from verani import RoomContext, define_room, open_server
+
+from helpers import connect
 
 
 @attrs.define

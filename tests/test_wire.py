@@ -7,8 +7,9 @@ from typing import Any
 import trio
 import trio_websocket
 
-from helpers import connect, http_request, upgrade_request
 from verani import RoomDefinition, ServerConfig, open_server
+
+from helpers import connect, http_request, upgrade_request
 
 
 async def test_http_answers_before_upgrade(
