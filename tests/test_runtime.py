@@ -155,3 +155,47 @@ async def test_turns_run_one_at_a_time_in_arrival_order(tmp_path: Any) -> None:
                 seen = [(await client.next_event("notes:added"))[1]["notes"] for _ in range(20)]
                 assert seen[-1] == [str(i) for i in range(20)]
                 assert all(len(notes) == i + 1 for i, notes in enumerate(seen))
+
+
+async def test_emit_targets_socket_channel_user_and_counts(tmp_path: Any) -> None:
+    counts: list[int] = []
+    room = define_room(name="targets")
+
+    @room.on("to")
+    def to(ctx: RoomContext[Any], data: Any) -> None:
+        counts.append(ctx.emit.to(data["target"]).emit("hello", {"from": ctx.meta.user_id}))
+
+    @room.on("all")
+    def everyone(ctx: RoomContext[Any], data: Any) -> None:
+        counts.append(ctx.actor.emit.to("default").emit("hello", {"from": "room"}))
+        counts.append(ctx.actor.emit.to("nobody-here").emit("hello", {}))
+        counts.append(ctx.actor.get_session_count())
+
+    async def quiet(client: Any) -> bool:
+        with trio.move_on_after(0.2):
+            await client.next_event("hello")
+            return False
+        return True
+
+    with trio.fail_after(10):
+        async with open_server([room], store=str(tmp_path)) as server:
+            async with (
+                connect(server.url, "/ws/targets", user_id="ann") as ann,
+                connect(server.url, "/ws/targets", user_id="bob") as bob1,
+                connect(server.url, "/ws/targets", user_id="bob") as bob2,
+            ):
+                # A channel of mine: everyone on it but me.
+                await ann.emit("to", {"target": "default"})
+                for client in (bob1, bob2):
+                    assert (await client.next_event("hello"))[1]["from"] == "ann"
+                assert await quiet(ann)
+                # Not one of my channels: a user id, on all of that user's sockets.
+                await ann.emit("to", {"target": "bob"})
+                for client in (bob1, bob2):
+                    assert (await client.next_event("hello"))[1]["from"] == "ann"
+                # Room-wide: the sender included, with the channel in the frame.
+                await ann.emit("all")
+                for client in (ann, bob1, bob2):
+                    frame = await client.recv()
+                    assert frame["channel"] == "default" and frame["data"]["from"] == "room"
+                assert counts == [2, 2, 3, 0, 3]

@@ -4,10 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import trio
 import trio_websocket
 
-from verani import RoomDefinition, ServerConfig, open_server
+from verani import (
+    ConnectionMeta,
+    HandshakeRefused,
+    HandshakeRequest,
+    RoomContext,
+    RoomDefinition,
+    ServerConfig,
+    define_room,
+    open_server,
+)
 
 from helpers import connect, http_request, upgrade_request
 
@@ -107,3 +117,54 @@ async def test_oversized_frame_closes_only_that_socket(
                 await other.emit("counter:increment")
                 _, data = await other.next_event("counter:update")
                 assert data["count"] == 1
+
+
+def meta_room() -> Any:
+    room = define_room(name="private")
+
+    @room.extract_meta
+    async def extract(request: HandshakeRequest) -> ConnectionMeta:
+        token = request.query.get("token")
+        if token is None:
+            raise HandshakeRefused(401, "missing token")
+        if token != "good":
+            raise HandshakeRefused(403, "bad token")
+        # The user id comes from the token check, not from the client's own claim.
+        return ConnectionMeta(user_id="verified", client_id=request.query.get("cid", "c1"))
+
+    @room.on("whoami")
+    def whoami(ctx: RoomContext[Any], data: Any) -> None:
+        ctx.emit.emit("me", {"user": ctx.meta.user_id, "client": ctx.meta.client_id})
+
+    return room
+
+
+async def test_extract_meta_refuses_before_upgrade_and_sets_meta(tmp_path: Any) -> None:
+    with trio.fail_after(10):
+        async with open_server([meta_room()], store=str(tmp_path)) as server:
+            status, _, body = await http_request(server.port, upgrade_request("/ws/private"))
+            assert (status, body) == (401, b"missing token")
+            req = upgrade_request("/ws/private?token=nope")
+            status, _, body = await http_request(server.port, req)
+            assert (status, body) == (403, b"bad token")
+            assert server.supervisor.status() == []  # no room code ran, nothing woke
+
+            async with connect(server.url, "/ws/private?token=good&userId=admin") as client:
+                await client.emit("whoami")
+                _, data = await client.next_event("me")
+                assert data == {"type": "me", "user": "verified", "client": "c1"}
+
+
+async def test_duplicate_client_id_refuses_only_the_newcomer(tmp_path: Any) -> None:
+    with trio.fail_after(10):
+        async with open_server([meta_room()], store=str(tmp_path)) as server:
+            async with connect(server.url, "/ws/private?token=good&cid=same") as first:
+                await first.emit("whoami")
+                await first.next_event("me")
+                async with connect(server.url, "/ws/private?token=good&cid=same") as second:
+                    with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+                        await second.recv()
+                    assert closed.value.reason is not None
+                    assert closed.value.reason.code == 1008
+                await first.emit("whoami")
+                assert (await first.next_event("me"))[1]["client"] == "same"
