@@ -340,6 +340,9 @@ class Actor:
     async def _persist_failed(
         self, key: str, error: Exception, ctx: RoomContext[Any] | None
     ) -> None:
+        """Report a key that could not be saved: the log, ``on_persist_error``, and (with
+        ``throw_on_error``) ``on_error`` — with the turn's context, or None for a failed write or
+        a hibernation flush, which happen outside any turn."""
         failure = PersistenceError(key, f"{error}; the previous stored value is kept")
         failure.__cause__ = error
         log.error("%s: %s", self._where, failure)
@@ -357,7 +360,7 @@ class Actor:
                     exc,
                     exc_info=exc,
                 )
-        if self.definition.persist_options.throw_on_error and ctx is not None:
+        if self.definition.persist_options.throw_on_error:
             await self._on_error(failure, ctx)
 
     async def _flusher(self) -> None:

@@ -186,7 +186,7 @@ async function main() {
   waitingFor = "pongs";
   let pings = 0;
   let maxPongMs = 0;
-  let sentAt = [];
+  const sentAt = [];
   alice.onPong = () => {
     const at = sentAt.shift();
     if (at === undefined) fail("alice: got a pong she did not ping for");
@@ -218,7 +218,8 @@ async function main() {
   ];
   const logOf = (c) => c.log.map(([name, data]) => [name, payload(data)]);
   expectEqual(logOf(alice), shared, "alice's events");
-  expectEqual(logOf(bob), [...shared, ["counter:sync", { count: 0, lastUpdatedBy: "alice" }]], "bob's events");
+  const bobLog = [...shared, ["counter:sync", { count: 0, lastUpdatedBy: "alice" }]];
+  expectEqual(logOf(bob), bobLog, "bob's events");
 
   waitingFor = "the sockets to close";
   await Promise.all(both.map((c) => c.close()));
