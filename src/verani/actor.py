@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import inspect
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -161,6 +162,7 @@ class Actor:
 
     async def _load(self) -> None:
         name, spec = self.definition.name, self.definition.state_spec
+        started = time.perf_counter()
         try:
             doc = await self._store.load(name, self.instance)
         except CorruptDocumentError as exc:
@@ -198,6 +200,13 @@ class Actor:
         track(state)
         self.state = state
         self.room_actor = RoomActor(name, self.instance, state, self.sessions, self._deliver)
+        log.debug(
+            "%s: awake (%s, %d sessions) in %.2f ms",
+            self._where,
+            "state restored" if doc is not None else "initial state",
+            len(self.sessions),
+            (time.perf_counter() - started) * 1000,
+        )
 
     # --- turns ------------------------------------------------------------------------------
 
