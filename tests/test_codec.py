@@ -848,3 +848,19 @@ def test_codec_module_does_not_import_trio() -> None:
     ] + [node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
     assert imported
     assert not any(name.split(".")[0] == "trio" for name in imported)
+
+
+@pytest.mark.parametrize("declared", [Any, list[str], list[int], list[float]])
+def test_lists_of_json_scalars_take_the_fast_path_without_losing_anything(
+    declared: Any,
+) -> None:
+    codec = make_codec()
+    plain = ["a", 1, 2.5, -0.0, True, None]
+    assert codec.encode(plain, declared, path="xs") == plain
+    tricky = ["é", 2**70, math.inf, -(2**63) - 1, "ascii"]
+    raw = loads(dumps(codec.encode(tricky, declared, path="xs")))
+    assert raw[1] == {"$t": "int", "v": str(2**70)} and raw[2] == {"$t": "float", "v": "inf"}
+    back = codec.decode(raw, declared, path="xs")
+    assert back == tricky and [type(v) for v in back] == [type(v) for v in tricky]
+    with pytest.raises(NotPersistableError, match=r"xs\[1\]: string with a lone surrogate"):
+        codec.encode(["ok", "\ud800"], declared, path="xs")

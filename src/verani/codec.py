@@ -72,6 +72,8 @@ class _Hook:
     accepts: Callable[[Any], bool]
     encode: Callable[[Any, str, int, set[int]], JSONValue]
     decode: Callable[[Any, str, int], Any]
+    #: JSON scalars (str, int, float, bool, None) pass through this hook unchanged both ways.
+    plain: bool = False
 
     def __call__(self, value: Any) -> JSONValue:
         # Makes every hook a valid cattrs unstructure hook.
@@ -318,6 +320,26 @@ _SCALAR_DECODERS: dict[str, Callable[[Any, dict[str, Any]], Any]] = {
 
 # --- containers -------------------------------------------------------------------------------
 
+_JSON_SCALARS = frozenset({str, int, float, bool, _NoneType})
+
+
+def _plain_scalars(values: Any) -> bool:
+    """Whether every element is written as itself: ASCII str, bool, None, int64, finite float."""
+    for value in values:
+        kind = type(value)
+        if kind is str:
+            if not value.isascii():  # the per-element path checks for lone surrogates
+                return False
+        elif kind is int:
+            if not -_I64 <= value < _I64:
+                return False
+        elif kind is float:
+            if not math.isfinite(value):
+                return False
+        elif kind is not bool and value is not None:
+            return False
+    return True
+
 
 def _sequence_hook(kind: Any, items: list[_Hook] | None, rest: _Hook) -> _Hook:
     """A list, set, frozenset or tuple: ``items`` gives a hook per position, else ``rest``."""
@@ -329,10 +351,14 @@ def _sequence_hook(kind: Any, items: list[_Hook] | None, rest: _Hook) -> _Hook:
 
     def encode(value: Any, path: str, depth: int, active: set[int]) -> JSONValue:
         _enter(value, path, depth, active)
-        out: list[JSONValue] = []
-        for i, element in enumerate(value):
-            hook = rest if items is None else items[i]
-            out.append(_encode(hook, element, f"{path}[{i}]", depth + inner, active))
+        out: list[JSONValue]
+        if items is None and rest.plain and _plain_scalars(value):
+            out = list(value)  # the common case, spared a call (and a path) per element
+        else:
+            out = []
+            for i, element in enumerate(value):
+                hook = rest if items is None else items[i]
+                out.append(_encode(hook, element, f"{path}[{i}]", depth + inner, active))
         active.discard(id(value))
         return out if tag is None else {"$t": tag, "v": out}
 
@@ -341,10 +367,13 @@ def _sequence_hook(kind: Any, items: list[_Hook] | None, rest: _Hook) -> _Hook:
         payload = raw if tag is None else _payload(raw, path)
         if not sized(payload):
             raise _corrupt(path, f"malformed {tag!r} tag: 'v' is not a fitting list")
-        out = []
-        for i, element in enumerate(payload):
-            hook = rest if items is None else items[i]
-            out.append(_decode(hook, element, f"{path}[{i}]", depth + inner))
+        if items is None and rest.plain and all(type(e) in _JSON_SCALARS for e in payload):
+            out = list(payload)
+        else:
+            out = []
+            for i, element in enumerate(payload):
+                hook = rest if items is None else items[i]
+                out.append(_decode(hook, element, f"{path}[{i}]", depth + inner))
         try:
             return out if tag is None else kind(out)
         except TypeError as exc:
@@ -409,7 +438,7 @@ def _dict_hook(key: _Hook, item: _Hook) -> _Hook:
     return _Hook(lambda value: type(value) is dict, accepts, encode, decode)
 
 
-ANY = _Hook(lambda value: True, lambda raw: True, _encode_any, _decode_any)
+ANY = _Hook(lambda value: True, lambda raw: True, _encode_any, _decode_any, plain=True)
 _ANY_CONTAINERS: dict[type, _Hook] = {
     list: _sequence_hook(list, None, ANY),
     dict: _dict_hook(ANY, ANY),
@@ -432,7 +461,9 @@ def _scalar_hook(kind: type) -> _Hook:
     def accepts(raw: Any) -> bool:
         return type(raw) is native or (tag is not None and _has_tag(raw, tag))
 
-    return _Hook(lambda value: type(value) is kind, accepts, _encode_any, _decode_any)
+    return _Hook(
+        lambda value: type(value) is kind, accepts, _encode_any, _decode_any, native is not None
+    )
 
 
 def _choice_hook(choices: list[Any], fits: Callable[[Any], bool], flag: Any = None) -> _Hook:
