@@ -248,3 +248,77 @@ async def test_log_lines_name_room_and_cause_for_bad_frames(
     assert "room counter/default: dropped a frame from client" in caplog.text
     assert "(user mallory): frame is not valid JSON" in caplog.text
     assert "room counter/default: no handler for event 'counter:unknown'" in caplog.text
+
+
+class SlowStore(FileStore):
+    """Every save takes 50 ms longer, as on a slow disk."""
+
+    async def save(self, room: str, instance: str, state: Mapping[str, JSONValue]) -> None:
+        await trio.sleep(0.05)
+        await super().save(room, instance, state)
+
+
+class CrashingStore(FileStore):
+    """Saves raise a non-store error (a bug in a store) while ``crash`` is true."""
+
+    crash = False
+
+    async def save(self, room: str, instance: str, state: Mapping[str, JSONValue]) -> None:
+        if self.crash:
+            raise RuntimeError("store driver bug")
+        await super().save(room, instance, state)
+
+
+async def test_a_burst_against_a_slow_store_never_drops_a_prompt_reader(tmp_path: Any) -> None:
+    # Thousands of turns coalesce into few writes; releasing their frames must respect the
+    # socket's outbound queue (1024) instead of closing a client that reads everything at once.
+    store = SlowStore(tmp_path)
+    with trio.fail_after(60):
+        async with open_server([bag_room([])], store=store) as server:
+            async with connect(server.url, "/ws/bag") as client:
+                n = 2000
+
+                async def send() -> None:
+                    for i in range(n):
+                        await client.emit("put", i)
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(send)
+                    seen = [(await client.next_event("put:ok"))[1]["items"] for _ in range(n)]
+                assert seen == list(range(1, n + 1))
+                assert len(stored(store, "bag")["items"]) == n
+
+
+async def test_frames_emitted_before_the_change_in_a_turn_wait_too(tmp_path: Any) -> None:
+    store = GatedStore(tmp_path)
+    room = define_room(name="ack", state={"count": 0}, persisted_keys=["count"])
+
+    @room.on("inc")
+    def inc(ctx: RoomContext[Any], data: Any) -> None:
+        ctx.emit.emit("ack")  # emitted first, but the turn then changes persisted state
+        ctx.actor.room_state.count += 1
+
+    with trio.fail_after(10):
+        async with open_server([room], store=store) as server:
+            async with connect(server.url, "/ws/ack") as client:
+                await client.emit("inc")
+                with trio.move_on_after(0.3):
+                    await client.next_event("ack")
+                    pytest.fail("the ack left before the turn's change was durable")
+                store.gate.set()
+                assert (await client.next_event("ack"))[0] == "ack"
+
+
+async def test_a_crash_while_hibernating_answers_the_request(tmp_path: Any) -> None:
+    store = CrashingStore(tmp_path)
+    with trio.fail_after(10):
+        async with open_server([bag_room([])], store=store) as server:
+            async with connect(server.url, "/ws/bag") as client:
+                await client.emit("append", "in place")  # unsaved until a full flush
+                await client.next_event("put:ok")
+                store.crash = True
+                results = await server.hibernate("bag")
+                assert results == [("bag", "default", "the room failed while saving its state")]
+                with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+                    await client.recv()
+                assert closed.value.reason is not None and closed.value.reason.code == 1011

@@ -5,9 +5,10 @@ at a time (a *turn*), so a handler never sees another handler's half-done change
 the persisted keys that changed are encoded and handed to the flusher, which writes them to the
 store, coalescing the changes of consecutive turns into one write (group commit).
 
-Output gate: frames emitted in a turn that changed persisted keys are held until that change is
-on disk, then released in emission order; a later turn's frames never overtake them. Frames of a
-turn that changed nothing persisted go straight to the sockets when nothing is held.
+Output gate: the frames a turn emits are queued on the sockets when the turn ends. If the turn
+changed persisted keys they are held until that change is on disk, then released in emission
+order; a later turn's frames never overtake them. Frames of a turn that changed nothing persisted
+go out at once when nothing is held.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from .errors import (
 from .protocol import ERROR_EVENT, ClientFrame
 from .room import RoomDefinition
 from .sessions import Session, Sessions, send_to
-from .state import peek_changes, set_untracked, take_changes, track
+from .state import set_untracked, take_changes, track
 from .store import Store
 
 log = logging.getLogger("verani.actor")
@@ -96,6 +97,7 @@ class Actor:
         store: Store,
         codec: Codec,
         idle_timeout: float,
+        max_held_per_socket: int = 512,
     ) -> None:
         self.definition = definition
         self.instance = instance
@@ -119,10 +121,23 @@ class Actor:
         self._flush_needed = trio.Event()
         self._durable_changed = trio.Event()
         # Output gate: batches of (targets, frame) waiting for write ``seq`` to be durable.
-        self._held: collections.deque[tuple[int, list[tuple[Sequence[Session], str]]]] = (
-            collections.deque()
-        )
+        # Output gate: turns' frames waiting for write ``seq`` to be durable, with the session
+        # whose message caused the turn (told when its outputs leave: per-socket flow control).
+        self._held: collections.deque[
+            tuple[int, list[tuple[Sequence[Session], str]], Session | None]
+        ] = collections.deque()
         self._turn_outputs: list[tuple[Sequence[Session], str]] | None = None
+        # Frames held per socket. Past ``max_held_per_socket`` the actor takes no new event until
+        # writes catch up, so a burst of releases never overflows a socket's outbound queue and a
+        # failing store cannot make the held frames grow without bound.
+        self._held_per_session: dict[Session, int] = {}
+        self._max_held = max_held_per_socket
+        self._gate_full = False
+        # Turns and the user hooks that report failed writes exclude each other: user code
+        # always runs one piece at a time, as in a turn.
+        self._turn_lock = trio.Lock()
+        #: The hibernation request being carried out, for the supervisor if the actor crashes.
+        self.hibernating: Hibernate | None = None
 
     # --- lifetime ---------------------------------------------------------------------------
 
@@ -137,13 +152,16 @@ class Actor:
             nursery.start_soon(self._flusher)
             restore = self.definition.hooks.on_hibernation_restore
             if len(self.sessions) and restore is not None:
-                await self._turn(self._restore, restore)
+                async with self._turn_lock:
+                    await self._turn(self._restore, restore)
             request = await self._turn_loop()
             nursery.cancel_scope.cancel()
         return request
 
     async def _turn_loop(self) -> Hibernate | None:
         while True:
+            while self._gate_full:
+                await self._durable_changed.wait()
             event: InboxEvent | None = None
             with trio.move_on_at(self.last_turn + self.idle_timeout):
                 event = await self._inbox.receive()
@@ -153,12 +171,15 @@ class Actor:
                     return None
                 self.last_turn = trio.current_time()
             elif isinstance(event, Hibernate):
+                self.hibernating = event
                 if await self._final_flush():
                     log.info("%s: hibernated on request", self._where)
                     return event
+                self.hibernating = None
                 event.finish(f"{self._where}: its state could not be saved; it stays awake")
             else:
-                await self._turn(self._dispatch, event)
+                async with self._turn_lock:
+                    await self._turn(self._dispatch, event)
 
     async def _load(self) -> None:
         name, spec = self.definition.name, self.definition.state_spec
@@ -220,7 +241,7 @@ class Actor:
                 await self._persist_failed(key, error, ctx)
         finally:
             outputs, self._turn_outputs = self._turn_outputs, None
-            self._settle(outputs)
+            self._settle(outputs, arg.session if isinstance(arg, Message) else None)
             self.last_turn = trio.current_time()
 
     async def _restore(self, hook: Callable[..., Any]) -> None:
@@ -390,8 +411,9 @@ class Actor:
                 )
                 self._notify_durable()
                 if delay == RETRY_FIRST:  # report once per run of failures, not on every retry
-                    for key in sorted(self._unsaved):
-                        await self._persist_failed(key, exc, None)
+                    async with self._turn_lock:
+                        for key in sorted(self._unsaved):
+                            await self._persist_failed(key, exc, None)
                 await trio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX)
                 continue
@@ -408,8 +430,9 @@ class Actor:
 
     async def _final_flush(self) -> bool:
         """Write every persisted key in full and wait until it is durable; False if it failed."""
-        for key, error in self._persist_changes(full=True):
-            await self._persist_failed(key, error, None)
+        async with self._turn_lock:
+            for key, error in self._persist_changes(full=True):
+                await self._persist_failed(key, error, None)
         target, failures = self._write_seq, self._save_failures
         while self._durable_seq < target:
             if self._save_failures != failures:
@@ -421,35 +444,48 @@ class Actor:
 
     def _deliver(self, targets: Sequence[Session], frame: str) -> int:
         outputs = self._turn_outputs
-        if outputs is None or (not outputs and self._may_release_now()):
+        if outputs is None:
             return send_to(targets, frame)
+        # Every frame of a turn waits for the turn's end: only then is it known whether the turn
+        # changed persisted state (an early frame may precede the change within the same turn).
         outputs.append((targets, frame))
         return len(targets)
 
-    def _may_release_now(self) -> bool:
-        # Mid-turn, a frame may leave at once only if nothing before it waits for the disk and
-        # this turn has not (yet) changed anything persisted that the frame could reflect.
-        return (
-            not self._held
-            and self._durable_seq == self._write_seq
-            and self.definition.persist_options.shallow
-            and not (peek_changes(self.state) & self._persisted)
-        )
-
-    def _settle(self, outputs: list[tuple[Sequence[Session], str]] | None) -> None:
+    def _settle(
+        self, outputs: list[tuple[Sequence[Session], str]] | None, origin: Session | None
+    ) -> None:
+        if not self._held and self._durable_seq == self._write_seq:
+            for targets, frame in outputs or ():
+                send_to(targets, frame)
+            if origin is not None:
+                origin.sink.message_done()
+            return
+        self._held.append((self._write_seq, outputs or [], origin))
         if not outputs:
             return
-        if self._held or self._durable_seq < self._write_seq:
-            self._held.append((self._write_seq, outputs))
-            return
-        for targets, frame in outputs:
-            send_to(targets, frame)
+        counts, limit = self._held_per_session, self._max_held
+        for targets, _ in outputs:
+            for session in targets:
+                count = counts[session] = counts.get(session, 0) + 1
+                if count > limit:
+                    self._gate_full = True
 
     def _release_durable(self) -> None:
+        counts = self._held_per_session
         while self._held and self._held[0][0] <= self._durable_seq:
-            _, outputs = self._held.popleft()
+            _, outputs, origin = self._held.popleft()
+            if origin is not None:
+                origin.sink.message_done()
             for targets, frame in outputs:
                 send_to(targets, frame)
+                for session in targets:
+                    left = counts[session] - 1
+                    if left:
+                        counts[session] = left
+                    else:
+                        del counts[session]
+        if self._gate_full:
+            self._gate_full = any(count > self._max_held for count in counts.values())
 
 
 def _same(a: JSONValue, b: JSONValue | None) -> bool:

@@ -126,14 +126,17 @@ async def _handle(server: Server, stream: trio.abc.Stream) -> None:
             with trio.fail_after(5):
                 request = await _read_line(stream)
             reply = await _dispatch(server, request)
-        except (ControlError, ValueError, trio.TooSlowError) as exc:
+        except trio.BrokenResourceError:
+            return
+        except Exception as exc:
+            # No control client may reach the server's nursery, whatever it sends.
+            if not isinstance(exc, ControlError | ValueError | trio.TooSlowError):
+                log.error("control request failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
             reply = {
                 "ok": False,
                 "error": str(exc) or type(exc).__name__,
                 "kind": "not_found" if isinstance(exc, RoomNotFoundError) else "bad_request",
             }
-        except trio.BrokenResourceError:
-            return
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await stream.send_all(orjson.dumps(reply) + b"\n")
 

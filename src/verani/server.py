@@ -44,6 +44,10 @@ class ServerConfig:
     max_frame_size: int = MAX_FRAME_SIZE
     #: Frames queued for one socket before it counts as too slow and is closed (1008).
     outbound_queue: int = 1024
+    #: A socket's messages in the room (queued, running, or waiting for the disk) plus its frames
+    #: not yet sent; past it the socket's reader waits, so a flood slows its sender down instead
+    #: of filling its outbound queue or the room's inbox.
+    max_in_flight: int = 64
     #: Seconds one send may take before the socket is dropped.
     send_timeout: float = 30.0
     #: Seconds a client gets to send its whole HTTP request head and finish the upgrade.
@@ -203,10 +207,17 @@ class Server:
                 ws_nursery.cancel_scope.cancel()
                 return
             assert meta is not None
+            if self.supervisor.stopping:
+                # The handshake finished after shutdown began: no room will take it.
+                with trio.move_on_after(cfg.close_timeout):
+                    await ws.aclose(1001, "server shutting down")
+                ws_nursery.cancel_scope.cancel()
+                return
             inst = self.supervisor.instance(route.room.name, route.instance)
             conn = _Connection(self, ws, inst, meta)
             self._connections.add(conn)
-            self._no_connections = trio.Event()
+            if self._no_connections.is_set():
+                self._no_connections = trio.Event()
             self.stats.connections += 1
             try:
                 await conn.run()
@@ -382,6 +393,8 @@ class _Connection:
         self.session = Session(meta, self)
         self._out_send, self._out_recv = trio.open_memory_channel[str](server.config.outbound_queue)
         self._io_scope = trio.CancelScope()
+        self._in_flight = 0
+        self._may_read = trio.Event()
         self._close_code: int | None = None
         self._close_reason = ""
         self._where = f"room {instance.definition.name}/{instance.name}"
@@ -403,6 +416,15 @@ class _Connection:
             self.close(1008, "outbound queue full: the client reads too slowly")
         except trio.ClosedResourceError:
             pass
+
+    def message_done(self) -> None:
+        self._in_flight -= 1
+        self._may_read.set()
+
+    def _backlog(self) -> int:
+        # This socket's messages still in the room plus its frames not yet sent: a client that
+        # floods faster than it reads its replies is slowed here, at its own socket.
+        return self._in_flight + self._out_send.statistics().current_buffer_used
 
     def close(self, code: int, reason: str) -> None:
         if self._close_code is not None:
@@ -468,6 +490,10 @@ class _Connection:
                 # Answered here, so keepalive never wakes a hibernated room.
                 self.send_frame(PONG_FRAME)
                 continue
+            while self._backlog() >= server.config.max_in_flight:
+                self._may_read = trio.Event()
+                await self._may_read.wait()
+            self._in_flight += 1
             await self._instance.submit(Message(session, frame))
 
     async def _writer(self) -> None:
@@ -476,6 +502,7 @@ class _Connection:
             async for frame in self._out_recv:
                 with trio.fail_after(timeout):
                     await self._ws.send_message(frame)
+                self._may_read.set()
         except trio.TooSlowError:
             log.warning(
                 "%s: a send to client %s took over %ss; dropping it",
@@ -514,8 +541,15 @@ async def open_server(
     store_obj: Store = store if isinstance(store, Store) else FileStore(store or ".verani")
     lock = StoreLock.acquire(store_obj.directory) if isinstance(store_obj, FileStore) else None
     try:
-        supervisor = Supervisor(router.rooms, store_obj, idle_timeout=idle_timeout)
-        server = Server(router, supervisor, config or ServerConfig())
+        config = config or ServerConfig()
+        # Held frames are released in bursts; half the outbound queue leaves room for them.
+        supervisor = Supervisor(
+            router.rooms,
+            store_obj,
+            idle_timeout=idle_timeout,
+            max_held_per_socket=max(1, config.outbound_queue // 2),
+        )
+        server = Server(router, supervisor, config)
         try:
             listeners = await trio.open_tcp_listeners(port, host=host)
         except OSError as exc:

@@ -33,6 +33,13 @@ class FrameSink(Protocol):
     def close(self, code: int, reason: str) -> None:
         """Ask for the socket to be closed with ``code``; returns at once."""
 
+    def message_done(self) -> None:
+        """One message of this socket has been handled and its turn's frames have left the gate.
+
+        The connection bounds how many of its messages are in the room at once, so a client
+        that floods the room is slowed down at its own socket instead of overflowing its queue.
+        """
+
 
 @attrs.define(eq=False)
 class Session:

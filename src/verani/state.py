@@ -55,12 +55,6 @@ def take_changes(state: Any) -> set[str]:
     return changes
 
 
-def peek_changes(state: Any) -> set[str]:
-    """The keys assigned since the last :func:`take_changes`, without forgetting them."""
-    changes: set[str] = getattr(state, _CHANGES, set())
-    return changes
-
-
 def set_untracked(state: Any, key: str, value: Any) -> None:
     """Restore a key (from the store) without counting it as a change."""
     changes = getattr(state, _CHANGES, None)

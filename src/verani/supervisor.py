@@ -104,6 +104,7 @@ class Supervisor:
         *,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         codec: Codec | None = None,
+        max_held_per_socket: int = 512,
     ) -> None:
         self.rooms = {room.name: room for room in rooms}
         self.store = store
@@ -111,6 +112,7 @@ class Supervisor:
         self.codec = codec or make_codec()
         self.instances: dict[tuple[str, str], RoomInstance] = {}
         self.stopping = False
+        self.max_held_per_socket = max_held_per_socket
         self._nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -150,6 +152,7 @@ class Supervisor:
                     store=self.store,
                     codec=self.codec,
                     idle_timeout=definition.idle_timeout or self.idle_timeout,
+                    max_held_per_socket=self.max_held_per_socket,
                 )
                 inst.actor = actor
                 try:
@@ -162,6 +165,8 @@ class Supervisor:
                         exc,
                         exc_info=exc,
                     )
+                    if actor.hibernating is not None:
+                        actor.hibernating.finish("the room failed while saving its state")
                     self._fail_instance(inst)
                     return
                 finally:
@@ -218,7 +223,8 @@ class Supervisor:
             known = ", ".join(sorted(self.rooms)) or "(none)"
             raise RoomNotFoundError(f"no room named {room!r} is served (rooms: {known})")
         if instance is not None:
-            assert room is not None
+            if room is None:
+                raise ValueError("an instance name needs its room name")
             if (room, instance) not in self.instances:
                 stored = await self.store.list_instances(room)
                 if (room, instance) not in stored:
