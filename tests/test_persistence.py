@@ -31,10 +31,16 @@ class GatedStore(FileStore):
         self.gate = trio.Event()
         self.saves = 0
 
-    async def save(self, room: str, instance: str, state: Mapping[str, JSONValue]) -> None:
+    async def save(
+        self,
+        room: str,
+        instance: str,
+        state: Mapping[str, JSONValue],
+        storage: Mapping[str, JSONValue] | None = None,
+    ) -> None:
         await self.gate.wait()
         self.saves += 1
-        await super().save(room, instance, state)
+        await super().save(room, instance, state, storage)
 
 
 class FlakyStore(FileStore):
@@ -42,10 +48,16 @@ class FlakyStore(FileStore):
 
     broken = False
 
-    async def save(self, room: str, instance: str, state: Mapping[str, JSONValue]) -> None:
+    async def save(
+        self,
+        room: str,
+        instance: str,
+        state: Mapping[str, JSONValue],
+        storage: Mapping[str, JSONValue] | None = None,
+    ) -> None:
         if self.broken:
             raise StoreError(f"cannot save {room}/{instance}: No space left on device")
-        await super().save(room, instance, state)
+        await super().save(room, instance, state, storage)
 
 
 def stored(store: FileStore, room: str, instance: str = "default") -> Any:
@@ -253,9 +265,15 @@ async def test_log_lines_name_room_and_cause_for_bad_frames(
 class SlowStore(FileStore):
     """Every save takes 50 ms longer, as on a slow disk."""
 
-    async def save(self, room: str, instance: str, state: Mapping[str, JSONValue]) -> None:
+    async def save(
+        self,
+        room: str,
+        instance: str,
+        state: Mapping[str, JSONValue],
+        storage: Mapping[str, JSONValue] | None = None,
+    ) -> None:
         await trio.sleep(0.05)
-        await super().save(room, instance, state)
+        await super().save(room, instance, state, storage)
 
 
 class CrashingStore(FileStore):
@@ -263,10 +281,16 @@ class CrashingStore(FileStore):
 
     crash = False
 
-    async def save(self, room: str, instance: str, state: Mapping[str, JSONValue]) -> None:
+    async def save(
+        self,
+        room: str,
+        instance: str,
+        state: Mapping[str, JSONValue],
+        storage: Mapping[str, JSONValue] | None = None,
+    ) -> None:
         if self.crash:
             raise RuntimeError("store driver bug")
-        await super().save(room, instance, state)
+        await super().save(room, instance, state, storage)
 
 
 async def test_a_burst_against_a_slow_store_never_drops_a_prompt_reader(tmp_path: Any) -> None:

@@ -87,11 +87,12 @@ def write_raw(store: FileStore, room: str, instance: str, data: bytes) -> pathli
 def document(**changes: Any) -> bytes:
     doc: dict[str, Any] = {
         "format": "verani.room",
-        "version": 1,
+        "version": FORMAT_VERSION,
         "room": "chat",
         "instance": "lobby",
         "saved_at": "2025-01-31T12:00:00Z",
         "state": {"count": 1},
+        "storage": {},
     }
     doc.update(changes)
     return orjson.dumps({k: v for k, v in doc.items() if v is not ...})
@@ -132,13 +133,14 @@ async def test_saved_at_is_recent_utc(store: FileStore) -> None:
 
 
 async def test_document_is_readable_json(store: FileStore) -> None:
-    await store.save("chat", "lobby", {"count": 1, "names": ["a"]})
+    await store.save("chat", "lobby", {"count": 1, "names": ["a"]}, {"k": "v"})
     raw = store.path_for("chat", "lobby").read_bytes()
     assert b'\n  "state": {\n' in raw  # indented for people
     doc = orjson.loads(raw)
-    assert list(doc) == ["format", "version", "room", "instance", "saved_at", "state"]
+    assert list(doc) == ["format", "version", "room", "instance", "saved_at", "state", "storage"]
     assert doc["format"] == "verani.room"
-    assert doc["version"] == 1
+    assert doc["version"] == 2
+    assert doc["storage"] == {"k": "v"}
     assert (doc["room"], doc["instance"]) == ("chat", "lobby")
     assert doc["saved_at"].endswith("Z")
     assert datetime.datetime.fromisoformat(doc["saved_at"]).utcoffset() == datetime.timedelta(0)
@@ -615,4 +617,65 @@ async def test_list_instances_ignores_what_is_not_a_document(store: FileStore) -
     (store.directory / "rooms" / "not.a.room").mkdir()
     (store.directory / "rooms" / "not.a.room" / "lobby.json").write_bytes(b"{}")
     (store.directory / "rooms" / "stray-file").write_bytes(b"")
+    assert await store.list_instances() == [("chat", "lobby")]
+
+
+# --- format versions, storage, delete, set_aside ------------------------------------------------
+
+
+async def test_version_1_documents_are_migrated_on_read(store: FileStore) -> None:
+    write_raw(store, "chat", "lobby", document(version=1, storage=...))
+    loaded = await store.load("chat", "lobby")
+    assert loaded is not None
+    assert (loaded.state, loaded.storage, loaded.format_version) == ({"count": 1}, {}, 1)
+
+
+async def test_a_store_can_add_its_own_migration_hook(tmp_path: pathlib.Path) -> None:
+    class RenamingStore(FileStore):
+        def migrate(self, document: dict[str, Any]) -> dict[str, Any]:
+            if document["version"] == 1:  # an old room called its key "n"
+                document = {**document, "state": {"count": document["state"].pop("n")}}
+            return super().migrate(document)
+
+    store = RenamingStore(tmp_path)
+    write_raw(store, "chat", "lobby", document(version=1, state={"n": 7}, storage=...))
+    loaded = await store.load("chat", "lobby")
+    assert loaded is not None and loaded.state == {"count": 7}
+
+
+async def test_a_document_that_cannot_be_migrated_is_moved_aside(store: FileStore) -> None:
+    class NoMigration(FileStore):
+        def migrate(self, document: dict[str, Any]) -> dict[str, Any]:
+            raise ValueError("this deployment dropped support for version 1")
+
+    strict = NoMigration(store.directory)
+    path = write_raw(strict, "chat", "lobby", document(version=1))
+    with pytest.raises(CorruptDocumentError, match="cannot migrate it from version 1"):
+        await strict.load("chat", "lobby")
+    assert not path.exists()
+    assert [p.name for p in path.parent.iterdir() if ".corrupt-" in p.name]
+
+
+async def test_storage_must_be_an_object(store: FileStore) -> None:
+    write_raw(store, "chat", "lobby", document(storage=[1]))
+    with pytest.raises(CorruptDocumentError, match="storage is list, not an object"):
+        await store.load("chat", "lobby")
+
+
+async def test_delete(store: FileStore) -> None:
+    assert await store.delete("chat", "lobby") is False
+    await store.save("chat", "lobby", {"count": 1})
+    assert await store.delete("chat", "lobby") is True
+    assert await store.load("chat", "lobby") is None
+    assert await store.list_instances() == []
+
+
+async def test_set_aside_copies_and_keeps_the_document(store: FileStore) -> None:
+    assert await store.set_aside("chat", "lobby", "nothing there") is None
+    await store.save("chat", "lobby", {"count": 1})
+    original = store.path_for("chat", "lobby").read_bytes()
+    copy = await store.set_aside("chat", "lobby", "key 'count' no longer reads as a str")
+    assert copy is not None and ".corrupt-" in copy
+    assert pathlib.Path(copy).read_bytes() == original
+    assert store.path_for("chat", "lobby").read_bytes() == original
     assert await store.list_instances() == [("chat", "lobby")]

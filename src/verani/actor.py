@@ -36,9 +36,13 @@ from .protocol import ERROR_EVENT, ClientFrame
 from .room import RoomDefinition
 from .sessions import Session, Sessions, send_to
 from .state import set_untracked, take_changes, track
+from .storage import RoomStorage
 from .store import Store
 
 log = logging.getLogger("verani.actor")
+
+#: The name ``on_persist_error`` gets for ``actor.storage`` when a write with its changes fails.
+STORAGE_KEY = "<storage>"
 
 #: First and longest wait between retries of a failed store write, in seconds.
 RETRY_FIRST = 0.05
@@ -113,7 +117,8 @@ class Actor:
         self.last_turn = trio.current_time()
         # Persistence: the encoded value of every persisted key as last handed to the store.
         self._encoded: dict[str, JSONValue] = {}
-        self._undecodable: set[str] = set()
+        self._storage_dirty = False
+        self.storage: RoomStorage | None = None
         self._write_seq = 0
         self._durable_seq = 0
         self._save_failures = 0
@@ -184,43 +189,54 @@ class Actor:
     async def _load(self) -> None:
         name, spec = self.definition.name, self.definition.state_spec
         started = time.perf_counter()
+        unreadable: list[tuple[str, Exception]] = []
         try:
             doc = await self._store.load(name, self.instance)
         except CorruptDocumentError as exc:
+            # The store has moved the document aside; every key starts from its initial value.
             log.error(
                 "%s: stored state unreadable, starting from initial values: %s", self._where, exc
             )
+            unreadable = [(key, exc) for key in self.definition.persisted_keys]
             doc = None
         state = spec.new_untracked()
         stored = doc.state if doc is not None else {}
         for key in self.definition.persisted_keys:
             declared = spec.key_types[key]
             if key in stored:
-                raw = stored[key]
-                self._encoded[key] = raw
                 try:
-                    value = self._codec.decode(raw, declared, path=key)
+                    value = self._codec.decode(stored[key], declared, path=key)
                 except CorruptDocumentError as exc:
-                    # Keep the stored value on disk until the room assigns the key again.
-                    self._undecodable.add(key)
-                    log.error(
-                        "%s: stored key %r unreadable, using its initial value: %s",
-                        self._where,
-                        key,
-                        exc,
-                    )
+                    unreadable.append((key, exc))
+                else:
+                    set_untracked(state, key, value)
+                    self._encoded[key] = stored[key]
                     continue
-                set_untracked(state, key, value)
-            else:
-                self._encoded[key] = self._codec.encode(getattr(state, key), declared, path=key)
-        dropped = set(stored) - self._persisted
+            self._encoded[key] = self._codec.encode(getattr(state, key), declared, path=key)
+        dropped = sorted(set(stored) - self._persisted)
         if dropped:
-            log.info(
-                "%s: ignoring stored keys no longer persisted: %s", self._where, sorted(dropped)
-            )
+            log.warning("%s: ignoring stored keys no longer persisted: %s", self._where, dropped)
         track(state)
         self.state = state
-        self.room_actor = RoomActor(name, self.instance, state, self.sessions, self._deliver)
+        self.storage = RoomStorage(
+            self._codec, doc.storage if doc is not None else {}, self._storage_changed
+        )
+        self.room_actor = RoomActor(
+            name, self.instance, state, self.sessions, self._deliver, self.storage
+        )
+        if doc is not None and any(key in stored for key, _ in unreadable):
+            # Values that no longer read as their declared type: keep a copy of the document,
+            # then write the repaired one (those keys at their initial values).
+            await self._store.set_aside(
+                name, self.instance, f"keys {[k for k, _ in unreadable]} no longer read back"
+            )
+            self._write_seq += 1
+            self._flush_needed.set()
+        for key, error in unreadable:
+            log.error(
+                "%s: stored key %r unreadable, using its initial value: %s", self._where, key, error
+            )
+            await self._persist_failed(key, error, None)
         log.debug(
             "%s: awake (%s, %d sessions) in %.2f ms",
             self._where,
@@ -228,6 +244,11 @@ class Actor:
             len(self.sessions),
             (time.perf_counter() - started) * 1000,
         )
+
+    def _storage_changed(self) -> None:
+        self._storage_dirty = True
+        if self._turn_outputs is None:  # a change outside any turn is committed on its own
+            self._persist_changes()
 
     # --- turns ------------------------------------------------------------------------------
 
@@ -348,7 +369,7 @@ class Actor:
         failures: list[tuple[str, NotPersistableError]] = []
         dirty = False
         for key in self.definition.persisted_keys:
-            if key not in assigned and (not compare or key in self._undecodable):
+            if key not in assigned and not compare:
                 continue
             declared = self.definition.state_spec.key_types[key]
             try:
@@ -359,8 +380,11 @@ class Actor:
             if key not in assigned and _same(encoded, self._encoded.get(key)):
                 continue
             self._encoded[key] = encoded
-            self._undecodable.discard(key)
             self._unsaved.add(key)
+            dirty = True
+        if self._storage_dirty:
+            self._storage_dirty = False
+            self._unsaved.add(STORAGE_KEY)
             dirty = True
         if dirty:
             self._write_seq += 1
@@ -403,7 +427,13 @@ class Actor:
                 continue
             seq = self._write_seq
             try:
-                await self._store.save(self.definition.name, self.instance, dict(self._encoded))
+                assert self.storage is not None
+                await self._store.save(
+                    self.definition.name,
+                    self.instance,
+                    dict(self._encoded),
+                    self.storage.snapshot(),
+                )
             except StoreError as exc:
                 self._save_failures += 1
                 log.error(

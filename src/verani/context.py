@@ -15,6 +15,7 @@ import attrs
 
 from .protocol import ClientFrame, encode_event
 from .sessions import ConnectionMeta, Session, Sessions
+from .storage import RoomStorage
 
 S = TypeVar("S")
 
@@ -90,7 +91,13 @@ class RoomActor(Generic[S]):
     """
 
     def __init__(
-        self, room: str, instance: str, room_state: S, sessions: Sessions, deliver: Deliver
+        self,
+        room: str,
+        instance: str,
+        room_state: S,
+        sessions: Sessions,
+        deliver: Deliver,
+        storage: RoomStorage,
     ) -> None:
         self.room_name = room
         self.instance_name = instance
@@ -98,6 +105,9 @@ class RoomActor(Generic[S]):
         self._sessions = sessions
         self._deliver = deliver
         self.emit = ActorEmitter(sessions, deliver)
+        #: The instance's own key-value storage (Verani's ``getStorage()``), saved atomically
+        #: with the state changes of the same turn.
+        self.storage = storage
 
     def get_session_count(self) -> int:
         """How many sockets are connected to this room instance."""

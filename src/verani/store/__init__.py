@@ -2,7 +2,9 @@
 
 from verani.store.base import (
     FORMAT_VERSION,
+    MIGRATIONS,
     JSONValue,
+    Migration,
     Store,
     StoredDocument,
     decode_instance_name,
@@ -13,8 +15,10 @@ from verani.store.file import FileStore
 
 __all__ = [
     "FORMAT_VERSION",
+    "MIGRATIONS",
     "FileStore",
     "JSONValue",
+    "Migration",
     "Store",
     "StoredDocument",
     "decode_instance_name",

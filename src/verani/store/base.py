@@ -11,14 +11,16 @@ import datetime
 import hashlib
 import re
 import urllib.parse
-from collections.abc import Mapping
-from typing import TypeAlias
+from collections.abc import Callable, Mapping
+from typing import Any, TypeAlias
 
 import attrs
 
 __all__ = [
     "FORMAT_VERSION",
+    "MIGRATIONS",
     "JSONValue",
+    "Migration",
     "Store",
     "StoredDocument",
     "decode_instance_name",
@@ -28,8 +30,22 @@ __all__ = [
 
 JSONValue: TypeAlias = bool | int | float | str | list["JSONValue"] | dict[str, "JSONValue"] | None
 
-FORMAT_VERSION = 1
-"""The document format this version of verani writes; it reads this one and older ones."""
+FORMAT_VERSION = 2
+"""The document format this version of verani writes; it reads this one and older ones.
+
+Version 2 added the ``storage`` section (``actor.storage``); a version 1 document reads as one
+with empty storage.
+"""
+
+Migration = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+def _v1_to_v2(doc: dict[str, Any]) -> dict[str, Any]:
+    return {**doc, "version": 2, "storage": {}}
+
+
+#: ``MIGRATIONS[v]`` turns a parsed version ``v`` document into a version ``v + 1`` one.
+MIGRATIONS: Mapping[int, Migration] = {1: _v1_to_v2}
 
 _ROOM_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _SAFE_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
@@ -44,9 +60,10 @@ _HASH_CHARS = 32
 class StoredDocument:
     """What a store holds for one room instance.
 
-    ``state`` maps each persisted key to its already-encoded JSON value. ``saved_at`` is the time
-    of the save that wrote the document (aware, UTC). ``format_version`` is the format the document
-    was written in.
+    ``state`` maps each persisted key to its already-encoded JSON value; ``storage`` is the
+    instance's ``actor.storage`` key space, encoded the same way. ``saved_at`` is the time of the
+    save that wrote the document (aware, UTC). ``format_version`` is the format the document was
+    written in (older documents are migrated when read).
     """
 
     room: str
@@ -54,6 +71,7 @@ class StoredDocument:
     state: dict[str, JSONValue]
     saved_at: datetime.datetime
     format_version: int
+    storage: dict[str, JSONValue] = attrs.field(factory=dict)
 
 
 class Store(abc.ABC):
@@ -73,12 +91,45 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def save(self, room: str, instance: str, state: Mapping[str, JSONValue]) -> None:
-        """Replace the stored document of ``room``/``instance`` with ``state``, atomically.
+    async def save(
+        self,
+        room: str,
+        instance: str,
+        state: Mapping[str, JSONValue],
+        storage: Mapping[str, JSONValue] | None = None,
+    ) -> None:
+        """Replace the stored document of ``room``/``instance`` with ``state`` and ``storage``
+        (empty when None), atomically: a reader sees all of the new document or none of it.
 
         When this returns, the new document is stored; if it raises
         :class:`verani.errors.StoreError`, the previous document is still the stored one.
         """
+
+    @abc.abstractmethod
+    async def delete(self, room: str, instance: str) -> bool:
+        """Remove the stored document of ``room``/``instance``; returns whether there was one."""
+
+    @abc.abstractmethod
+    async def set_aside(self, room: str, instance: str, reason: str) -> str | None:
+        """Keep a copy of the current document (it stays in place) before the runtime replaces
+        values it could not read; returns where the copy is, or None when nothing is stored.
+        """
+
+    def migrate(self, document: dict[str, Any]) -> dict[str, Any]:
+        """Bring a parsed document of an older format version up to :data:`FORMAT_VERSION`.
+
+        The hook a store (or a subclass of one) overrides to read documents written in older
+        formats; the default applies :data:`MIGRATIONS` one version at a time. Raise ValueError
+        when a document cannot be migrated: the store then sets it aside as unreadable.
+        """
+        version = document["version"]
+        while version < FORMAT_VERSION:
+            step = MIGRATIONS.get(version)
+            if step is None:
+                raise ValueError(f"no migration from format version {version}")
+            document = step(document)
+            version = document["version"]
+        return document
 
     @abc.abstractmethod
     async def list_instances(self, room: str | None = None) -> list[tuple[str, str]]:

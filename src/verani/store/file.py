@@ -8,8 +8,8 @@ import logging
 import os
 import pathlib
 import tempfile
-from collections.abc import AsyncIterator, Mapping
-from typing import Literal
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any, Literal
 
 import orjson
 import trio
@@ -42,8 +42,9 @@ class FileStore(Store):
 
     A document is indented JSON a person can read::
 
-        {"format": "verani.room", "version": 1, "room": "...", "instance": "...",
-         "saved_at": "2025-01-31T12:00:00.123456Z", "state": {"key": <value>, ...}}
+        {"format": "verani.room", "version": 2, "room": "...", "instance": "...",
+         "saved_at": "2025-01-31T12:00:00.123456Z", "state": {"key": <value>, ...},
+         "storage": {"key": <value>, ...}}
 
     Each save writes a temp file next to the document and renames it over the document, so a
     reader (or a crash) sees the old document or the new one, never a mix. With
@@ -99,8 +100,15 @@ class FileStore(Store):
         async with self._lock(path):
             return await trio.to_thread.run_sync(self._load_sync, path, room, instance)
 
-    async def save(self, room: str, instance: str, state: Mapping[str, JSONValue]) -> None:
-        """Write ``state`` as the document of ``room``/``instance``, atomically (see the class).
+    async def save(
+        self,
+        room: str,
+        instance: str,
+        state: Mapping[str, JSONValue],
+        storage: Mapping[str, JSONValue] | None = None,
+    ) -> None:
+        """Write ``state`` and ``storage`` as the document of ``room``/``instance``, atomically
+        (see the class).
 
         ``state`` values must already be JSON values (``orjson`` writes NaN and infinities as
         null, so encode those first). Raises TypeError when they are not, and
@@ -116,6 +124,7 @@ class FileStore(Store):
             "instance": instance,
             "saved_at": saved_at,
             "state": state,
+            "storage": storage or {},
         }
         # Encoded here, not in the worker thread: the caller may change `state` once we yield.
         try:
@@ -124,6 +133,23 @@ class FileStore(Store):
             raise TypeError(f"state of {_name(room, instance)} is not JSON: {exc}") from exc
         async with self._lock(path):
             await trio.to_thread.run_sync(self._save_sync, path, room, instance, data + b"\n")
+
+    async def delete(self, room: str, instance: str) -> bool:
+        """Remove the document of ``room``/``instance`` (durably with ``fsync``)."""
+        path = self.path_for(room, instance)
+        async with self._lock(path):
+            return await trio.to_thread.run_sync(self._delete_sync, path, room, instance)
+
+    async def set_aside(self, room: str, instance: str, reason: str) -> str | None:
+        """Copy the document to ``<file>.corrupt-<UTC time>`` (it stays in place) and log why."""
+        path = self.path_for(room, instance)
+        async with self._lock(path):
+            copy = await trio.to_thread.run_sync(_copy_aside, path)
+        if copy is not None:
+            _log.warning(
+                "kept a copy of the document of %s at %s: %s", _name(room, instance), copy, reason
+            )
+        return None if copy is None else str(copy)
 
     async def list_instances(self, room: str | None = None) -> list[tuple[str, str]]:
         """Return the sorted ``(room, instance)`` pairs stored, only those of ``room`` if given.
@@ -169,6 +195,17 @@ class FileStore(Store):
                     os.unlink(tmp)
             raise StoreError(f"cannot save {_name(room, instance)} to {path}: {exc}") from exc
 
+    def _delete_sync(self, path: pathlib.Path, room: str, instance: str) -> bool:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise StoreError(f"cannot delete {_name(room, instance)} at {path}: {exc}") from exc
+        if self._fsync:
+            _fsync_dir(path.parent)
+        return True
+
     def _make_dirs(self, directory: pathlib.Path) -> None:
         # os.makedirs would give the intermediate directories the default mode, not 0700.
         if directory.is_dir():
@@ -190,7 +227,7 @@ class FileStore(Store):
         except OSError as exc:
             raise StoreError(f"cannot read {_name(room, instance)} from {path}: {exc}") from exc
         try:
-            return _parse(data, room, instance)
+            return _parse(data, room, instance, self.migrate)
         except _Unreadable as exc:
             cause = str(exc)
         try:
@@ -247,20 +284,37 @@ def _fsync_dir(directory: pathlib.Path) -> None:
         os.close(fd)
 
 
-def _move_aside(path: pathlib.Path) -> pathlib.Path:
+def _aside_name(path: pathlib.Path) -> pathlib.Path:
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
     target = path.with_name(f"{path.name}.corrupt-{stamp}")
     n = 0
-    # Checked then renamed: safe because saves and loads of this path hold its lock and only one
+    # Checked then used: safe because saves and loads of this path hold its lock and only one
     # server uses the directory.
     while target.exists():
         n += 1
         target = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
+    return target
+
+
+def _move_aside(path: pathlib.Path) -> pathlib.Path:
+    target = _aside_name(path)
     os.rename(path, target)
     return target
 
 
-def _parse(data: bytes, room: str, instance: str) -> StoredDocument:
+def _copy_aside(path: pathlib.Path) -> pathlib.Path | None:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    target = _aside_name(path)
+    target.write_bytes(data)
+    return target
+
+
+def _parse(
+    data: bytes, room: str, instance: str, migrate: Callable[[dict[str, Any]], dict[str, Any]]
+) -> StoredDocument:
     try:
         doc = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
@@ -277,6 +331,11 @@ def _parse(data: bytes, room: str, instance: str) -> StoredDocument:
             f"version {version} is newer than this verani reads ({FORMAT_VERSION});"
             " it was written by a newer verani"
         )
+    if version < FORMAT_VERSION:
+        try:
+            doc = migrate(doc)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise _Unreadable(f"cannot migrate it from version {version}: {exc}") from None
     for field, expected in (("room", room), ("instance", instance)):
         if doc.get(field) != expected:
             raise _Unreadable(f"its {field} is {_short(doc.get(field))}, not {_short(expected)}")
@@ -290,12 +349,16 @@ def _parse(data: bytes, room: str, instance: str) -> StoredDocument:
     state = doc.get("state")
     if not isinstance(state, dict):
         raise _Unreadable(f"state is {type(state).__name__}, not an object")
+    storage = doc.get("storage")
+    if not isinstance(storage, dict):
+        raise _Unreadable(f"storage is {type(storage).__name__}, not an object")
     return StoredDocument(
         room=room,
         instance=instance,
         state=state,
         saved_at=when.astimezone(datetime.UTC),
         format_version=version,
+        storage=storage,
     )
 
 
