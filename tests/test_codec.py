@@ -730,6 +730,10 @@ def test_circular_references_are_refused_with_their_path() -> None:
     through_tuple[0].append(through_tuple)
     with pytest.raises(NotPersistableError, match=r"^x\[0\]\[0\]: circular reference$"):
         CODEC.encode(through_tuple, path="x")
+    through_both: dict[str, Any] = {"items": []}
+    through_both["items"].append({"owner": through_both})
+    with pytest.raises(NotPersistableError, match=r"^x\['items'\]\[0\]\['owner'\]: circular "):
+        CODEC.encode(through_both, path="x")
     tree = Node("root")
     tree.children.append(Node("child", parent=tree))
     with pytest.raises(
@@ -864,3 +868,25 @@ def test_lists_of_json_scalars_take_the_fast_path_without_losing_anything(
     assert back == tricky and [type(v) for v in back] == [type(v) for v in tricky]
     with pytest.raises(NotPersistableError, match=r"xs\[1\]: string with a lone surrogate"):
         codec.encode(["ok", "\ud800"], declared, path="xs")
+
+
+@settings(max_examples=60, deadline=None)
+@given(value=values)
+def test_values_round_trip_through_the_real_file_store(
+    value: Any, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    import trio
+
+    from verani.store import FileStore
+
+    store = FileStore(tmp_path_factory.mktemp("store"), durability="os")
+    encoded = CODEC.encode(value, path="v")
+
+    async def save_and_load() -> Any:
+        await store.save("room", "instance", {"v": encoded}, {"k": encoded})
+        return await store.load("room", "instance")
+
+    doc = trio.run(save_and_load)
+    assert doc is not None
+    assert same(CODEC.decode(doc.state["v"], path="v"), value)
+    assert same(CODEC.decode(doc.storage["k"], path="k"), value)
