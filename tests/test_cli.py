@@ -15,6 +15,7 @@ from contextlib import contextmanager
 import orjson
 import pytest
 import trio
+import trio.lowlevel
 import trio_websocket
 
 from verani.store import FileStore
@@ -50,10 +51,9 @@ def serving(store: pathlib.Path, *extra: str) -> Iterator[tuple[subprocess.Popen
 
 async def _count_up(url: str, times: int) -> int:
     async with trio_websocket.open_websocket_url(f"{url}/ws/counter?userId=cli") as ws:
-        await ws.get_message()  # counter:sync
+        count = orjson.loads(await ws.get_message())["data"]["count"]  # counter:sync
         for _ in range(times):
             await ws.send_message('{"type":"counter:increment","data":{"amount":1}}')
-        count = 0
         for _ in range(times):
             count = orjson.loads(await ws.get_message())["data"]["count"]
         return count
@@ -136,3 +136,52 @@ def test_sigint_exits_0(tmp_path: pathlib.Path) -> None:
         time.sleep(0.2)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=20) == 0
+
+
+async def _increment_until_killed(url: str, proc: subprocess.Popen[str]) -> tuple[int, int]:
+    """Pipeline increments until the server is SIGKILLed; return (sent, highest count shown)."""
+    sent = shown = 0
+
+    async def send(ws: trio_websocket.WebSocketConnection) -> None:
+        nonlocal sent
+        while True:
+            await ws.send_message('{"type":"counter:increment","data":{"amount":1}}')
+            sent += 1
+            await trio.lowlevel.checkpoint()
+
+    try:
+        async with trio_websocket.open_websocket_url(f"{url}/ws/counter?userId=k") as ws:
+            try:
+                shown = orjson.loads(await ws.get_message())["data"]["count"]
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(send, ws)
+                    while True:
+                        frame = orjson.loads(await ws.get_message())
+                        shown = max(shown, frame["data"]["count"])
+                        if shown >= 150 and proc.poll() is None:
+                            proc.send_signal(signal.SIGKILL)
+            finally:
+                # trio-websocket's client leaks its TCP stream when the peer vanishes.
+                await trio.aclose_forcefully(ws._stream)
+    except* (trio_websocket.ConnectionClosed, trio_websocket.HandshakeError):
+        pass  # the server died under us, as intended
+    return sent, shown
+
+
+def test_sigkill_under_load_loses_nothing_a_client_was_shown(tmp_path: pathlib.Path) -> None:
+    store = tmp_path / "store"
+    for _ in range(3):
+        with serving(store) as (proc, url):
+            before = trio.run(_count_up, url, 0)
+            sent, shown = trio.run(_increment_until_killed, url, proc)
+            assert proc.wait(timeout=10) == -signal.SIGKILL
+        with serving(store) as (proc, url):
+            after = trio.run(_count_up, url, 0)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=20) == 0
+        # Every count a client was shown was durable before it left the server (the output
+        # gate), and no increment was counted that was not sent.
+        assert shown <= after <= before + sent
+        assert shown > before
+        json_doc = orjson.loads(FileStore(store).path_for("counter", "default").read_bytes())
+        assert json_doc["state"]["count"] == after  # and the document is whole, never torn
