@@ -185,3 +185,14 @@ def test_sigkill_under_load_loses_nothing_a_client_was_shown(tmp_path: pathlib.P
         assert shown > before
         json_doc = orjson.loads(FileStore(store).path_for("counter", "default").read_bytes())
         assert json_doc["state"]["count"] == after  # and the document is whole, never torn
+
+
+def test_durability_option(tmp_path: pathlib.Path) -> None:
+    bad = run("serve", COUNTER, "--durability", "sometimes")
+    assert bad.returncode == 2 and "'sometimes' is not one of 'fsync', 'os'" in bad.stderr
+    with serving(tmp_path, "--durability", "os") as (proc, url):
+        assert trio.run(_count_up, url, 4) == 4
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    doc = orjson.loads(FileStore(tmp_path).path_for("counter", "default").read_bytes())
+    assert doc["state"]["count"] == 4

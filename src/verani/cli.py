@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import signal
 import sys
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn
 
 import click
 import trio
@@ -53,6 +53,14 @@ def main() -> None:
     help="Directory of the file store (one server per store).",
 )
 @click.option(
+    "--durability",
+    default="fsync",
+    show_default=True,
+    type=click.Choice(["fsync", "os"]),
+    help="fsync: saved state survives a power loss; os: no fsync, faster, survives only a "
+    "crash of the server process (tests, development).",
+)
+@click.option(
     "--idle-timeout",
     default=DEFAULT_IDLE_TIMEOUT,
     show_default=True,
@@ -67,7 +75,13 @@ def main() -> None:
     help="Least severe log messages shown.",
 )
 def serve(
-    paths: tuple[str, ...], host: str, port: int, store: str, idle_timeout: float, log_level: str
+    paths: tuple[str, ...],
+    host: str,
+    port: int,
+    store: str,
+    durability: Literal["fsync", "os"],
+    idle_timeout: float,
+    log_level: str,
 ) -> None:
     """Serve the rooms defined in FILE_OR_DIR... over WebSockets until Ctrl-C.
 
@@ -75,6 +89,7 @@ def serve(
     Example:
       verani serve rooms/counter.py
       verani serve rooms/ --port 9000 --store /var/lib/verani --idle-timeout 10
+      verani serve rooms/counter.py --durability os   # faster; for development
     """
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -84,17 +99,27 @@ def serve(
     except (RoomLoadError, RoomDefinitionError) as exc:
         _fail(str(exc), 2)
     try:
-        trio.run(_serve, rooms, host, port, store, idle_timeout)
+        trio.run(_serve, rooms, host, port, store, durability, idle_timeout)
     except (ServeError, StoreError) as exc:
         _fail(str(exc), 2)
 
 
 async def _serve(
-    rooms: list[RoomDefinition[Any]], host: str, port: int, store: str, idle_timeout: float
+    rooms: list[RoomDefinition[Any]],
+    host: str,
+    port: int,
+    store: str,
+    durability: Literal["fsync", "os"],
+    idle_timeout: float,
 ) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with open_server(
-            rooms, host=host, port=port, store=store, idle_timeout=idle_timeout
+            rooms,
+            host=host,
+            port=port,
+            store=store,
+            durability=durability,
+            idle_timeout=idle_timeout,
         ) as server:
             _print_routes(server, store)
             async for signum in signals:

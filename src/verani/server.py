@@ -14,7 +14,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 import h11
@@ -523,13 +523,16 @@ async def open_server(
     host: str = "127.0.0.1",
     port: int = 0,
     store: Store | str | None = None,
+    durability: Literal["fsync", "os"] = "fsync",
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
     config: ServerConfig | None = None,
     control: bool = True,
 ) -> AsyncIterator[Server]:
     """Serve ``rooms`` on ``host:port`` until the ``async with`` block ends.
 
-    ``store`` is a :class:`Store` or a directory for a :class:`FileStore` (default ``.verani``).
+    ``store`` is a :class:`Store` or a directory for a :class:`FileStore` (default ``.verani``)
+    with the given ``durability`` (``"fsync"``: a saved change survives a power loss; ``"os"``:
+    no fsync, it survives a crash of the process but not of the machine — for tests and dev).
     With a file store the server takes the store's lock (one server per store) and, when
     ``control`` is true, opens the local control endpoint ``verani hibernate`` talks to. Leaving
     the block shuts down gracefully: stop accepting, hibernate every room (a durable flush),
@@ -538,7 +541,9 @@ async def open_server(
     from .control import StoreLock, serve_control
 
     router = Router(rooms)
-    store_obj: Store = store if isinstance(store, Store) else FileStore(store or ".verani")
+    store_obj: Store = (
+        store if isinstance(store, Store) else FileStore(store or ".verani", durability=durability)
+    )
     lock = StoreLock.acquire(store_obj.directory) if isinstance(store_obj, FileStore) else None
     try:
         config = config or ServerConfig()
