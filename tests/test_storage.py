@@ -159,7 +159,7 @@ async def test_a_value_that_no_longer_reads_back_is_set_aside_reported_and_repai
 
 
 async def test_old_format_and_corrupt_documents_leave_the_room_usable(
-    tmp_path: Any, counter_rooms: Any
+    tmp_path: Any, counter_rooms: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     store = FileStore(tmp_path)
     v1 = {
@@ -187,3 +187,6 @@ async def test_old_format_and_corrupt_documents_leave_the_room_usable(
         p.name for p in store.path_for("counter", "bad").parent.iterdir() if ".corrupt-" in p.name
     ]
     assert len(aside) == 1 and aside[0].startswith("bad.json.corrupt-")
+    # Reported through the room's on_persist_error (rooms/counter.py logs it), once per key.
+    assert caplog.text.count("Failed to persist 'count'") == 1
+    assert caplog.text.count("Failed to persist 'last_updated_by'") == 1
