@@ -14,11 +14,12 @@ go out at once when nothing is held.
 from __future__ import annotations
 
 import collections
+import contextvars
 import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import orjson
@@ -38,6 +39,9 @@ from .sessions import Session, Sessions, send_to
 from .state import set_untracked, take_changes, track
 from .storage import RoomStorage
 from .store import Store
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
 
 log = logging.getLogger("verani.actor")
 
@@ -70,6 +74,7 @@ class Disconnect:
 
     session: Session
     code: int
+    reason: str | None = None
 
 
 @attrs.define(eq=False)
@@ -85,7 +90,32 @@ class Hibernate:
         self.done.set()
 
 
-InboxEvent = Connect | Message | Disconnect | Hibernate
+@attrs.define(eq=False)
+class Call:
+    """Run ``fn(actor)`` as a turn of the room, for code outside it (the runtime handle).
+
+    ``chain`` lists the room instances whose turns are waiting on this call, to refuse a call
+    that would wait on itself.
+    """
+
+    fn: Callable[[RoomActor[Any]], Any]
+    chain: tuple[tuple[str, str], ...] = ()
+    done: trio.Event = attrs.field(factory=trio.Event)
+    result: Any = None
+    error: BaseException | None = None
+
+    def fail(self, error: BaseException) -> None:
+        """Give the caller ``error`` instead of a result."""
+        self.error = error
+        self.done.set()
+
+
+InboxEvent = Connect | Message | Disconnect | Hibernate | Call
+
+#: The room instances whose turns are running in this task, innermost first (see ``Call``).
+CALL_CHAIN: contextvars.ContextVar[tuple[tuple[str, str], ...]] = contextvars.ContextVar(
+    "verani_call_chain", default=()
+)
 
 
 class Actor:
@@ -102,8 +132,10 @@ class Actor:
         codec: Codec,
         idle_timeout: float,
         max_held_per_socket: int = 512,
+        runtime: Runtime | None = None,
     ) -> None:
         self.definition = definition
+        self._runtime = runtime
         self.instance = instance
         self.sessions = sessions
         self._inbox = inbox
@@ -143,6 +175,8 @@ class Actor:
         self._turn_lock = trio.Lock()
         #: The hibernation request being carried out, for the supervisor if the actor crashes.
         self.hibernating: Hibernate | None = None
+        #: The event whose turn is running, for the supervisor if the actor crashes.
+        self.current: InboxEvent | None = None
 
     # --- lifetime ---------------------------------------------------------------------------
 
@@ -222,7 +256,7 @@ class Actor:
             self._codec, doc.storage if doc is not None else {}, self._storage_changed
         )
         self.room_actor = RoomActor(
-            name, self.instance, state, self.sessions, self._deliver, self.storage
+            name, self.instance, state, self.sessions, self._deliver, self.storage, self._runtime
         )
         if doc is not None and any(key in stored for key, _ in unreadable):
             # Values that no longer read as their declared type: keep a copy of the document,
@@ -256,14 +290,21 @@ class Actor:
         self, body: Callable[[Any], Awaitable[RoomContext[Any] | None]], arg: Any
     ) -> None:
         self._turn_outputs = []
+        self.current = arg if isinstance(arg, Call | Connect | Message | Disconnect) else None
+        chain = CALL_CHAIN.set(
+            ((self.definition.name, self.instance), *(arg.chain if isinstance(arg, Call) else ()))
+        )
         try:
             ctx = await body(arg)
             for key, error in self._persist_changes():
                 await self._persist_failed(key, error, ctx)
         finally:
+            CALL_CHAIN.reset(chain)
             outputs, self._turn_outputs = self._turn_outputs, None
             self._settle(outputs, arg.session if isinstance(arg, Message) else None)
             self.last_turn = trio.current_time()
+            if isinstance(arg, Call):
+                arg.done.set()
 
     async def _restore(self, hook: Callable[..., Any]) -> None:
         await self._call("on_hibernation_restore", None, hook, self.room_actor)
@@ -272,25 +313,30 @@ class Actor:
         hooks = self.definition.hooks
         if isinstance(event, Connect):
             session = event.session
-            try:
-                self.sessions.add(session)
-            except ValueError as exc:
+            if self.sessions.has_client(session.meta.client_id):
                 # extract_meta gave two live sockets one client id; refuse the newcomer only.
-                log.error("%s: refused a connection: %s", self._where, exc)
+                log.error(
+                    "%s: refused a connection: client id %r is already connected",
+                    self._where,
+                    session.meta.client_id,
+                )
                 session.sink.close(1008, "client id already connected to this room")
                 return None
             ctx = self._context(session)
+            # As in Verani, the socket joins the room's sessions once on_connect has succeeded:
+            # room-wide emits from on_connect reach the others, ctx.emit reaches the newcomer.
             if hooks.on_connect is not None and not await self._call(
                 "on_connect", ctx, hooks.on_connect, ctx
             ):
-                self.sessions.remove(session)
                 session.sink.close(1011, "the room failed to accept the connection")
+            else:
+                self.sessions.add(session)
             return ctx
         if isinstance(event, Disconnect):
             session = event.session
             if not self.sessions.remove(session):
                 return None
-            ctx = self._context(session, close_code=event.code)
+            ctx = self._context(session, close_code=event.code, close_reason=event.reason)
             if hooks.on_disconnect is not None:
                 await self._call("on_disconnect", ctx, hooks.on_disconnect, ctx)
             return ctx
@@ -300,8 +346,10 @@ class Actor:
                 return None
             ctx = self._context(session, frame=frame)
             handlers = self.definition.handlers_for(frame.type)
+            # Verani hands handlers `frame.data || {}`: a frame without data gives an empty dict.
+            data = {} if frame.data is None else frame.data
             for handler in handlers:
-                await self._call(f"handler for {frame.type!r}", ctx, handler, ctx, frame.data)
+                await self._call(f"handler for {frame.type!r}", ctx, handler, ctx, data)
             if not handlers:
                 if hooks.on_message is not None:
                     await self._call("on_message", ctx, hooks.on_message, ctx, frame)
@@ -322,14 +370,29 @@ class Actor:
                         },
                     )
             return ctx
+        if isinstance(event, Call):
+            try:
+                result = event.fn(self.room_actor)  # type: ignore[arg-type]
+                if inspect.isawaitable(result):
+                    result = await result
+            except Exception as exc:
+                event.error = exc  # the caller's error: raised to the caller, not on_error
+            else:
+                event.result = result
+            return None
         raise AssertionError(f"unexpected inbox event {event!r}")
 
     def _context(
-        self, session: Session, *, frame: ClientFrame | None = None, close_code: int | None = None
+        self,
+        session: Session,
+        *,
+        frame: ClientFrame | None = None,
+        close_code: int | None = None,
+        close_reason: str | None = None,
     ) -> RoomContext[Any]:
         assert self.room_actor is not None
         emit = SocketEmitter(session, self.sessions, self._deliver)
-        return RoomContext(self.room_actor, session.meta, emit, frame, close_code)
+        return RoomContext(self.room_actor, session.meta, emit, frame, close_code, close_reason)
 
     async def _call(
         self, what: str, ctx: RoomContext[Any] | None, fn: Callable[..., Any], *args: Any

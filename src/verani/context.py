@@ -4,18 +4,25 @@ Every emit is synchronous: it encodes the frame once and hands it, with its targ
 actor's ``deliver`` function, which queues it on each socket (or holds it until the turn's state
 changes are durable). Nothing here awaits, so a handler cannot interleave with another turn by
 emitting.
+
+Targeting follows Verani: ``ctx.emit.to(x)`` is a channel of this socket's (everyone on it but
+this socket) or else a user id (that user's sockets on this socket's first channel);
+``actor.emit.to(channel)`` is everyone on the channel; ``emit_to_user`` is every socket of a user.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any, Generic, TypeVar
+from collections.abc import Callable, Collection, Sequence
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import attrs
 
-from .protocol import ClientFrame, encode_event
+from .protocol import ClientFrame, encode_event, encode_frame
 from .sessions import ConnectionMeta, Session, Sessions
 from .storage import RoomStorage
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
 
 S = TypeVar("S")
 
@@ -25,7 +32,7 @@ Deliver = Callable[[Sequence[Session], str], int]
 
 @attrs.define
 class ChannelEmitter:
-    """``emit`` to a fixed set of sessions, all given the same frame channel."""
+    """``emit`` to a set of sessions chosen when it is called, all given one frame channel."""
 
     _targets: Callable[[], Sequence[Session]]
     _channel: str
@@ -64,28 +71,28 @@ class SocketEmitter:
     _deliver: Deliver
 
     def emit(self, event: str, data: Any = None) -> int:
-        """Send ``event`` to this socket only, on its first channel."""
+        """Send ``event`` to this socket only, on its first channel (also from ``on_connect``)."""
         session = self._session
-        if session not in self._sessions:
-            return 0
         return self._deliver([session], encode_event(session.first_channel, event, data))
 
     def to(self, target: str) -> ChannelEmitter:
-        """Address a channel of this socket's (everyone on it but this socket), else a user id.
-
-        This is Verani's rule: ``ctx.emit.to("room-1")`` reaches the other members of a channel
-        the socket is on; ``ctx.emit.to("alice")`` reaches every socket of user ``alice``.
-        """
+        """Address a channel of this socket's (everyone on it but this socket), else a user id
+        (that user's sockets subscribed to this socket's first channel), as Verani does."""
         session = self._session
         if target in session.meta.channels:
             return ChannelEmitter(
                 lambda: self._sessions.in_channel(target, exclude=session), target, self._deliver
             )
-        return ChannelEmitter(lambda: self._sessions.of_user(target), "default", self._deliver)
+        channel = session.first_channel
+        return ChannelEmitter(
+            lambda: [s for s in self._sessions.of_user(target) if channel in s.meta.channels],
+            channel,
+            self._deliver,
+        )
 
 
 class RoomActor(Generic[S]):
-    """One room instance as handlers see it (``ctx.actor``).
+    """One room instance as handlers see it (``ctx.actor``): Verani's actor API in snake_case.
 
     ``room_state`` is typed by the room's state class, so a type checker flags unknown keys.
     """
@@ -98,6 +105,7 @@ class RoomActor(Generic[S]):
         sessions: Sessions,
         deliver: Deliver,
         storage: RoomStorage,
+        runtime: Runtime | None = None,
     ) -> None:
         self.room_name = room
         self.instance_name = instance
@@ -108,25 +116,62 @@ class RoomActor(Generic[S]):
         #: The instance's own key-value storage (Verani's ``getStorage()``), saved atomically
         #: with the state changes of the same turn.
         self.storage = storage
+        #: Other rooms of this server (``runtime.room("chat", "lobby")``); None outside a server.
+        self.runtime = runtime
+
+    def broadcast(
+        self,
+        channel: str,
+        data: Any,
+        *,
+        user_ids: Collection[str] | None = None,
+        client_ids: Collection[str] | None = None,
+        except_: ConnectionMeta | str | None = None,
+    ) -> int:
+        """Send ``{"type": "event", "channel": channel, "data": data}`` to the sockets on
+        ``channel``, only those of ``user_ids`` / ``client_ids`` when given, never ``except_``
+        (a socket's meta or client id). ``data`` is sent as is: give it a ``type`` for clients
+        that dispatch on it. Returns the count."""
+        skip = except_.client_id if isinstance(except_, ConnectionMeta) else except_
+        targets = [
+            s
+            for s in self._sessions.in_channel(channel)
+            if s.meta.client_id != skip
+            and (user_ids is None or s.meta.user_id in user_ids)
+            and (client_ids is None or s.meta.client_id in client_ids)
+        ]
+        if not targets:
+            return 0
+        return self._deliver(targets, encode_frame(channel, data))
+
+    def emit_to_channel(self, channel: str, event: str, data: Any = None) -> int:
+        """Send ``event`` to every socket on ``channel``; returns the count."""
+        return self.emit.to(channel).emit(event, data)
+
+    def emit_to_user(self, user_id: str, event: str, data: Any = None) -> int:
+        """Send ``event`` to every socket of ``user_id``, whatever its channels."""
+        return ChannelEmitter(
+            lambda: self._sessions.of_user(user_id), "default", self._deliver
+        ).emit(event, data)
+
+    def send_to_user(self, user_id: str, channel: str, data: Any = None) -> int:
+        """Send ``data`` as is on ``channel`` to the sockets of ``user_id`` subscribed to it."""
+        targets = [s for s in self._sessions.of_user(user_id) if channel in s.meta.channels]
+        if not targets:
+            return 0
+        return self._deliver(targets, encode_frame(channel, data))
 
     def get_session_count(self) -> int:
         """How many sockets are connected to this room instance."""
         return len(self._sessions)
 
     def get_connected_user_ids(self) -> list[str]:
-        """The ids of connected users, each once."""
+        """The ids of connected users, each once, in first-connection order."""
         return self._sessions.user_ids()
 
     def get_user_sessions(self, user_id: str) -> list[ConnectionMeta]:
         """The meta of every socket of ``user_id``."""
         return [s.meta for s in self._sessions.of_user(user_id)]
-
-    def send_to_user(self, user_id: str, event: str, data: Any = None) -> int:
-        """Send ``event`` to every socket of ``user_id``; returns the count."""
-        targets = self._sessions.of_user(user_id)
-        if not targets:
-            return 0
-        return self._deliver(targets, encode_event("default", event, data))
 
     def __repr__(self) -> str:
         return f"<RoomActor {self.room_name}/{self.instance_name} sessions={len(self._sessions)}>"
@@ -142,3 +187,21 @@ class RoomContext(Generic[S]):
     frame: ClientFrame | None = None
     #: For ``on_disconnect``: the WebSocket close code (1006 when the connection just dropped).
     close_code: int | None = None
+    #: For ``on_disconnect``: the close reason the client or the server gave, if any.
+    close_reason: str | None = None
+
+    def join(self, channel: str) -> None:
+        """Subscribe this socket to ``channel`` (kept while the room sleeps, like Verani's
+        socket attachment)."""
+        if channel not in self.meta.channels:
+            self.meta.channels.append(channel)
+
+    def leave(self, channel: str) -> None:
+        """Unsubscribe this socket from ``channel``."""
+        if channel in self.meta.channels:
+            self.meta.channels.remove(channel)
+
+    @property
+    def runtime(self) -> Runtime | None:
+        """Other rooms of this server: ``await ctx.runtime.room("chat").emit_to_channel(...)``."""
+        return self.actor.runtime

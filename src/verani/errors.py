@@ -101,3 +101,7 @@ class NoServerError(ControlError):
 
 class RoomNotFoundError(ControlError, LookupError):
     """No room (or room instance) has the given name."""
+
+
+class RoomCrashedError(VeraniError):
+    """The room's machinery failed while a call to it was pending; its sockets got 1011."""

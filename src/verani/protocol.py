@@ -78,10 +78,20 @@ def event_payload(event: str, data: Any) -> dict[str, Any]:
 
 def encode_event(channel: str, event: str, data: Any) -> str:
     """Encode one server → client event frame, once, ready to be sent to any number of sockets."""
-    frame = {"type": "event", "channel": channel, "data": event_payload(event, data)}
+    return _dumps({"type": "event", "channel": channel, "data": event_payload(event, data)}, event)
+
+
+def encode_frame(channel: str, data: Any) -> str:
+    """Encode ``{"type": "event", "channel": channel, "data": data}`` with ``data`` as given
+    (Verani's ``broadcast`` and ``sendToUser``)."""
+    return _dumps({"type": "event", "channel": channel, "data": data}, None)
+
+
+def _dumps(frame: dict[str, Any], event: str | None) -> str:
     try:
         return orjson.dumps(frame).decode()
     except TypeError as exc:
+        what = f"event {event!r}" if event is not None else "a frame"
         raise FrameEncodeError(
-            f"cannot send event {event!r}: its data is not JSON-serialisable ({exc})"
+            f"cannot send {what}: its data is not JSON-serialisable ({exc})"
         ) from None

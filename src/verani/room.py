@@ -89,8 +89,10 @@ class RoomDefinition(Generic[S]):
         persist_options: PersistOptions,
         idle_timeout: float | None,
         hooks: RoomHooks[S],
+        allowed_origins: frozenset[str] | None = None,
     ) -> None:
         self.name = name
+        self.allowed_origins = allowed_origins
         self.websocket_path = websocket_path
         self.state_spec = state_spec
         self.persisted_keys = persisted_keys
@@ -195,6 +197,7 @@ def define_room(
     persist_options: PersistOptions | Mapping[str, bool] | None = ...,
     on_persist_error: PersistErrorHook | None = ...,
     idle_timeout: float | None = ...,
+    allowed_origins: Iterable[str] | None = ...,
     extract_meta: ExtractMeta | None = ...,
     on_connect: Hook[S] | None = ...,
     on_message: MessageHook[S] | None = ...,
@@ -212,6 +215,7 @@ def define_room(
     persist_options: PersistOptions | Mapping[str, bool] | None = ...,
     on_persist_error: PersistErrorHook | None = ...,
     idle_timeout: float | None = ...,
+    allowed_origins: Iterable[str] | None = ...,
     extract_meta: ExtractMeta | None = ...,
     on_connect: Hook[Any] | None = ...,
     on_message: MessageHook[Any] | None = ...,
@@ -228,6 +232,7 @@ def define_room(
     persist_options: PersistOptions | Mapping[str, bool] | None = None,
     on_persist_error: PersistErrorHook | None = None,
     idle_timeout: float | None = None,
+    allowed_origins: Iterable[str] | None = None,
     extract_meta: ExtractMeta | None = None,
     on_connect: Hook[Any] | None = None,
     on_message: MessageHook[Any] | None = None,
@@ -242,6 +247,8 @@ def define_room(
     hibernation and restarts; the others start from their initial values on every revival.
     ``websocket_path`` defaults to ``/ws/NAME``; ``/PATH/INSTANCE`` reaches instance ``INSTANCE``.
     ``idle_timeout`` (seconds) overrides the server's ``--idle-timeout`` for this room.
+    ``allowed_origins`` (e.g. ``["https://app.example"]``) refuses, with 403 before the upgrade,
+    a browser whose page comes from any other origin (cross-site WebSocket hijacking).
 
     Raises :class:`RoomDefinitionError` naming the culprit when an option is invalid.
     """
@@ -285,7 +292,25 @@ def define_room(
         persist_options=options,
         idle_timeout=idle_timeout,
         hooks=hooks,
+        allowed_origins=_origins(name, allowed_origins),
     )
+
+
+def _origins(name: str, origins: Iterable[str] | None) -> frozenset[str] | None:
+    if origins is None:
+        return None
+    if isinstance(origins, str):
+        raise RoomDefinitionError(
+            f"room {name!r}: allowed_origins must be a list of origins, not the string {origins!r}"
+        )
+    checked = frozenset(origins)
+    for origin in checked:
+        if not re.fullmatch(r"https?://[^/\s]+", origin):
+            raise RoomDefinitionError(
+                f"room {name!r}: allowed origin {origin!r} must look like 'https://host[:port]'"
+                f" (scheme and host, no path)"
+            )
+    return checked
 
 
 def _check_path(name: str, path: object) -> None:

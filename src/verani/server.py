@@ -26,6 +26,7 @@ from .errors import FrameTooLargeError, HandshakeRefused, ProtocolError, VeraniE
 from .protocol import ERROR_EVENT, MAX_FRAME_SIZE, PING, PONG_FRAME, decode_frame, encode_event
 from .room import DEFAULT_IDLE_TIMEOUT, RoomDefinition
 from .routing import Route, Router, split_target
+from .runtime import RoomHandle, Runtime
 from .sessions import ConnectionMeta, Session
 from .store import FileStore, Store
 from .supervisor import RoomInstance, Supervisor
@@ -112,6 +113,15 @@ class Server:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"ws://{host}:{self.port}"
 
+    @property
+    def runtime(self) -> Runtime:
+        """Reaches room instances from other code: ``server.runtime.room("chat", "lobby")``."""
+        return self.supervisor.runtime
+
+    def room(self, name: str, instance: str = "default") -> RoomHandle:
+        """Shorthand for ``server.runtime.room(name, instance)``."""
+        return self.supervisor.runtime.room(name, instance)
+
     async def hibernate(
         self, room: str | None = None, instance: str | None = None
     ) -> list[tuple[str, str, str | None]]:
@@ -174,7 +184,7 @@ class Server:
         target = request.target.decode("ascii", "replace")
         path, query = split_target(target)
         route = self.router.route(path)
-        answer = _check_upgrade(request, route, path)
+        answer = _check_upgrade(request, route, path) or _check_origin(request, route)
         if answer is not None:
             await self._answer(stream, answer, remote, target)
             return
@@ -332,6 +342,18 @@ def _check_upgrade(request: h11.Request, route: Route | None, path: str) -> _Htt
     return None
 
 
+def _check_origin(request: h11.Request, route: Route | None) -> _HttpAnswer | None:
+    allowed = route.room.allowed_origins if route is not None else None
+    if route is None or allowed is None:
+        return None
+    origin = _headers(request.headers).get("origin")
+    # Browsers always send Origin on a WebSocket upgrade; a request without one is not a
+    # browser's, so it cannot be a cross-site attempt riding on a user's cookies.
+    if origin is None or origin in allowed:
+        return None
+    return _HttpAnswer(403, f"origin {origin} is not allowed for room {route.room.name!r}")
+
+
 def _headers(raw: Sequence[tuple[bytes, bytes]]) -> dict[str, str]:
     headers: dict[str, str] = {}
     for name, value in raw:
@@ -445,7 +467,8 @@ class _Connection:
                 nursery.cancel_scope.cancel()
         closed = self._ws.closed
         code = self._close_code or (closed.code if closed else 1006)
-        await inst.submit(Disconnect(session, code))
+        reason = self._close_reason if self._close_code else (closed.reason if closed else None)
+        await inst.submit(Disconnect(session, code, reason or None))
         with trio.move_on_after(self._server.config.close_timeout):
             await self._ws.aclose(self._close_code or 1000, self._close_reason or None)
 

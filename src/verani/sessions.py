@@ -71,6 +71,10 @@ class Sessions:
             isinstance(session, Session) and self._by_client.get(session.meta.client_id) is session
         )
 
+    def has_client(self, client_id: str) -> bool:
+        """Whether a socket with ``client_id`` is connected."""
+        return client_id in self._by_client
+
     def add(self, session: Session) -> None:
         """Register a session; a client id can only be connected once per room instance."""
         if session.meta.client_id in self._by_client:

@@ -15,10 +15,11 @@ from typing import Any
 import attrs
 import trio
 
-from .actor import Actor, Connect, Disconnect, Hibernate, InboxEvent
+from .actor import Actor, Call, Connect, Disconnect, Hibernate, InboxEvent
 from .codec import Codec, make_codec
-from .errors import RoomNotFoundError
+from .errors import RoomCrashedError, RoomNotFoundError
 from .room import DEFAULT_IDLE_TIMEOUT, RoomDefinition
+from .runtime import Runtime
 from .sessions import Sessions
 from .store import Store
 
@@ -55,19 +56,23 @@ class RoomInstance:
         stats = self.inbox.statistics()
         return bool(stats.current_buffer_used or stats.tasks_waiting_send)
 
-    async def submit(self, event: InboxEvent) -> None:
-        """Queue an event for the room, waking it if it sleeps; waits while the inbox is full."""
+    async def submit(self, event: InboxEvent) -> bool:
+        """Queue an event for the room, waking it if it sleeps; waits while the inbox is full.
+
+        Returns False when the event was dropped: the server is shutting down, or a socket that
+        never joined (or was already dropped by a crash) left, which needs no turn.
+        """
         if self._supervisor.stopping and not isinstance(event, Hibernate):
-            return
+            return False
         if (
             isinstance(event, Disconnect)
             and not self.running
             and event.session not in self.sessions
         ):
-            # The session never joined or was already dropped (a crash); nothing to wake for.
-            return
+            return False
         self._supervisor.ensure_running(self)
         await self._send.send(event)
+        return True
 
     async def hibernate(self) -> str | None:
         """Hibernate now if awake; returns an error message when its state could not be saved."""
@@ -113,6 +118,8 @@ class Supervisor:
         self.instances: dict[tuple[str, str], RoomInstance] = {}
         self.stopping = False
         self.max_held_per_socket = max_held_per_socket
+        #: Reaches room instances from outside their turns (timers, other rooms' handlers).
+        self.runtime = Runtime(self)
         self._nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -153,6 +160,7 @@ class Supervisor:
                     codec=self.codec,
                     idle_timeout=definition.idle_timeout or self.idle_timeout,
                     max_held_per_socket=self.max_held_per_socket,
+                    runtime=self.runtime,
                 )
                 inst.actor = actor
                 try:
@@ -167,6 +175,10 @@ class Supervisor:
                     )
                     if actor.hibernating is not None:
                         actor.hibernating.finish("the room failed while saving its state")
+                    if isinstance(actor.current, Call):
+                        actor.current.fail(
+                            RoomCrashedError(f"room {inst.key[0]}/{inst.key[1]} failed")
+                        )
                     self._fail_instance(inst)
                     return
                 finally:
@@ -202,6 +214,8 @@ class Supervisor:
                 event.session.sink.close(1011, "the room failed; reconnect to revive it")
             elif isinstance(event, Hibernate):
                 event.finish("the room failed before it could hibernate")
+            elif isinstance(event, Call):
+                event.fail(RoomCrashedError(f"room {inst.key[0]}/{inst.key[1]} failed"))
 
     def status(self) -> list[InstanceStatus]:
         """Every known instance, sorted by room and name."""

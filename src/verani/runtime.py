@@ -1,0 +1,119 @@
+"""Reaching a room instance from outside it: Verani's actor stubs (``emitToChannel`` and co).
+
+Other Python code in the same process — a timer, an HTTP endpoint, another room's handler —
+gets a :class:`RoomHandle` from ``server.runtime.room(name, instance)`` (or ``ctx.runtime`` in a
+handler). Each call runs as a turn of that room, serialized with its other events, and wakes it
+if it is hibernated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Collection
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from .actor import CALL_CHAIN, Call
+from .context import RoomActor
+from .errors import RoomNotFoundError, VeraniError
+from .routing import DEFAULT_INSTANCE, instance_name_error
+
+if TYPE_CHECKING:
+    from .supervisor import Supervisor
+
+T = TypeVar("T")
+
+
+class CallCycleError(VeraniError, RuntimeError):
+    """A room called (directly or through other rooms) itself from inside its own turn.
+
+    The call would wait for the turn that is waiting for it; use ``ctx.actor`` for the room
+    you are in.
+    """
+
+
+class Runtime:
+    """The rooms of a running server, by name."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self._supervisor = supervisor
+
+    def room(self, name: str, instance: str = DEFAULT_INSTANCE) -> RoomHandle:
+        """A handle on instance ``instance`` of room ``name`` (it need not be awake or exist).
+
+        Raises :class:`RoomNotFoundError` for a room the server does not serve and ValueError
+        for an instance name a client could not use either.
+        """
+        if name not in self._supervisor.rooms:
+            known = ", ".join(sorted(self._supervisor.rooms)) or "(none)"
+            raise RoomNotFoundError(f"no room named {name!r} is served (rooms: {known})")
+        problem = instance_name_error(instance)
+        if problem is not None:
+            raise ValueError(f"bad instance name {instance!r}: {problem}")
+        return RoomHandle(self._supervisor, name, instance)
+
+
+class RoomHandle:
+    """One room instance, reached from outside its turns. Every method runs as one turn."""
+
+    def __init__(self, supervisor: Supervisor, room: str, instance: str) -> None:
+        self._supervisor = supervisor
+        self.room = room
+        self.instance = instance
+
+    def __repr__(self) -> str:
+        return f"<RoomHandle {self.room}/{self.instance}>"
+
+    async def call(self, fn: Callable[[RoomActor[Any]], T | Awaitable[T]]) -> T:
+        """Run ``fn(actor)`` as a turn of the room and return its result (or raise its error).
+
+        Frames it emits follow the output gate like any turn's.
+        """
+        key = (self.room, self.instance)
+        chain = CALL_CHAIN.get()
+        if key in chain:
+            route = " -> ".join(f"{r}/{i}" for r, i in reversed(chain))
+            raise CallCycleError(
+                f"room {self.room}/{self.instance} cannot be called from inside its own turn "
+                f"({route} -> {self.room}/{self.instance}); use ctx.actor for the room you are in"
+            )
+        event = Call(fn, chain)
+        inst = self._supervisor.instance(self.room, self.instance)
+        if not await inst.submit(event):
+            raise VeraniError(f"room {self.room}/{self.instance}: the server is shutting down")
+        await event.done.wait()
+        if event.error is not None:
+            raise event.error
+        result: T = event.result
+        return result
+
+    async def emit_to_channel(self, channel: str, event: str, data: Any = None) -> int:
+        """Send ``event`` to every socket on ``channel``; returns the count."""
+        return await self.call(lambda actor: actor.emit_to_channel(channel, event, data))
+
+    async def emit_to_user(self, user_id: str, event: str, data: Any = None) -> int:
+        """Send ``event`` to every socket of ``user_id``; returns the count."""
+        return await self.call(lambda actor: actor.emit_to_user(user_id, event, data))
+
+    async def broadcast(
+        self,
+        channel: str,
+        data: Any,
+        *,
+        user_ids: Collection[str] | None = None,
+        client_ids: Collection[str] | None = None,
+    ) -> int:
+        """``actor.broadcast`` from outside (no ``except_``: there is no current socket)."""
+        return await self.call(
+            lambda actor: actor.broadcast(channel, data, user_ids=user_ids, client_ids=client_ids)
+        )
+
+    async def send_to_user(self, user_id: str, channel: str, data: Any = None) -> int:
+        """``actor.send_to_user`` from outside."""
+        return await self.call(lambda actor: actor.send_to_user(user_id, channel, data))
+
+    async def get_session_count(self) -> int:
+        """How many sockets are connected to the instance."""
+        return await self.call(lambda actor: actor.get_session_count())
+
+    async def get_connected_user_ids(self) -> list[str]:
+        """The ids of the connected users, each once."""
+        return await self.call(lambda actor: actor.get_connected_user_ids())
