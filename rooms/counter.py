@@ -43,7 +43,7 @@ def _amount(data: Any) -> int:
     # Missing means 1, as the seed's `data?.amount ?? 1`; a non-integer amount is refused (the
     # handler error reaches on_error) rather than silently turning the count into a float.
     if not isinstance(amount, int) or isinstance(amount, bool):
-        raise ValueError(f"amount must be an integer, not {amount!r}")
+        raise TypeError(f"amount must be an integer, not {amount!r}")
     return amount
 
 
