@@ -17,6 +17,7 @@ import collections
 import contextvars
 import inspect
 import logging
+import reprlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -283,6 +284,31 @@ class Actor:
         self._storage_dirty = True
         if self._turn_outputs is None:  # a change outside any turn is committed on its own
             self._persist_changes()
+
+    def snapshot(self) -> dict[str, Any]:
+        """The live state for ``verani inspect``: persisted and ephemeral keys encoded as the
+        store would hold them (keys whose value cannot be encoded are listed under
+        ``unencodable`` as a short ``repr``), and the seconds left before idle hibernation.
+        Read between turns' checkpoints, so it never shows a half-done turn's await point
+        differently than the turn's own code would see it."""
+        spec = self.definition.state_spec
+        persisted: dict[str, JSONValue] = {}
+        ephemeral: dict[str, JSONValue] = {}
+        unencodable: dict[str, str] = {}
+        for key, declared in spec.key_types.items():
+            value = getattr(self.state, key)
+            target = persisted if key in self._persisted else ephemeral
+            try:
+                target[key] = self._codec.encode(value, declared, path=key)
+            except NotPersistableError:
+                unencodable[key] = reprlib.repr(value)
+        return {
+            "state": persisted,
+            "ephemeral": ephemeral,
+            "unencodable": unencodable,
+            "hibernates_in": max(0.0, self.last_turn + self.idle_timeout - trio.current_time()),
+            "write_pending": self._durable_seq < self._write_seq,
+        }
 
     # --- turns ------------------------------------------------------------------------------
 

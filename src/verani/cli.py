@@ -1,4 +1,4 @@
-"""The ``verani`` command: ``serve``, ``hibernate``.
+"""The ``verani`` command: ``serve``, ``inspect``, ``hibernate``, ``emit``.
 
 Commands parse options, call into the library and print. The project's errors are turned into
 exit codes here only: 0 done, 1 the request failed (no server, no such room, a room could not
@@ -7,21 +7,50 @@ save), 2 bad usage or a server that cannot start.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import signal
 import sys
 from typing import Any, Literal, NoReturn
 
 import click
+import orjson
 import trio
+import trio_websocket
 
+from .codec import make_codec
 from .control import control_request
-from .errors import ControlError, RoomDefinitionError, RoomLoadError, StoreError, VeraniError
+from .errors import (
+    ControlError,
+    CorruptDocumentError,
+    RoomDefinitionError,
+    RoomLoadError,
+    StoreError,
+    VeraniError,
+)
+from .inspection import inspect_instance, list_instances
 from .loader import load_rooms
+from .render import render
 from .room import DEFAULT_IDLE_TIMEOUT, RoomDefinition
 from .server import ServeError, Server, open_server
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per log record: ``time`` (ISO, UTC), ``level``, ``logger``, ``message``,
+    and ``exc`` (the traceback text) when there is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(entry).decode()
 
 
 def _fail(message: str, code: int) -> NoReturn:
@@ -74,6 +103,13 @@ def main() -> None:
     type=click.Choice(LOG_LEVELS),
     help="Least severe log messages shown.",
 )
+@click.option(
+    "--log-format",
+    default="text",
+    show_default=True,
+    type=click.Choice(["text", "json"]),
+    help="json: one JSON object per line (time, level, logger, message, exc), for log shippers.",
+)
 def serve(
     paths: tuple[str, ...],
     host: str,
@@ -82,6 +118,7 @@ def serve(
     durability: Literal["fsync", "os"],
     idle_timeout: float,
     log_level: str,
+    log_format: str,
 ) -> None:
     """Serve the rooms defined in FILE_OR_DIR... over WebSockets until Ctrl-C.
 
@@ -91,9 +128,13 @@ def serve(
       verani serve rooms/ --port 9000 --store /var/lib/verani --idle-timeout 10
       verani serve rooms/counter.py --durability os   # faster; for development
     """
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        JsonLogFormatter()
+        if log_format == "json"
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
+    logging.basicConfig(level=log_level.upper(), handlers=[handler])
     try:
         rooms = load_rooms(paths)
     except (RoomLoadError, RoomDefinitionError) as exc:
@@ -185,3 +226,172 @@ def hibernate(target: str | None, all_: bool, store: str) -> None:
             click.echo(f"hibernated {name}")
     if not reply.get("ok"):
         sys.exit(1)
+
+
+def _split_target(target: str) -> tuple[str, str | None]:
+    room, _, rest = target.partition("/")
+    if not room:
+        raise click.UsageError(f"{target!r} names no room; use ROOM or ROOM/INSTANCE")
+    return room, rest or None
+
+
+@main.command()
+@click.argument("target", required=False, metavar="[ROOM[/INSTANCE]]")
+@click.option(
+    "--store",
+    default=".verani",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Store to read (and whose server to ask, if one runs).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts (see cli.md).")
+def inspect(target: str | None, store: str, as_json: bool) -> None:
+    """Show stored room state, and what a running server knows of it.
+
+    Without ROOM: one line per room instance. With ROOM: that room's instances. With
+    ROOM/INSTANCE: its persisted state, storage and, from a running server, its sessions,
+    ephemeral keys and when it will hibernate. Never writes the store. Exit status: 0 shown,
+    1 no such room or instance, or the store cannot be read.
+
+    \b
+    Example:
+      verani inspect
+      verani inspect counter/default --store .verani
+      verani inspect counter/default --json | jq .stored.state.count
+    """
+    room, instance = _split_target(target) if target else (None, None)
+    try:
+        if instance is None:
+            rows = trio.run(list_instances, store, room)
+            _print_rows(rows, as_json, store)
+        else:
+            assert room is not None
+            report = trio.run(inspect_instance, store, room, instance)
+            if as_json:
+                click.echo(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
+            else:
+                _print_report(report)
+    except (VeraniError, ValueError) as exc:
+        _fail(str(exc), 1)
+
+
+def _print_rows(rows: list[dict[str, Any]], as_json: bool, store: str) -> None:
+    if as_json:
+        click.echo(orjson.dumps({"instances": rows}, option=orjson.OPT_INDENT_2).decode())
+        return
+    if not rows:
+        click.echo(f"nothing stored in {store} and no room awake")
+        return
+    header = ("ROOM/INSTANCE", "STATUS", "BYTES", "SAVED AT", "SESSIONS")
+    table = [header] + [
+        (
+            f"{r['room']}/{r['instance']}",
+            r["status"] if not r["error"] else f"{r['status']} (unreadable)",
+            "-" if r["bytes"] is None else str(r["bytes"]),
+            r["saved_at"] or "-",
+            "-" if r["sessions"] is None else str(r["sessions"]),
+        )
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        click.echo(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
+
+
+def _print_report(report: dict[str, Any]) -> None:
+    live, stored = report["live"], report["stored"]
+    title = f"{report['room']}/{report['instance']}  ({report['status']}"
+    if live:
+        title += f", {len(live['sessions'])} session(s)"
+        if "hibernates_in" in live:
+            title += f", hibernates in {live['hibernates_in']:.1f}s if idle"
+    click.echo(title + ")")
+    if report["error"]:
+        click.echo(f"stored document unreadable: {report['error']}")
+    if stored:
+        click.echo(
+            f"stored: {stored['path']}, {stored['bytes']} bytes, saved {stored['saved_at']} "
+            f"(format {stored['format_version']})"
+        )
+        _print_values("persisted state", stored["state"])
+        if stored["storage"]:
+            _print_values("storage", stored["storage"])
+    elif live and "state" in live:
+        _print_values("persisted state (not stored yet)", live["state"])
+    if live and "ephemeral" in live:
+        _print_values("ephemeral state (in memory)", live["ephemeral"])
+        for key, text in live["unencodable"].items():
+            click.echo(f"  {key}: {text}  (not encodable)")
+    if live and live.get("write_pending"):
+        click.echo("a write of newer persisted values is in progress")
+    if live:
+        click.echo("sessions:" if live["sessions"] else "sessions: none")
+        for s in live["sessions"]:
+            extra = "".join(f", {k}={v!r}" for k, v in s["extra"].items())
+            click.echo(
+                f"  user {s['user_id']}  client {s['client_id']}  "
+                f"channels {', '.join(s['channels']) or '-'}{extra}"
+            )
+
+
+def _print_values(title: str, values: dict[str, Any]) -> None:
+    codec = make_codec()
+    click.echo(f"{title}:" if values else f"{title}: (empty)")
+    for key, raw in values.items():
+        try:
+            shown = render(codec.decode(raw, path=key), indent=2)
+        except CorruptDocumentError:
+            shown = orjson.dumps(raw).decode()  # not a value this verani reads: show it as is
+        click.echo(f"  {key}: {shown}")
+
+
+@main.command()
+@click.argument("url")
+@click.argument("event")
+@click.argument("data", required=False, default=None, metavar="[JSON]")
+@click.option(
+    "--wait",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Seconds to print what comes back before disconnecting.",
+)
+def emit(url: str, event: str, data: str | None, wait: float) -> None:
+    """Connect to URL, send EVENT with DATA (JSON), print the frames that come back, disconnect.
+
+    Each received frame is printed as one JSON line. Exit status: 0 sent, 1 the connection
+    failed or was refused (the HTTP status and body are printed), 2 bad usage.
+
+    \b
+    Example:
+      verani emit ws://127.0.0.1:8787/ws/counter?userId=alice counter:increment '{"amount": 2}'
+      verani emit ws://127.0.0.1:8787/ws/counter counter:get --wait 0.5
+    """
+    try:
+        payload = None if data is None else orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint="JSON") from None
+    if not url.startswith(("ws://", "wss://")):
+        raise click.BadParameter("must start with ws:// or wss://", param_hint="URL")
+    try:
+        trio.run(_emit, url, event, payload, wait)
+    except trio_websocket.ConnectionRejected as exc:
+        body = (exc.body or b"").decode(errors="replace").strip()
+        _fail(f"{url} refused the connection: HTTP {exc.status_code} {body}".rstrip(), 1)
+    except (OSError, trio_websocket.HandshakeError) as exc:
+        _fail(f"cannot connect to {url}: {exc}", 1)
+
+
+async def _emit(url: str, event: str, data: Any, wait: float) -> None:
+    async with trio_websocket.open_websocket_url(url, message_queue_size=256) as ws:
+        await ws.send_message(orjson.dumps({"type": event, "data": data}).decode())
+        with trio.move_on_after(wait):
+            while True:
+                try:
+                    message = await ws.get_message()
+                except trio_websocket.ConnectionClosed as closed:
+                    click.echo(f"closed by the server: {closed.reason}", err=True)
+                    return
+                click.echo(message if isinstance(message, str) else repr(message))

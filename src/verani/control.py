@@ -172,6 +172,15 @@ async def _dispatch(server: Server, request: dict[str, Any]) -> dict[str, Any]:
                 for s in server.supervisor.status()
             ],
         }
+    if op == "inspect":
+        room, instance = request.get("room"), request.get("instance")
+        if not isinstance(room, str) or not isinstance(instance, str):
+            raise ValueError("inspect: room and instance must be strings")
+        return {
+            "ok": True,
+            "served": room in server.supervisor.rooms,
+            "live": server.supervisor.inspect(room, instance),
+        }
     if op == "hibernate":
         room, instance = request.get("room"), request.get("instance")
         if not (room is None or isinstance(room, str)) or not (
@@ -183,7 +192,7 @@ async def _dispatch(server: Server, request: dict[str, Any]) -> dict[str, Any]:
             "ok": all(error is None for _, _, error in results),
             "hibernated": [{"room": r, "instance": i, "error": e} for r, i, e in results],
         }
-    raise ValueError(f"unknown control operation {op!r}; known: status, hibernate")
+    raise ValueError(f"unknown control operation {op!r}; known: status, inspect, hibernate")
 
 
 async def control_request(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import os
 import pathlib
 import sys
 import traceback
@@ -15,7 +16,7 @@ from .room import RoomDefinition
 from .routing import Router
 
 
-def load_rooms(paths: Iterable[str | pathlib.Path]) -> list[RoomDefinition[Any]]:
+def load_rooms(paths: Iterable[str | os.PathLike[str]]) -> list[RoomDefinition[Any]]:
     """Import each file (or every ``*.py`` file in each directory) and collect its rooms.
 
     A room is any :class:`RoomDefinition` bound to a module-level name. Raises
@@ -35,7 +36,7 @@ def load_rooms(paths: Iterable[str | pathlib.Path]) -> list[RoomDefinition[Any]]
     return rooms
 
 
-def _expand(paths: Iterable[str | pathlib.Path]) -> list[pathlib.Path]:
+def _expand(paths: Iterable[str | os.PathLike[str]]) -> list[pathlib.Path]:
     files: list[pathlib.Path] = []
     for raw in paths:
         path = pathlib.Path(raw)

@@ -9,6 +9,7 @@ machinery fails, only that instance's sockets are closed (1011); other rooms nev
 from __future__ import annotations
 
 import logging
+import reprlib
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -17,10 +18,10 @@ import trio
 
 from .actor import Actor, Call, Connect, Disconnect, Hibernate, InboxEvent
 from .codec import Codec, make_codec
-from .errors import RoomCrashedError, RoomNotFoundError
+from .errors import NotPersistableError, RoomCrashedError, RoomNotFoundError
 from .room import DEFAULT_IDLE_TIMEOUT, RoomDefinition
 from .runtime import Runtime
-from .sessions import Sessions
+from .sessions import ConnectionMeta, Sessions
 from .store import Store
 
 log = logging.getLogger("verani.supervisor")
@@ -224,6 +225,20 @@ class Supervisor:
             for (room, name), inst in sorted(self.instances.items())
         ]
 
+    def inspect(self, room: str, instance: str) -> dict[str, Any] | None:
+        """What this server knows of ``room``/``instance`` beyond the store (sessions, awake
+        state, ephemeral keys), or None when it knows nothing of it."""
+        inst = self.instances.get((room, instance))
+        if inst is None:
+            return None
+        live: dict[str, Any] = {
+            "awake": inst.awake,
+            "sessions": [_session_info(s.meta, self.codec) for s in inst.sessions],
+        }
+        if inst.actor is not None and inst.actor.state is not None:
+            live.update(inst.actor.snapshot())
+        return live
+
     async def hibernate(
         self, room: str | None = None, instance: str | None = None
     ) -> list[tuple[str, str, str | None]]:
@@ -269,3 +284,21 @@ class Supervisor:
         """Stop taking events and hibernate every awake instance (a full, durable flush)."""
         self.stopping = True
         return await self._hibernate_all([i for i in list(self.instances.values()) if i.running])
+
+
+def _session_info(meta: ConnectionMeta, codec: Codec) -> dict[str, Any]:
+    extra: dict[str, Any] = {}
+    for field in attrs.fields(type(meta)):
+        if field.name in ("user_id", "client_id", "channels"):
+            continue
+        value = getattr(meta, field.name)
+        try:
+            extra[field.name] = codec.encode(value, path=field.name)
+        except NotPersistableError:
+            extra[field.name] = reprlib.repr(value)
+    return {
+        "user_id": meta.user_id,
+        "client_id": meta.client_id,
+        "channels": list(meta.channels),
+        "extra": extra,
+    }

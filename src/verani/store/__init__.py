@@ -12,12 +12,14 @@ from verani.store.base import (
     validate_room_name,
 )
 from verani.store.file import FileStore
+from verani.store.memory import MemoryStore
 
 __all__ = [
     "FORMAT_VERSION",
     "MIGRATIONS",
     "FileStore",
     "JSONValue",
+    "MemoryStore",
     "Migration",
     "Store",
     "StoredDocument",

@@ -134,6 +134,30 @@ class FileStore(Store):
         async with self._lock(path):
             await trio.to_thread.run_sync(self._save_sync, path, room, instance, data + b"\n")
 
+    async def peek(self, room: str, instance: str) -> tuple[StoredDocument, int] | None:
+        """Read the document and its size in bytes without ever writing: an unreadable document
+        raises :class:`~verani.errors.CorruptDocumentError` and stays where it is. For tools
+        such as ``verani inspect`` that may run beside a server (atomic renames mean they see
+        the old document or the new one)."""
+        path = self.path_for(room, instance)
+        return await trio.to_thread.run_sync(self._peek_sync, path, room, instance)
+
+    def _peek_sync(
+        self, path: pathlib.Path, room: str, instance: str
+    ) -> tuple[StoredDocument, int] | None:
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StoreError(f"cannot read {_name(room, instance)} from {path}: {exc}") from exc
+        try:
+            return _parse(data, room, instance, self.migrate), len(data)
+        except _Unreadable as exc:
+            raise CorruptDocumentError(
+                f"the document of {_name(room, instance)} at {path} is unreadable: {exc}"
+            ) from None
+
     async def delete(self, room: str, instance: str) -> bool:
         """Remove the document of ``room``/``instance`` (durably with ``fsync``)."""
         path = self.path_for(room, instance)

@@ -1,0 +1,232 @@
+"""Testing rooms the way ``trio.testing`` tests Trio code: a real server in the test's process.
+
+::
+
+    from verani.testing import open_test_server
+
+    async def test_counter_survives_hibernation(autojump_clock):
+        async with open_test_server("rooms/counter.py") as server:
+            ann = await server.connect("/ws/counter", user_id="ann")
+            assert (await ann.receive("counter:sync"))["count"] == 0
+            await ann.emit("counter:increment", {"amount": 2})
+            assert (await ann.receive("counter:update"))["count"] == 2
+            await server.hibernate("counter")
+            await server.restart()                      # same store, new runtime
+            assert (await server.state("counter"))["count"] == 2
+
+The server listens on 127.0.0.1, port 0, with an in-memory store by default (no worker threads,
+so idle timeouts on ``MockClock(autojump_threshold=0)`` take no wall-clock time and nothing jumps
+the clock behind the test's back). Clients speak the wire protocol over real WebSockets.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+import orjson
+import trio
+import trio_websocket
+
+from .errors import VeraniError
+from .loader import load_rooms
+from .room import DEFAULT_IDLE_TIMEOUT, RoomDefinition
+from .runtime import RoomHandle
+from .server import Server, ServerConfig, open_server
+from .store import MemoryStore, Store
+
+__all__ = ["ClientClosed", "TestClient", "TestServer", "open_test_server"]
+
+
+class ClientClosed(VeraniError):
+    """The server closed a test client's socket; ``code`` and ``reason`` say how."""
+
+    def __init__(self, code: int | None, reason: str | None) -> None:
+        super().__init__(f"the server closed the socket: {code} {reason or ''}".rstrip())
+        self.code = code
+        self.reason = reason
+
+
+class TestClient:
+    """One WebSocket connection to a test server, speaking Verani's wire protocol."""
+
+    __test__ = False  # not a pytest test class
+
+    def __init__(self, ws: trio_websocket.WebSocketConnection) -> None:
+        self.ws = ws
+        self._pending: list[dict[str, Any]] = []
+
+    async def emit(self, event: str, data: Any = None) -> None:
+        """Send ``{"type": event, "data": data}``."""
+        await self.send({"type": event, "data": data})
+
+    async def send(self, frame: Any) -> None:
+        """Send a raw frame: a str or bytes as is, anything else as JSON."""
+        message = frame if isinstance(frame, str | bytes) else orjson.dumps(frame).decode()
+        try:
+            await self.ws.send_message(message)
+        except trio_websocket.ConnectionClosed as exc:
+            raise _closed(exc) from None
+
+    async def receive(self, event: str | None = None) -> dict[str, Any]:
+        """The payload (``data``, with its ``type``) of the next event, or of the next ``event``.
+
+        Frames of other events that arrive first are kept for later calls, so the order of
+        ``receive`` calls need not match the order of arrival. Raises :class:`ClientClosed`
+        when the server closes the socket first.
+        """
+        for i, frame in enumerate(self._pending):
+            if event is None or frame["type"] == event:
+                return self._pending.pop(i)
+        while True:
+            frame = await self.recv()
+            if frame.get("type") != "event" or not isinstance(frame.get("data"), dict):
+                continue
+            data: dict[str, Any] = frame["data"]
+            if event is None or data.get("type") == event:
+                return data
+            self._pending.append(data)
+
+    async def recv(self) -> dict[str, Any]:
+        """The next raw frame, decoded (events, pongs), bypassing :meth:`receive`'s buffer."""
+        try:
+            message = await self.ws.get_message()
+        except trio_websocket.ConnectionClosed as exc:
+            raise _closed(exc) from None
+        frame = orjson.loads(message)
+        if not isinstance(frame, dict):
+            raise VeraniError(f"the server sent a frame that is not a JSON object: {message!r}")
+        return frame
+
+    async def close(self, code: int = 1000, reason: str | None = None) -> None:
+        """Close the socket (the room's ``on_disconnect`` sees ``code`` and ``reason``)."""
+        await self.ws.aclose(code, reason)
+        await trio.aclose_forcefully(self.ws._stream)
+
+
+def _closed(exc: trio_websocket.ConnectionClosed) -> ClientClosed:
+    reason = exc.reason
+    return ClientClosed(reason.code if reason else None, reason.reason if reason else None)
+
+
+class TestServer:
+    """A running test server: connect clients, hibernate rooms, restart, read stored state."""
+
+    __test__ = False  # not a pytest test class
+
+    def __init__(
+        self,
+        rooms: Sequence[RoomDefinition[Any]],
+        store: Store,
+        idle_timeout: float,
+        config: ServerConfig | None,
+        nursery: trio.Nursery,
+    ) -> None:
+        self.rooms = list(rooms)
+        self.store = store
+        self._idle_timeout = idle_timeout
+        self._config = config
+        self._nursery = nursery
+        self._stack = AsyncExitStack()
+        self._server: Server | None = None
+        self._clients: list[TestClient] = []
+
+    async def _start(self) -> None:
+        self._stack = AsyncExitStack()
+        self._server = await self._stack.enter_async_context(
+            open_server(
+                self.rooms,
+                port=0,
+                store=self.store,
+                idle_timeout=self._idle_timeout,
+                config=self._config,
+                control=False,
+            )
+        )
+
+    @property
+    def server(self) -> Server:
+        """The running :class:`~verani.server.Server`."""
+        if self._server is None:
+            raise VeraniError("the test server is not running")
+        return self._server
+
+    @property
+    def url(self) -> str:
+        """``ws://127.0.0.1:PORT``."""
+        return self.server.url
+
+    async def connect(
+        self, path: str, *, user_id: str | None = None, query: str = ""
+    ) -> TestClient:
+        """Open a WebSocket to ``path`` (``?userId=`` added when given); closed with the server."""
+        params = "&".join(p for p in (f"userId={user_id}" if user_id else "", query) if p)
+        url = f"{self.url}{path}{'?' + params if params else ''}"
+        ws = await trio_websocket.connect_websocket_url(self._nursery, url, message_queue_size=64)
+        client = TestClient(ws)
+        self._clients.append(client)
+        return client
+
+    async def hibernate(
+        self, room: str | None = None, instance: str | None = None
+    ) -> list[tuple[str, str, str | None]]:
+        """Hibernate awake rooms now and wait until their state is stored (as the CLI does)."""
+        return await self.server.hibernate(room, instance)
+
+    async def restart(self) -> None:
+        """Stop the server (every room saves and hibernates, sockets close with 1001) and start
+        a new one on the same store, as after a deploy. Clients must connect again."""
+        await self._stack.aclose()
+        self._server = None
+        await self._start()
+
+    async def state(self, room: str, instance: str = "default") -> dict[str, Any]:
+        """The persisted state of ``room``/``instance`` as stored, decoded to Python values."""
+        definition = next((r for r in self.rooms if r.name == room), None)
+        if definition is None:
+            raise VeraniError(f"no room named {room!r} in this test server")
+        doc = await self.store.load(room, instance)
+        if doc is None:
+            return {}
+        codec = self.server.supervisor.codec
+        types = definition.state_spec.key_types
+        return {k: codec.decode(v, types.get(k, Any), path=k) for k, v in doc.state.items()}
+
+    def room(self, name: str, instance: str = "default") -> RoomHandle:
+        """A handle to reach a room instance from the test, as other code would."""
+        return self.server.room(name, instance)
+
+    async def _close(self) -> None:
+        for client in self._clients:
+            await trio.aclose_forcefully(client.ws)
+            await trio.aclose_forcefully(client.ws._stream)
+        await self._stack.aclose()
+
+
+@asynccontextmanager
+async def open_test_server(
+    *rooms: RoomDefinition[Any] | str | os.PathLike[str],
+    store: Store | None = None,
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+    config: ServerConfig | None = None,
+) -> AsyncIterator[TestServer]:
+    """Serve ``rooms`` (definitions, or paths of room files) on 127.0.0.1 for a test.
+
+    ``store`` defaults to a fresh :class:`~verani.store.MemoryStore`; pass a
+    :class:`~verani.store.FileStore` on ``tmp_path`` to test against files.
+    """
+    definitions: list[RoomDefinition[Any]] = []
+    paths = [r for r in rooms if not isinstance(r, RoomDefinition)]
+    definitions.extend(r for r in rooms if isinstance(r, RoomDefinition))
+    if paths:
+        definitions.extend(load_rooms(paths))
+    async with trio.open_nursery() as nursery:
+        server = TestServer(definitions, store or MemoryStore(), idle_timeout, config, nursery)
+        await server._start()
+        try:
+            yield server
+        finally:
+            await server._close()
+            nursery.cancel_scope.cancel()
