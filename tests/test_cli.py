@@ -196,3 +196,135 @@ def test_durability_option(tmp_path: pathlib.Path) -> None:
         assert proc.wait(timeout=20) == 0
     doc = orjson.loads(FileStore(tmp_path).path_for("counter", "default").read_bytes())
     assert doc["state"]["count"] == 4
+
+
+def test_inspect_without_and_with_a_server_and_emit(tmp_path: pathlib.Path) -> None:
+    store = tmp_path / "store"
+    empty = run("inspect", "--store", str(store))
+    assert empty.returncode == 0 and "nothing stored" in empty.stdout
+    with serving(store) as (proc, url):
+        sent = run(
+            "emit",
+            f"{url}/ws/counter?userId=zoe",
+            "counter:increment",
+            '{"amount": 3}',
+            "--wait",
+            "0.5",
+        )
+        assert sent.returncode == 0, sent.stderr
+        frames = [orjson.loads(line) for line in sent.stdout.splitlines()]
+        assert [f["data"]["type"] for f in frames] == ["counter:sync", "counter:update"]
+        assert frames[1]["data"]["count"] == 3
+
+        listing = run("inspect", "--store", str(store))
+        assert listing.returncode == 0
+        assert re.search(r"counter/default\s+awake\s+\d+\s+\S+\s+0", listing.stdout), listing.stdout
+        detail = run("inspect", "counter/default", "--store", str(store))
+        assert "(awake, 0 session(s), hibernates in" in detail.stdout
+        assert "  count: 3\n  last_updated_by: 'zoe'" in detail.stdout
+
+        as_json = orjson.loads(
+            run("inspect", "counter/default", "--store", str(store), "--json").stdout
+        )
+        assert as_json["status"] == "awake"
+        assert as_json["stored"]["state"] == {"count": 3, "last_updated_by": "zoe"}
+        assert as_json["live"]["ephemeral"] == {} and as_json["live"]["sessions"] == []
+        assert run("hibernate", "--all", "--store", str(store)).returncode == 0
+        listing = orjson.loads(run("inspect", "counter", "--store", str(store), "--json").stdout)
+        assert [(r["instance"], r["status"]) for r in listing["instances"]] == [
+            ("default", "hibernated")
+        ]
+
+        missing = run("inspect", "counter/ghost", "--store", str(store))
+        assert missing.returncode == 1 and "has no instance 'ghost'" in missing.stderr
+        unknown = run("inspect", "nope/x", "--store", str(store))
+        assert unknown.returncode == 1 and "no room named 'nope' is served" in unknown.stderr
+        refused = run("emit", f"{url}/ws/nowhere", "x")
+        assert (
+            refused.returncode == 1
+            and "HTTP 404 no room is served at /ws/nowhere" in refused.stderr
+        )
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    # No server: the store alone, never written to.
+    before = {p: p.stat().st_mtime_ns for p in store.rglob("*.json")}
+    offline = orjson.loads(
+        run("inspect", "counter/default", "--store", str(store), "--json").stdout
+    )
+    assert (offline["status"], offline["live"]) == ("stored", None)
+    assert offline["stored"]["state"]["count"] == 3
+    assert {p: p.stat().st_mtime_ns for p in store.rglob("*.json")} == before
+
+
+def test_inspect_shows_special_types_readably_and_never_moves_a_corrupt_file(
+    tmp_path: pathlib.Path,
+) -> None:
+    store = FileStore(tmp_path)
+    doc = {
+        "format": "verani.room",
+        "version": 2,
+        "room": "shop",
+        "instance": "x",
+        "saved_at": "2026-01-01T00:00:00+00:00",
+        "storage": {},
+        "state": {
+            "when": {"$t": "datetime", "v": "2026-01-02T03:04:05+00:00"},
+            "tags": {"$t": "set", "v": ["b", "a"]},
+            "by_id": {"$t": "map", "v": [[1, "one"]]},
+            "pat": {"$t": "regexp", "v": "ab+", "flags": 2},
+        },
+    }
+    path = store.path_for("shop", "x")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(orjson.dumps(doc))
+    shown = run("inspect", "shop/x", "--store", str(tmp_path))
+    assert shown.returncode == 0, shown.stderr
+    for line in (
+        "when: 2026-01-02T03:04:05+00:00",
+        "tags: set{'a', 'b'}",
+        "by_id: Map{1 => 'one'}",
+        "pat: /ab+/i",
+    ):
+        assert f"  {line}\n" in shown.stdout
+    bad = store.path_for("shop", "broken")
+    bad.write_bytes(b"{nope")
+    listing = run("inspect", "shop", "--store", str(tmp_path))
+    assert re.search(r"shop/broken\s+stored \(unreadable\)", listing.stdout), listing.stdout
+    detail = run("inspect", "shop/broken", "--store", str(tmp_path))
+    assert "stored document unreadable" in detail.stdout
+    assert bad.read_bytes() == b"{nope"  # inspect never moves or rewrites anything
+
+
+def test_argument_errors_with_click_runner(tmp_path: pathlib.Path) -> None:
+    from click.testing import CliRunner
+
+    from verani.cli import main
+
+    runner = CliRunner()
+    result = runner.invoke(main, ["emit", "http://x/ws", "e"])
+    assert result.exit_code == 2 and "must start with ws:// or wss://" in result.output
+    result = runner.invoke(main, ["emit", "ws://127.0.0.1:9/ws", "e", "{bad"])
+    assert result.exit_code == 2 and "not JSON" in result.output
+    result = runner.invoke(main, ["inspect", "/x", "--store", str(tmp_path)])
+    assert result.exit_code == 2 and "names no room" in result.output
+    result = runner.invoke(main, ["serve"])
+    assert result.exit_code == 2 and "Missing argument 'FILE_OR_DIR...'" in result.output
+    result = runner.invoke(main, ["serve", COUNTER, "--log-format", "xml"])
+    assert result.exit_code == 2
+    for command in ("serve", "inspect", "hibernate", "emit"):
+        help_text = runner.invoke(main, [command, "--help"]).output
+        assert "Example:" in help_text, command
+
+
+def test_serve_json_logs_and_unusable_store(tmp_path: pathlib.Path) -> None:
+    with serving(tmp_path / "s", "--log-format", "json", "--log-level", "debug") as (proc, url):
+        trio.run(_count_up, url, 1)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    records = [orjson.loads(line) for line in err.splitlines() if line.startswith("{")]
+    assert records and all({"time", "level", "logger", "message"} <= set(r) for r in records)
+    assert any(r["message"].startswith("room counter/default: hibernated") for r in records)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    result = run("serve", COUNTER, "--port", "0", "--store", str(blocker / "store"))
+    assert result.returncode == 2 and "cannot use store directory" in result.stderr
