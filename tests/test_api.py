@@ -280,7 +280,7 @@ async def test_runtime_handle_reaches_rooms_as_turns_and_wakes_them(tmp_path: An
                 assert (await ann.next_event("news"))[1]["x"] == 1
                 await ann.emit("call-self")
                 assert (
-                    "cannot be called from inside its own turn"
+                    "cannot be called from inside room hub/default's turn"
                     in (await ann.next_event("refused"))[1]["why"]
                 )
 
@@ -301,3 +301,91 @@ async def test_runtime_handle_reaches_rooms_as_turns_and_wakes_them(tmp_path: An
                     await hub.call(lambda actor: 1 / 0)
             # A handle on an instance nobody connected to creates it.
             assert await server.room("hub", "fresh").get_session_count() == 0
+
+
+def calling_room(name: str, other: str) -> Any:
+    room = define_room(name=name)
+
+    @room.on("go")
+    async def go(ctx: RoomContext[Any], data: Any) -> None:
+        await trio.sleep(0.05)  # both rooms are inside their turns before either calls
+        assert ctx.runtime is not None
+        try:
+            count = await ctx.runtime.room(other).get_session_count()
+        except CallCycleError as exc:
+            ctx.emit.emit("refused", {"why": str(exc)})
+        else:
+            ctx.emit.emit("done", {"count": count})
+
+    return room
+
+
+async def test_rooms_calling_each_other_get_a_cycle_error_not_a_deadlock(tmp_path: Any) -> None:
+    with trio.fail_after(10):
+        async with open_server(
+            [calling_room("a", "b"), calling_room("b", "a")], store=str(tmp_path)
+        ) as server:
+            async with connect(server.url, "/ws/a") as a, connect(server.url, "/ws/b") as b:
+                await a.emit("go")
+                await b.emit("go")
+                answers = {(await a.next_event())[0], (await b.next_event())[0]}
+                # One of the two calls waits on the other's turn: it is refused, the other
+                # completes once the refused turn has ended.
+                assert answers == {"done", "refused"}
+
+
+async def test_a_task_started_from_a_turn_may_call_its_room(tmp_path: Any) -> None:
+    results: list[int] = []
+    room = define_room(name="ticker")
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+
+            @room.on("start")
+            def start(ctx: RoomContext[Any], data: Any) -> None:
+                async def tick() -> None:  # runs after the turn, in the test's nursery
+                    assert ctx.runtime is not None
+                    results.append(await ctx.runtime.room("ticker").get_session_count())
+
+                nursery.start_soon(tick)
+
+            async with open_server([room], store=str(tmp_path)) as server:
+                async with connect(server.url, "/ws/ticker") as client:
+                    await client.emit("start")
+                    while not results:
+                        await trio.sleep(0.01)
+    assert results == [1]
+
+
+async def test_a_call_result_waits_for_durability_like_frames(tmp_path: Any) -> None:
+    from test_persistence import GatedStore
+
+    store = GatedStore(tmp_path)
+    room = define_room(name="gated", state={"n": 0}, persisted_keys=["n"])
+
+    def bump(actor: Any) -> int:
+        actor.room_state.n += 1
+        return int(actor.room_state.n)
+
+    with trio.fail_after(10):
+        async with open_server([room], store=store) as server:
+            handle = server.room("gated")
+            with trio.move_on_after(0.3):
+                await handle.call(bump)
+                pytest.fail("the call returned before its change was durable")
+            store.gate.set()
+            assert await handle.call(bump) == 2
+
+
+async def test_allowed_origins_are_compared_as_browsers_send_them(tmp_path: Any) -> None:
+    room = define_room(
+        name="norm", allowed_origins=["https://App.Example.com", "https://x.example:443"]
+    )
+    with trio.fail_after(10):
+        async with open_server([room], store=str(tmp_path)) as server:
+            for origin in ("https://app.example.com", "https://x.example", "HTTPS://X.EXAMPLE"):
+                req = upgrade_request("/ws/norm", Origin=origin)
+                assert await upgrade_status(server.port, req) == 101, origin
+            for origin in ("https://x.example:8443", "null", "http://x.example"):
+                req = upgrade_request("/ws/norm", Origin=origin)
+                assert await upgrade_status(server.port, req) == 403, origin

@@ -342,7 +342,9 @@ async def test_a_crash_while_hibernating_answers_the_request(tmp_path: Any) -> N
                 await client.next_event("put:ok")
                 store.crash = True
                 results = await server.hibernate("bag")
-                assert results == [("bag", "default", "the room failed while saving its state")]
+                assert results == [
+                    ("bag", "default", "room bag/default: the room failed while saving its state")
+                ]
                 with pytest.raises(trio_websocket.ConnectionClosed) as closed:
                     await client.recv()
                 assert closed.value.reason is not None and closed.value.reason.code == 1011

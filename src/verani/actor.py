@@ -14,12 +14,13 @@ go out at once when nothing is held.
 from __future__ import annotations
 
 import collections
+import contextlib
 import contextvars
 import inspect
 import logging
 import reprlib
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -32,6 +33,7 @@ from .errors import (
     CorruptDocumentError,
     NotPersistableError,
     PersistenceError,
+    RoomCrashedError,
     StoreError,
 )
 from .protocol import ERROR_EVENT, ClientFrame
@@ -95,12 +97,11 @@ class Hibernate:
 class Call:
     """Run ``fn(actor)`` as a turn of the room, for code outside it (the runtime handle).
 
-    ``chain`` lists the room instances whose turns are waiting on this call, to refuse a call
-    that would wait on itself.
+    ``done`` is set once the result may be shown: after the turn, and after the write of what
+    the turn changed is durable (the output gate applies to results as to frames).
     """
 
     fn: Callable[[RoomActor[Any]], Any]
-    chain: tuple[tuple[str, str], ...] = ()
     done: trio.Event = attrs.field(factory=trio.Event)
     result: Any = None
     error: BaseException | None = None
@@ -113,10 +114,28 @@ class Call:
 
 InboxEvent = Connect | Message | Disconnect | Hibernate | Call
 
-#: The room instances whose turns are running in this task, innermost first (see ``Call``).
-CALL_CHAIN: contextvars.ContextVar[tuple[tuple[str, str], ...]] = contextvars.ContextVar(
-    "verani_call_chain", default=()
+#: The room instance whose turn (or turn-like hook) runs in this task, with that task: tasks
+#: started from a turn inherit context variables, but are not the turn (see ``current_room``).
+_TURN_OF: contextvars.ContextVar[tuple[trio.lowlevel.Task, tuple[str, str]] | None] = (
+    contextvars.ContextVar("verani_turn_of", default=None)
 )
+
+
+def current_room() -> tuple[str, str] | None:
+    """``(room, instance)`` whose turn the calling task is running, if any."""
+    turn = _TURN_OF.get()
+    if turn is None or turn[0] is not trio.lowlevel.current_task():
+        return None
+    return turn[1]
+
+
+@contextlib.contextmanager
+def _as_turn_of(key: tuple[str, str]) -> Iterator[None]:
+    token = _TURN_OF.set((trio.lowlevel.current_task(), key))
+    try:
+        yield
+    finally:
+        _TURN_OF.reset(token)
 
 
 class Actor:
@@ -144,6 +163,7 @@ class Actor:
         self._codec = codec
         self.idle_timeout = idle_timeout
         self._where = f"room {definition.name}/{instance}"
+        self._key = (definition.name, instance)
         self._persisted = frozenset(definition.persisted_keys)
         self.state: Any = None
         self.room_actor: RoomActor[Any] | None = None
@@ -161,9 +181,9 @@ class Actor:
         # Output gate: batches of (targets, frame) waiting for write ``seq`` to be durable.
         # Output gate: turns' frames waiting for write ``seq`` to be durable, with the session
         # whose message caused the turn (told when its outputs leave: per-socket flow control).
-        self._held: collections.deque[
-            tuple[int, list[tuple[Sequence[Session], str]], Session | None]
-        ] = collections.deque()
+        self._held: collections.deque[tuple[int, list[tuple[Sequence[Session], str]], Any]] = (
+            collections.deque()
+        )
         self._turn_outputs: list[tuple[Sequence[Session], str]] | None = None
         # Frames held per socket. Past ``max_held_per_socket`` the actor takes no new event until
         # writes catch up, so a burst of releases never overflows a socket's outbound queue and a
@@ -176,8 +196,6 @@ class Actor:
         self._turn_lock = trio.Lock()
         #: The hibernation request being carried out, for the supervisor if the actor crashes.
         self.hibernating: Hibernate | None = None
-        #: The event whose turn is running, for the supervisor if the actor crashes.
-        self.current: InboxEvent | None = None
 
     # --- lifetime ---------------------------------------------------------------------------
 
@@ -267,11 +285,15 @@ class Actor:
             )
             self._write_seq += 1
             self._flush_needed.set()
-        for key, error in unreadable:
-            log.error(
-                "%s: stored key %r unreadable, using its initial value: %s", self._where, key, error
-            )
-            await self._persist_failed(key, error, None)
+        with _as_turn_of(self._key):
+            for key, error in unreadable:
+                log.error(
+                    "%s: stored key %r unreadable, using its initial value: %s",
+                    self._where,
+                    key,
+                    error,
+                )
+                await self._persist_failed(key, error, None)
         log.debug(
             "%s: awake (%s, %d sessions) in %.2f ms",
             self._where,
@@ -284,6 +306,20 @@ class Actor:
         self._storage_dirty = True
         if self._turn_outputs is None:  # a change outside any turn is committed on its own
             self._persist_changes()
+
+    def abandon(self, reason: str) -> None:
+        """The actor is gone before its held outputs were durable: their frames are dropped
+        (their sockets are being closed), and every call waiting on them gets an error."""
+        for _, _, event in self._held:
+            if isinstance(event, Call):
+                event.fail(
+                    RoomCrashedError(
+                        f"{self._where}: {reason} before the call's changes were saved"
+                    )
+                )
+        self._held.clear()
+        if self.hibernating is not None:
+            self.hibernating.finish(f"{self._where}: {reason} while saving its state")
 
     def snapshot(self) -> dict[str, Any]:
         """The live state for ``verani inspect``: persisted and ephemeral keys encoded as the
@@ -316,21 +352,24 @@ class Actor:
         self, body: Callable[[Any], Awaitable[RoomContext[Any] | None]], arg: Any
     ) -> None:
         self._turn_outputs = []
-        self.current = arg if isinstance(arg, Call | Connect | Message | Disconnect) else None
-        chain = CALL_CHAIN.set(
-            ((self.definition.name, self.instance), *(arg.chain if isinstance(arg, Call) else ()))
-        )
+        finished = False
         try:
-            ctx = await body(arg)
-            for key, error in self._persist_changes():
-                await self._persist_failed(key, error, ctx)
+            with _as_turn_of(self._key):
+                ctx = await body(arg)
+                for key, error in self._persist_changes():
+                    await self._persist_failed(key, error, ctx)
+            finished = True
         finally:
-            CALL_CHAIN.reset(chain)
             outputs, self._turn_outputs = self._turn_outputs, None
-            self._settle(outputs, arg.session if isinstance(arg, Message) else None)
+            if not finished:
+                # Cancelled, or the machinery failed mid-turn: whoever waits is told now.
+                if isinstance(arg, Call):
+                    arg.fail(RoomCrashedError(f"{self._where} stopped during the call"))
+                elif isinstance(arg, Connect):
+                    arg.session.sink.close(1011, "the room failed; reconnect to revive it")
+                arg = None
+            self._settle(outputs, arg)
             self.last_turn = trio.current_time()
-            if isinstance(arg, Call):
-                arg.done.set()
 
     async def _restore(self, hook: Callable[..., Any]) -> None:
         await self._call("on_hibernation_restore", None, hook, self.room_actor)
@@ -531,8 +570,9 @@ class Actor:
                 self._notify_durable()
                 if delay == RETRY_FIRST:  # report once per run of failures, not on every retry
                     async with self._turn_lock:
-                        for key in sorted(self._unsaved):
-                            await self._persist_failed(key, exc, None)
+                        with _as_turn_of(self._key):
+                            for key in sorted(self._unsaved):
+                                await self._persist_failed(key, exc, None)
                 await trio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX)
                 continue
@@ -550,8 +590,9 @@ class Actor:
     async def _final_flush(self) -> bool:
         """Write every persisted key in full and wait until it is durable; False if it failed."""
         async with self._turn_lock:
-            for key, error in self._persist_changes(full=True):
-                await self._persist_failed(key, error, None)
+            with _as_turn_of(self._key):
+                for key, error in self._persist_changes(full=True):
+                    await self._persist_failed(key, error, None)
         target, failures = self._write_seq, self._save_failures
         while self._durable_seq < target:
             if self._save_failures != failures:
@@ -570,16 +611,15 @@ class Actor:
         outputs.append((targets, frame))
         return len(targets)
 
-    def _settle(
-        self, outputs: list[tuple[Sequence[Session], str]] | None, origin: Session | None
-    ) -> None:
+    def _settle(self, outputs: list[tuple[Sequence[Session], str]] | None, event: Any) -> None:
+        """Send the turn's frames now, or hold them until the writes before them are durable;
+        then tell whoever waits on the turn's ``event`` (a socket's flow control, a caller)."""
         if not self._held and self._durable_seq == self._write_seq:
             for targets, frame in outputs or ():
                 send_to(targets, frame)
-            if origin is not None:
-                origin.sink.message_done()
+            _released(event)
             return
-        self._held.append((self._write_seq, outputs or [], origin))
+        self._held.append((self._write_seq, outputs or [], event))
         if not outputs:
             return
         counts, limit = self._held_per_session, self._max_held
@@ -592,9 +632,8 @@ class Actor:
     def _release_durable(self) -> None:
         counts = self._held_per_session
         while self._held and self._held[0][0] <= self._durable_seq:
-            _, outputs, origin = self._held.popleft()
-            if origin is not None:
-                origin.sink.message_done()
+            _, outputs, event = self._held.popleft()
+            _released(event)
             for targets, frame in outputs:
                 send_to(targets, frame)
                 for session in targets:
@@ -605,6 +644,15 @@ class Actor:
                         del counts[session]
         if self._gate_full:
             self._gate_full = any(count > self._max_held for count in counts.values())
+
+
+def _released(event: Any) -> None:
+    """A turn's outputs left the gate: free a slot of the socket's flow control, or hand a
+    call's result to its caller."""
+    if isinstance(event, Message):
+        event.session.sink.message_done()
+    elif isinstance(event, Call):
+        event.done.set()
 
 
 def _same(a: JSONValue, b: JSONValue | None) -> bool:

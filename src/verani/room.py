@@ -303,14 +303,32 @@ def _origins(name: str, origins: Iterable[str] | None) -> frozenset[str] | None:
         raise RoomDefinitionError(
             f"room {name!r}: allowed_origins must be a list of origins, not the string {origins!r}"
         )
-    checked = frozenset(origins)
-    for origin in checked:
-        if not re.fullmatch(r"https?://[^/\s]+", origin):
+    checked = set()
+    for origin in origins:
+        normal = normalize_origin(origin)
+        if normal is None:
             raise RoomDefinitionError(
                 f"room {name!r}: allowed origin {origin!r} must look like 'https://host[:port]'"
                 f" (scheme and host, no path)"
             )
-    return checked
+        checked.add(normal)
+    return frozenset(checked)
+
+
+def normalize_origin(origin: str) -> str | None:
+    """An origin as browsers send it (lower case, no default port), or None if it is not one.
+
+    ``"https://App.Example:443"`` → ``"https://app.example"``.
+    """
+    match = re.fullmatch(
+        r"(https?)://([^/\s:]+|\[[0-9A-Fa-f:.]+\])(?::(\d+))?/?", origin.strip(), re.IGNORECASE
+    )
+    if match is None:
+        return None
+    scheme, host, port = match.group(1).lower(), match.group(2).lower(), match.group(3)
+    if port is None or (scheme, port) in (("http", "80"), ("https", "443")):
+        return f"{scheme}://{host}"
+    return f"{scheme}://{host}:{int(port)}"
 
 
 def _check_path(name: str, path: object) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Collection
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .actor import CALL_CHAIN, Call
+from .actor import Call, current_room
 from .context import RoomActor
 from .errors import RoomNotFoundError, VeraniError
 from .routing import DEFAULT_INSTANCE, instance_name_error
@@ -65,21 +65,37 @@ class RoomHandle:
     async def call(self, fn: Callable[[RoomActor[Any]], T | Awaitable[T]]) -> T:
         """Run ``fn(actor)`` as a turn of the room and return its result (or raise its error).
 
-        Frames it emits follow the output gate like any turn's.
+        The result comes back, like the turn's frames, once what the turn changed is durable.
+        Raises :class:`CallCycleError` when the call would wait on the caller's own turn,
+        directly or through other rooms' calls.
         """
-        key = (self.room, self.instance)
-        chain = CALL_CHAIN.get()
-        if key in chain:
-            route = " -> ".join(f"{r}/{i}" for r, i in reversed(chain))
-            raise CallCycleError(
-                f"room {self.room}/{self.instance} cannot be called from inside its own turn "
-                f"({route} -> {self.room}/{self.instance}); use ctx.actor for the room you are in"
-            )
-        event = Call(fn, chain)
+        target = (self.room, self.instance)
+        caller = current_room()
+        waiting = self._supervisor.waiting
+        if caller is not None:
+            # Follow who waits for whom from the target: reaching the caller is a deadlock.
+            route, room = [target], target
+            while room != caller and room in waiting:
+                room = waiting[room]
+                route.append(room)
+            if room == caller:
+                path = " -> ".join(f"{r}/{i}" for r, i in [caller, *route])
+                raise CallCycleError(
+                    f"room {self.room}/{self.instance} cannot be called from inside room "
+                    f"{caller[0]}/{caller[1]}'s turn ({path}) without a deadlock; use "
+                    f"ctx.actor for the room you are in"
+                )
+        event = Call(fn)
         inst = self._supervisor.instance(self.room, self.instance)
-        if not await inst.submit(event):
-            raise VeraniError(f"room {self.room}/{self.instance}: the server is shutting down")
-        await event.done.wait()
+        if caller is not None:
+            waiting[caller] = target
+        try:
+            if not await inst.submit(event):
+                raise VeraniError(f"room {self.room}/{self.instance}: the server is shutting down")
+            await event.done.wait()
+        finally:
+            if caller is not None:
+                waiting.pop(caller, None)
         if event.error is not None:
             raise event.error
         result: T = event.result

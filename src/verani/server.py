@@ -24,7 +24,7 @@ import trio_websocket
 from .actor import Connect, Disconnect, Message
 from .errors import FrameTooLargeError, HandshakeRefused, ProtocolError, VeraniError
 from .protocol import ERROR_EVENT, MAX_FRAME_SIZE, PING, PONG_FRAME, decode_frame, encode_event
-from .room import DEFAULT_IDLE_TIMEOUT, RoomDefinition
+from .room import DEFAULT_IDLE_TIMEOUT, RoomDefinition, normalize_origin
 from .routing import Route, Router, split_target
 from .runtime import RoomHandle, Runtime
 from .sessions import ConnectionMeta, Session
@@ -349,7 +349,7 @@ def _check_origin(request: h11.Request, route: Route | None) -> _HttpAnswer | No
     origin = _headers(request.headers).get("origin")
     # Browsers always send Origin on a WebSocket upgrade; a request without one is not a
     # browser's, so it cannot be a cross-site attempt riding on a user's cookies.
-    if origin is None or origin in allowed:
+    if origin is None or normalize_origin(origin) in allowed:
         return None
     return _HttpAnswer(403, f"origin {origin} is not allowed for room {route.room.name!r}")
 
@@ -517,7 +517,8 @@ class _Connection:
                 self._may_read = trio.Event()
                 await self._may_read.wait()
             self._in_flight += 1
-            await self._instance.submit(Message(session, frame))
+            if not await self._instance.submit(Message(session, frame)):
+                self._in_flight -= 1
 
     async def _writer(self) -> None:
         timeout = self._server.config.send_timeout
@@ -533,7 +534,8 @@ class _Connection:
                 self.session.meta.client_id,
                 timeout,
             )
-            self._close_code = self._close_code or 1008
+            if self._close_code is None:
+                self._close_code, self._close_reason = 1008, "a send took too long"
         except trio_websocket.ConnectionClosed:
             return
         self._io_scope.cancel()

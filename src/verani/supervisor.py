@@ -121,6 +121,8 @@ class Supervisor:
         self.max_held_per_socket = max_held_per_socket
         #: Reaches room instances from outside their turns (timers, other rooms' handlers).
         self.runtime = Runtime(self)
+        #: Room instance whose turn waits on a call -> the instance it called (cycle checks).
+        self.waiting: dict[tuple[str, str], tuple[str, str]] = {}
         self._nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -174,14 +176,14 @@ class Supervisor:
                         exc,
                         exc_info=exc,
                     )
-                    if actor.hibernating is not None:
-                        actor.hibernating.finish("the room failed while saving its state")
-                    if isinstance(actor.current, Call):
-                        actor.current.fail(
-                            RoomCrashedError(f"room {inst.key[0]}/{inst.key[1]} failed")
-                        )
+                    actor.abandon("the room failed")
                     self._fail_instance(inst)
                     return
+                except BaseException:
+                    # Cancelled (a shutdown that ran out of time): answer everyone who waits.
+                    actor.abandon("the server stopped")
+                    self._drain(inst, "the server stopped", close_code=None)
+                    raise
                 finally:
                     inst.actor = None
                 # Events that arrived during the final flush wake the room again at once.
@@ -206,17 +208,21 @@ class Supervisor:
         for session in inst.sessions:
             inst.sessions.remove(session)
             session.sink.close(1011, "the room failed; reconnect to revive it")
+        self._drain(inst, "the room failed", close_code=1011)
+
+    def _drain(self, inst: RoomInstance, reason: str, *, close_code: int | None) -> None:
+        """Answer every event still queued for an instance whose actor is gone."""
         while True:
             try:
                 event = inst.inbox.receive_nowait()
             except trio.WouldBlock:
                 break
-            if isinstance(event, Connect):
-                event.session.sink.close(1011, "the room failed; reconnect to revive it")
+            if isinstance(event, Connect) and close_code is not None:
+                event.session.sink.close(close_code, f"{reason}; reconnect to revive it")
             elif isinstance(event, Hibernate):
-                event.finish("the room failed before it could hibernate")
+                event.finish(f"{reason} before the room could hibernate")
             elif isinstance(event, Call):
-                event.fail(RoomCrashedError(f"room {inst.key[0]}/{inst.key[1]} failed"))
+                event.fail(RoomCrashedError(f"room {inst.key[0]}/{inst.key[1]}: {reason}"))
 
     def status(self) -> list[InstanceStatus]:
         """Every known instance, sorted by room and name."""
