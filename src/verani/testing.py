@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 from typing import Any
 
 import orjson
@@ -129,22 +129,40 @@ class TestServer:
         self._idle_timeout = idle_timeout
         self._config = config
         self._nursery = nursery
-        self._stack = AsyncExitStack()
         self._server: Server | None = None
+        self._stop = trio.Event()
+        self._stopped = trio.Event()
         self._clients: list[TestClient] = []
 
-    async def _start(self) -> None:
-        self._stack = AsyncExitStack()
-        self._server = await self._stack.enter_async_context(
-            open_server(
+    async def _start(self, port: int = 0) -> None:
+        # The server lives in a task of the test server's own nursery, so restart() can stop and
+        # start it from any task and any depth of nurseries or cancel scopes in the test.
+        self._stopped = trio.Event()
+        self._server = await self._nursery.start(self._serve, port, self._stopped)
+
+    async def _serve(
+        self, port: int, stopped: trio.Event, *, task_status: trio.TaskStatus[Server]
+    ) -> None:
+        self._stop = trio.Event()
+        try:
+            async with open_server(
                 self.rooms,
-                port=0,
+                port=port,
                 store=self.store,
                 idle_timeout=self._idle_timeout,
                 config=self._config,
                 control=False,
-            )
-        )
+            ) as server:
+                task_status.started(server)
+                await self._stop.wait()
+        finally:
+            stopped.set()
+
+    async def _stop_server(self) -> None:
+        if self._server is not None:
+            self._stop.set()
+            await self._stopped.wait()
+            self._server = None
 
     @property
     def server(self) -> Server:
@@ -177,10 +195,11 @@ class TestServer:
 
     async def restart(self) -> None:
         """Stop the server (every room saves and hibernates, sockets close with 1001) and start
-        a new one on the same store, as after a deploy. Clients must connect again."""
-        await self._stack.aclose()
-        self._server = None
-        await self._start()
+        a new one on the same store and port, as after a deploy. Test clients must connect
+        again; a :func:`verani.client.open_client` client reconnects by itself."""
+        port = self.server.port
+        await self._stop_server()
+        await self._start(port)
 
     async def state(self, room: str, instance: str = "default") -> dict[str, Any]:
         """The persisted state of ``room``/``instance`` as stored, decoded to Python values."""
@@ -202,7 +221,7 @@ class TestServer:
         for client in self._clients:
             await trio.aclose_forcefully(client.ws)
             await trio.aclose_forcefully(client.ws._stream)
-        await self._stack.aclose()
+        await self._stop_server()
 
 
 @asynccontextmanager

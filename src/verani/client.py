@@ -1,0 +1,465 @@
+"""The Python client: Verani's ``VeraniClient``, Trio-style.
+
+::
+
+    async with open_client("ws://127.0.0.1:8787/ws/counter?userId=alice") as client:
+        client.on("counter:update", lambda data: print("count", data["count"]))
+        await client.wait_for_connection()
+        client.emit("counter:increment", {"amount": 1})
+        sync = await client.receive("counter:sync")
+
+The client owns its tasks in the nursery of ``open_client``. It reconnects with exponential
+backoff, keeps the connection alive with ``{"type": "ping"}`` frames, and queues ``emit`` calls
+made while it is not connected (bounded: the oldest are dropped first), flushing them in order
+once connected. Defaults are Verani's.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import urllib.parse
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any, Literal
+
+import attrs
+import orjson
+import trio
+import trio_websocket
+
+from .errors import VeraniError
+
+log = logging.getLogger("verani.client")
+
+State = Literal["connecting", "connected", "disconnected", "reconnecting", "error"]
+Callback = Callable[[Any], object]
+
+
+class ClientError(VeraniError):
+    """The client could not do what was asked (not connected in time, gave up, closed)."""
+
+
+@attrs.frozen
+class ReconnectOptions:
+    """Verani's reconnection defaults, plus jitter.
+
+    The delay before reconnection attempt ``n`` (1-based) is
+    ``min(initial_delay * multiplier ** (n - 1), max_delay)``, scaled by a random factor in
+    ``[1 - jitter, 1 + jitter]`` so that many clients dropped together do not return together.
+    After ``max_attempts`` failed attempts the client's state becomes ``error``.
+    """
+
+    enabled: bool = True
+    max_attempts: int = 10
+    initial_delay: float = 1.0
+    max_delay: float = 30.0
+    multiplier: float = 1.5
+    jitter: float = 0.1
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait before reconnection attempt ``attempt`` (1-based)."""
+        base = min(self.initial_delay * self.multiplier ** (attempt - 1), self.max_delay)
+        return base * random.uniform(1 - self.jitter, 1 + self.jitter)
+
+
+class VeraniClient:
+    """A connection to one room instance that survives drops. Made by :func:`open_client`."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        reconnection: ReconnectOptions,
+        max_queue_size: int,
+        connection_timeout: float,
+        ping_interval: float,
+        pong_timeout: float,
+    ) -> None:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("ws", "wss") or not parts.hostname:
+            raise ValueError(f"client URL must be ws://HOST[:PORT]/PATH, not {url!r}")
+        self.url = url
+        self.reconnection = reconnection
+        self.connection_timeout = connection_timeout
+        self.ping_interval = ping_interval
+        self.pong_timeout = pong_timeout
+        self.state: State = "connecting"
+        self.reconnect_attempts = 0
+        self._queue: deque[str] = deque(maxlen=max_queue_size)
+        self._queue_changed = trio.Event()
+        self._state_changed = trio.Event()
+        self._listeners: dict[str, list[tuple[Callback, bool]]] = {}
+        # receive() and events() waiting for events: (event or None, channel, just one?)
+        self._waiters: list[tuple[str | None, trio.MemorySendChannel[tuple[str, Any]], bool]] = []
+        self._last_pong = 0.0
+        self._now = False  # reconnect(): skip the backoff wait once
+        self._ws: trio_websocket.WebSocketConnection | None = None
+        self._session_scope: trio.CancelScope | None = None
+        self._wanted = True  # False after disconnect(): stay down until reconnect()
+        self._wake = trio.Event()
+        self._closed = False
+        self.on_open: Callable[[], object] | None = None
+        self.on_close: Callable[[int | None, str | None], object] | None = None
+        self.on_error: Callable[[BaseException], object] | None = None
+        self.on_state_change: Callable[[State], object] | None = None
+
+    # --- listeners --------------------------------------------------------------------------
+
+    def on(self, event: str, callback: Callback) -> None:
+        """Call ``callback(data)`` for every ``event`` from the server."""
+        self._listeners.setdefault(event, []).append((callback, False))
+
+    def once(self, event: str, callback: Callback) -> None:
+        """Call ``callback(data)`` for the next ``event`` only."""
+        self._listeners.setdefault(event, []).append((callback, True))
+
+    def off(self, event: str, callback: Callback | None = None) -> None:
+        """Remove ``callback`` (or every callback) of ``event``."""
+        if callback is None:
+            self._listeners.pop(event, None)
+            return
+        kept = [(cb, once) for cb, once in self._listeners.get(event, []) if cb is not callback]
+        self._listeners[event] = kept
+
+    async def receive(self, event: str | None = None) -> dict[str, Any]:
+        """Wait for the next ``event`` (any event when None) and return its data.
+
+        Raises :class:`ClientError` if the client is closed first.
+        """
+        send, recv = trio.open_memory_channel[tuple[str, Any]](1)
+        entry = (event, send, True)
+        self._waiters.append(entry)
+        try:
+            with recv:
+                _, data = await recv.receive()
+        except trio.EndOfChannel:
+            raise ClientError("the client was closed") from None
+        finally:
+            if entry in self._waiters:
+                self._waiters.remove(entry)
+        result: dict[str, Any] = data
+        return result
+
+    async def events(self) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        """Every event from now on, as ``(name, data)``, until the client is closed.
+
+        Events beyond 256 not yet consumed are dropped with a warning.
+        """
+        send, recv = trio.open_memory_channel[tuple[str, Any]](256)
+        entry = (None, send, False)
+        self._waiters.append(entry)
+        try:
+            with recv:
+                async for item in recv:
+                    yield item
+        finally:
+            if entry in self._waiters:
+                self._waiters.remove(entry)
+
+    # --- sending ----------------------------------------------------------------------------
+
+    def emit(self, event: str, data: Any = None) -> None:
+        """Send ``{"type": event, "data": data}`` now, or as soon as the client is connected.
+
+        Never waits. While not connected at most ``max_queue_size`` frames wait; past that the
+        oldest is dropped (as Verani's client does), with a warning.
+        """
+        if self._closed:
+            raise ClientError("the client is closed")
+        frame = orjson.dumps({"type": event, "data": data}).decode()
+        if len(self._queue) == self._queue.maxlen:
+            log.warning(
+                "%s: send queue full (%d); dropping the oldest frame", self.url, len(self._queue)
+            )
+        self._queue.append(frame)
+        self._queue_changed.set()
+
+    @property
+    def queued(self) -> int:
+        """Frames waiting to be sent."""
+        return len(self._queue)
+
+    # --- connection state -------------------------------------------------------------------
+
+    def is_connected(self) -> bool:
+        """Whether the client is connected now."""
+        return self.state == "connected"
+
+    async def wait_for_connection(self) -> None:
+        """Return once connected; raise :class:`ClientError` after ``2 * connection_timeout``,
+        or when the client gives up (state ``error``), is disconnected or closed."""
+        with trio.move_on_after(2 * self.connection_timeout) as scope:
+            while self.state != "connected":
+                if self.state == "error":
+                    raise ClientError(
+                        f"{self.url}: gave up after {self.reconnect_attempts} reconnection attempts"
+                    )
+                if self._closed or not self._wanted:
+                    raise ClientError(f"{self.url}: the client was disconnected")
+                await self._state_changed.wait()
+        if scope.cancelled_caught:
+            raise ClientError(
+                f"{self.url}: not connected within {2 * self.connection_timeout:g}s "
+                f"(state {self.state})"
+            )
+
+    def reconnect(self) -> None:
+        """Drop the current connection (if any) and connect again at once, with fresh attempts."""
+        self._wanted = True
+        self._now = True
+        self.reconnect_attempts = 0
+        if self._session_scope is not None:
+            self._session_scope.cancel()
+        self._wake.set()
+
+    def disconnect(self) -> None:
+        """Close the connection and stay disconnected (queued frames are kept) until
+        :meth:`reconnect`."""
+        self._wanted = False
+        if self._session_scope is not None:
+            self._session_scope.cancel()
+        self._wake.set()
+        self._set_state("disconnected")
+
+    def _set_state(self, state: State) -> None:
+        if state == self.state:
+            return
+        self.state = state
+        self._state_changed.set()
+        self._state_changed = trio.Event()
+        self._callback("on_state_change", self.on_state_change, state)
+
+    def _callback(self, what: str, fn: Callable[..., object] | None, *args: Any) -> None:
+        if fn is None:
+            return
+        try:
+            fn(*args)
+        except Exception as exc:
+            # A listener's bug must not take the connection down with it.
+            log.error(
+                "%s: %s callback raised %s: %s",
+                self.url,
+                what,
+                type(exc).__name__,
+                exc,
+                exc_info=exc,
+            )
+
+    # --- the connection loop ----------------------------------------------------------------
+
+    async def _run(self) -> None:
+        failures = 0
+        while not self._closed:
+            if not self._wanted:
+                self._wake = trio.Event()
+                await self._wake.wait()
+                self._now, failures = False, 0
+                continue
+            self._set_state("connecting" if failures == 0 else "reconnecting")
+            error = await self._session()
+            if error is not None:
+                self._callback("on_error", self.on_error, error)
+                failures += 1
+            else:
+                failures = 1 if self._wanted else 0  # a dropped connection: reconnect with backoff
+            if not self._wanted or self._closed:
+                continue
+            if self._now:  # reconnect() asked for a new connection now
+                self._now, failures = False, 0
+                continue
+            if not self.reconnection.enabled or failures > self.reconnection.max_attempts:
+                self._set_state("error")
+                self._wanted = False
+                continue
+            self.reconnect_attempts = failures
+            self._set_state("reconnecting")
+            self._wake = trio.Event()
+            with trio.move_on_after(self.reconnection.delay(failures)):
+                await self._wake.wait()  # reconnect() cuts the wait short
+
+    async def _session(self) -> ClientError | None:
+        """One connection, from connecting to its end; returns why connecting failed, if it did."""
+        parts = urllib.parse.urlsplit(self.url)
+        host = parts.hostname or ""
+        port = parts.port or (443 if parts.scheme == "wss" else 80)
+        resource = parts.path or "/"
+        if parts.query:
+            resource += "?" + parts.query
+        stream: trio.SocketStream | None = None
+        failure: BaseException | None = None
+        with trio.CancelScope() as scope:
+            self._session_scope = scope
+            try:
+                async with trio.open_nursery() as nursery:
+                    with trio.fail_after(self.connection_timeout):
+                        stream = await trio.open_tcp_stream(host, port)
+                        # A refused handshake is raised by trio-websocket's reader task, in
+                        # this nursery: it arrives below as an exception group.
+                        ws = await trio_websocket.wrap_client_stream(
+                            nursery, stream, host, resource, message_queue_size=256
+                        )
+                    self._ws = ws
+                    self.reconnect_attempts = 0
+                    self._set_state("connected")
+                    self._callback("on_open", self.on_open)
+                    nursery.start_soon(self._writer, ws)
+                    nursery.start_soon(self._keepalive, ws)
+                    try:
+                        await self._reader(ws)
+                    finally:
+                        if ws.closed is None:
+                            # Our side ends it (disconnect, reconnect, close): say so with 1000.
+                            # The close frame goes out at once; the reply is not awaited long.
+                            with trio.CancelScope(shield=True), trio.move_on_after(0.2):
+                                await ws.aclose(1000)
+                        nursery.cancel_scope.cancel()
+            except* (OSError, trio.TooSlowError, trio_websocket.HandshakeError) as group:
+                failure = group.exceptions[0]
+            finally:
+                self._session_scope = None
+                if stream is not None:
+                    # trio-websocket leaves the socket open when the server refuses the
+                    # handshake or goes away; the socket is ours, so close it.
+                    await trio.aclose_forcefully(stream)
+                ws_now, self._ws = self._ws, None
+                if ws_now is not None:
+                    closed = ws_now.closed
+                    if self.state == "connected":
+                        self._set_state("disconnected")
+                    self._callback(
+                        "on_close",
+                        self.on_close,
+                        closed.code if closed else 1006,
+                        closed.reason if closed else None,
+                    )
+        del scope
+        if failure is None or ws_now is not None:
+            return None  # connected, then dropped: not a failed attempt
+        error = ClientError(f"cannot connect to {self.url}: {_describe(failure)}")
+        error.__cause__ = failure
+        return error
+
+    async def _reader(self, ws: trio_websocket.WebSocketConnection) -> None:
+        while True:
+            try:
+                message = await ws.get_message()
+            except trio_websocket.ConnectionClosed:
+                return
+            try:
+                frame = orjson.loads(message)
+            except orjson.JSONDecodeError:
+                log.warning("%s: the server sent a frame that is not JSON; ignored", self.url)
+                continue
+            if not isinstance(frame, dict):
+                continue
+            if frame.get("type") == "pong":
+                self._last_pong = trio.current_time()
+                continue
+            data = frame.get("data")
+            if frame.get("type") != "event" or not isinstance(data, dict):
+                continue
+            name = data.get("type")
+            if isinstance(name, str):
+                self._dispatch(name, data)
+
+    def _dispatch(self, name: str, data: dict[str, Any]) -> None:
+        listeners = self._listeners.get(name, [])
+        if any(once for _, once in listeners):
+            self._listeners[name] = [(cb, once) for cb, once in listeners if not once]
+        for callback, _ in listeners:
+            self._callback(f"listener of {name!r}", callback, data)
+        for entry in list(self._waiters):
+            event, send, just_one = entry
+            if event is not None and event != name:
+                continue
+            if just_one:
+                self._waiters.remove(entry)  # one receive() gets one event
+            try:
+                send.send_nowait((name, data))
+            except trio.WouldBlock:
+                log.warning("%s: a slow events() reader missed event %r", self.url, name)
+            except trio.ClosedResourceError:
+                pass
+
+    async def _writer(self, ws: trio_websocket.WebSocketConnection) -> None:
+        while True:
+            while self._queue:
+                frame = self._queue[0]
+                try:
+                    await ws.send_message(frame)
+                except trio_websocket.ConnectionClosed:
+                    return  # keep the frame: it is sent after reconnecting
+                if self._queue and self._queue[0] is frame:
+                    self._queue.popleft()
+            self._queue_changed = trio.Event()
+            await self._queue_changed.wait()
+
+    async def _keepalive(self, ws: trio_websocket.WebSocketConnection) -> None:
+        self._last_pong = trio.current_time()
+        while True:
+            await trio.sleep(self.ping_interval)
+            if trio.current_time() - self._last_pong > self.ping_interval + self.pong_timeout:
+                log.warning(
+                    "%s: no pong for %.1fs; reconnecting",
+                    self.url,
+                    trio.current_time() - self._last_pong,
+                )
+                await trio.aclose_forcefully(ws._stream)
+                return
+            try:
+                await ws.send_message('{"type":"ping"}')
+            except trio_websocket.ConnectionClosed:
+                return
+
+    async def _aclose(self) -> None:
+        self._closed = True
+        self._wanted = False
+        for _, send, _ in self._waiters:
+            send.close()
+        if self._session_scope is not None:
+            self._session_scope.cancel()
+        self._wake.set()
+        self._set_state("disconnected")
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, trio_websocket.ConnectionRejected):
+        body = (exc.body or b"").decode(errors="replace").strip()
+        return f"HTTP {exc.status_code} {body}".rstrip()
+    if isinstance(exc, trio.TooSlowError):
+        return "timed out"
+    return str(exc) or type(exc).__name__
+
+
+@asynccontextmanager
+async def open_client(
+    url: str,
+    *,
+    reconnection: ReconnectOptions | None = None,
+    max_queue_size: int = 100,
+    connection_timeout: float = 10.0,
+    ping_interval: float = 5.0,
+    pong_timeout: float = 5.0,
+) -> AsyncIterator[VeraniClient]:
+    """Connect to ``url`` (and keep reconnecting) for the duration of the ``async with`` block.
+
+    Returns at once; ``await client.wait_for_connection()`` to wait for the first connection.
+    Leaving the block closes the connection and ends the client's tasks.
+    """
+    client = VeraniClient(
+        url,
+        reconnection=reconnection or ReconnectOptions(),
+        max_queue_size=max_queue_size,
+        connection_timeout=connection_timeout,
+        ping_interval=ping_interval,
+        pong_timeout=pong_timeout,
+    )
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client._run)
+        try:
+            yield client
+        finally:
+            await client._aclose()
+            nursery.cancel_scope.cancel()

@@ -1,0 +1,216 @@
+"""verani.client against real servers on 127.0.0.1, on Trio's autojump clock where time matters."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import socket
+from typing import Any
+
+import pytest
+import trio
+import trio_websocket
+
+from verani import RoomContext, define_room
+from verani.client import ClientError, ReconnectOptions, open_client
+from verani.testing import open_test_server
+
+from helpers import ROOMS
+
+COUNTER = ROOMS / "counter.py"
+
+
+def recorder_room(seen: list[Any]) -> Any:
+    room = define_room(name="rec")
+
+    @room.on("*")
+    def record(ctx: RoomContext[Any], data: Any) -> None:
+        seen.append((ctx.frame.type if ctx.frame else None, data))
+        ctx.emit.emit("ack", {"n": len(seen)})
+
+    return room
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+async def test_connect_listen_emit_and_states(autojump_clock: Any) -> None:
+    async with open_test_server(COUNTER) as server:
+        async with open_client(f"{server.url}/ws/counter?userId=py") as client:
+            states: list[str] = []
+            synced: list[Any] = []
+            updates: list[int] = []
+            client.on_state_change = states.append
+            client.on("counter:sync", synced.append)
+            client.once("counter:update", lambda data: updates.append(data["count"]))
+            await client.wait_for_connection()
+            assert client.is_connected()
+            await client.receive("counter:sync")
+            client.emit("counter:increment", {"amount": 2})
+            client.emit("counter:increment", {"amount": 3})
+            first = await client.receive("counter:update")
+            second = await client.receive("counter:update")
+            assert (first["count"], second["count"]) == (2, 5)
+            assert updates == [2]  # once: only the first
+            assert synced == [{"type": "counter:sync", "count": 0, "lastUpdatedBy": None}]
+        assert states == ["connected", "disconnected"]
+
+
+async def test_reconnects_after_a_restart_and_flushes_queued_emits_in_order(
+    autojump_clock: Any,
+) -> None:
+    seen: list[Any] = []
+    options = ReconnectOptions(initial_delay=1.0)
+    async with open_test_server(recorder_room(seen)) as server:
+        async with open_client(f"{server.url}/ws/rec", reconnection=options) as client:
+            await client.wait_for_connection()
+            client.emit("before", 0)
+            await client.receive("ack")
+            await server.restart()  # same port; the client's socket is closed with 1001
+            while client.is_connected():
+                await trio.sleep(0.01)
+            for i in range(1, 4):
+                client.emit("queued", i)  # while disconnected: queued
+            assert client.queued == 3
+            await client.wait_for_connection()
+            for _ in range(3):
+                await client.receive("ack")
+    assert seen == [("before", 0), ("queued", 1), ("queued", 2), ("queued", 3)]
+
+
+async def test_a_server_that_stops_answering_pings_makes_the_client_reconnect(
+    autojump_clock: Any,
+) -> None:
+    connections = 0
+
+    async def silent(request: trio_websocket.WebSocketRequest) -> None:
+        nonlocal connections
+        connections += 1
+        ws = await request.accept()
+        with contextlib.suppress(trio_websocket.ConnectionClosed):
+            while True:  # read (so protocol-level pings work) but never answer {"type": "ping"}
+                await ws.get_message()
+
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(trio_websocket.serve_websocket, silent, "127.0.0.1", 0, None)
+        url = f"ws://127.0.0.1:{server.port}/ws/x"
+        async with open_client(url, ping_interval=5, pong_timeout=5) as client:
+            await client.wait_for_connection()
+            start = trio.current_time()
+            while connections < 2:
+                await trio.sleep(1)
+            # Dropped after ping_interval + pong_timeout of silence, not before.
+            assert trio.current_time() - start >= 10
+        nursery.cancel_scope.cancel()
+
+
+async def test_giving_up_after_max_attempts(autojump_clock: Any) -> None:
+    states: list[str] = []
+    url = f"ws://127.0.0.1:{free_port()}/ws/counter"
+    options = ReconnectOptions(max_attempts=3, initial_delay=1, multiplier=2, jitter=0)
+    async with open_client(url, reconnection=options) as client:
+        client.on_state_change = states.append
+        start = trio.current_time()
+        with pytest.raises(ClientError, match="gave up after 3 reconnection attempts"):
+            await client.wait_for_connection()
+        assert client.state == "error"
+        # Backoff: 1 + 2 + 4 seconds between the four attempts.
+        assert trio.current_time() - start == pytest.approx(7, abs=0.5)
+    assert states[-3:] == ["reconnecting", "error", "disconnected"]
+
+
+async def test_queue_overflow_drops_the_oldest(autojump_clock: Any) -> None:
+    seen: list[Any] = []
+    async with open_test_server(recorder_room(seen)) as server:
+        async with open_client(f"{server.url}/ws/rec", max_queue_size=3) as client:
+            await client.wait_for_connection()
+            client.disconnect()
+            for i in range(6):
+                client.emit("e", i)
+            assert client.queued == 3
+            client.reconnect()
+            await client.wait_for_connection()
+            for _ in range(3):
+                await client.receive("ack")
+    assert seen == [("e", 3), ("e", 4), ("e", 5)]
+
+
+async def test_disconnect_stays_disconnected_until_reconnect(autojump_clock: Any) -> None:
+    async with open_test_server(COUNTER) as server:
+        async with open_client(f"{server.url}/ws/counter") as client:
+            await client.wait_for_connection()
+            client.disconnect()
+            assert client.state == "disconnected"
+            with pytest.raises(ClientError, match="disconnected"):
+                await client.wait_for_connection()
+            await trio.sleep(120)
+            assert client.state == "disconnected"
+            assert await server.room("counter").get_session_count() == 0
+            client.reconnect()
+            await client.wait_for_connection()
+            assert await server.room("counter").get_session_count() == 1
+
+
+async def test_callbacks_that_raise_are_logged_and_the_client_goes_on(
+    autojump_clock: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(data: Any) -> None:
+        raise RuntimeError("listener bug")
+
+    async with open_test_server(COUNTER) as server:
+        async with open_client(f"{server.url}/ws/counter") as client:
+            client.on("counter:sync", broken)
+            client.on_open = lambda: 1 / 0
+            await client.wait_for_connection()
+            await client.receive("counter:sync")
+            client.emit("counter:increment")
+            assert (await client.receive("counter:update"))["count"] == 1
+    assert "listener of 'counter:sync' callback raised RuntimeError: listener bug" in caplog.text
+    assert "on_open callback raised ZeroDivisionError" in caplog.text
+
+
+async def test_a_handshake_that_never_completes_times_out(autojump_clock: Any) -> None:
+    async def mute(stream: trio.SocketStream) -> None:
+        await trio.sleep_forever()  # accepts TCP, never answers the upgrade
+
+    async with trio.open_nursery() as nursery:
+        (listener,) = await nursery.start(
+            functools.partial(trio.serve_tcp, mute, 0, host="127.0.0.1")
+        )
+        url = f"ws://127.0.0.1:{listener.socket.getsockname()[1]}/ws/x"
+        async with open_client(url, connection_timeout=2) as client:
+            errors: list[BaseException] = []
+            client.on_error = errors.append
+            with pytest.raises(ClientError, match="not connected within 4s"):
+                await client.wait_for_connection()
+            assert errors and "cannot connect" in str(errors[0])
+        nursery.cancel_scope.cancel()
+
+
+def test_bad_urls_are_refused() -> None:
+    async def main() -> None:
+        async with open_client("http://example/ws"):
+            pass  # pragma: no cover - never entered
+
+    with pytest.raises(ValueError, match="client URL must be ws://"):
+        trio.run(main)
+
+
+async def test_refused_handshakes_are_reported_and_retried(
+    autojump_clock: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    async with open_test_server(COUNTER) as server:
+        options = ReconnectOptions(max_attempts=1, jitter=0)
+        async with open_client(f"{server.url}/ws/nowhere", reconnection=options) as client:
+            errors: list[BaseException] = []
+            client.on_error = errors.append
+            with pytest.raises(ClientError, match="gave up"):
+                await client.wait_for_connection()
+            assert len(errors) == 2
+            assert "HTTP 404 no room is served at /ws/nowhere" in str(errors[0])
