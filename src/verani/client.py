@@ -29,7 +29,7 @@ import orjson
 import trio
 import trio_websocket
 
-from .errors import VeraniError
+from .errors import VeraniError, single_error
 
 log = logging.getLogger("verani.client")
 
@@ -94,6 +94,9 @@ class VeraniClient:
         # receive() and events() waiting for events: (event or None, channel, just one?)
         self._waiters: list[tuple[str | None, trio.MemorySendChannel[tuple[str, Any]], bool]] = []
         self._last_pong = 0.0
+        # Events no receive() has taken yet (bounded), so an event that arrives just before
+        # receive() is called — the sync sent on connecting, say — is not missed.
+        self._backlog: deque[tuple[str, dict[str, Any]]] = deque(maxlen=256)
         self._now = False  # reconnect(): skip the backoff wait once
         self._ws: trio_websocket.WebSocketConnection | None = None
         self._session_scope: trio.CancelScope | None = None
@@ -124,10 +127,17 @@ class VeraniClient:
         self._listeners[event] = kept
 
     async def receive(self, event: str | None = None) -> dict[str, Any]:
-        """Wait for the next ``event`` (any event when None) and return its data.
+        """The oldest event not taken by an earlier ``receive`` (of that name, when given),
+        waiting for one if there is none; returns its data.
 
-        Raises :class:`ClientError` if the client is closed first.
+        Events are kept from the start (the last 256), so nothing that arrived between
+        ``wait_for_connection()`` and this call is missed. Raises :class:`ClientError` if the
+        client is closed first.
         """
+        for i, (name, data) in enumerate(self._backlog):
+            if event is None or name == event:
+                del self._backlog[i]
+                return data
         send, recv = trio.open_memory_channel[tuple[str, Any]](1)
         entry = (event, send, True)
         self._waiters.append(entry)
@@ -370,18 +380,24 @@ class VeraniClient:
             self._listeners[name] = [(cb, once) for cb, once in listeners if not once]
         for callback, _ in listeners:
             self._callback(f"listener of {name!r}", callback, data)
+        taken = False
         for entry in list(self._waiters):
             event, send, just_one = entry
             if event is not None and event != name:
                 continue
             if just_one:
-                self._waiters.remove(entry)  # one receive() gets one event
+                if taken:
+                    continue  # one event satisfies one receive(); later ones wait for more
+                taken = True
+                self._waiters.remove(entry)
             try:
                 send.send_nowait((name, data))
             except trio.WouldBlock:
                 log.warning("%s: a slow events() reader missed event %r", self.url, name)
             except trio.ClosedResourceError:
                 pass
+        if not taken:
+            self._backlog.append((name, data))
 
     async def _writer(self, ws: trio_websocket.WebSocketConnection) -> None:
         while True:
@@ -398,20 +414,22 @@ class VeraniClient:
 
     async def _keepalive(self, ws: trio_websocket.WebSocketConnection) -> None:
         self._last_pong = trio.current_time()
+        next_ping = self._last_pong + self.ping_interval
         while True:
-            await trio.sleep(self.ping_interval)
-            if trio.current_time() - self._last_pong > self.ping_interval + self.pong_timeout:
-                log.warning(
-                    "%s: no pong for %.1fs; reconnecting",
-                    self.url,
-                    trio.current_time() - self._last_pong,
-                )
+            # Wake for the next ping, or exactly when the silence becomes too long.
+            silent_limit = self._last_pong + self.ping_interval + self.pong_timeout
+            await trio.sleep_until(min(next_ping, silent_limit))
+            now = trio.current_time()
+            if now >= self._last_pong + self.ping_interval + self.pong_timeout:
+                log.warning("%s: no pong for %.1fs; reconnecting", self.url, now - self._last_pong)
                 await trio.aclose_forcefully(ws._stream)
                 return
-            try:
-                await ws.send_message('{"type":"ping"}')
-            except trio_websocket.ConnectionClosed:
-                return
+            if now >= next_ping:
+                next_ping = now + self.ping_interval
+                try:
+                    await ws.send_message('{"type":"ping"}')
+                except trio_websocket.ConnectionClosed:
+                    return
 
     async def _aclose(self) -> None:
         self._closed = True
@@ -456,10 +474,11 @@ async def open_client(
         ping_interval=ping_interval,
         pong_timeout=pong_timeout,
     )
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(client._run)
-        try:
-            yield client
-        finally:
-            await client._aclose()
-            nursery.cancel_scope.cancel()
+    with single_error():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client._run)
+            try:
+                yield client
+            finally:
+                await client._aclose()
+                nursery.cancel_scope.cancel()

@@ -7,6 +7,9 @@ verani's errors, not trio's or the file system's.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 
 class VeraniError(Exception):
     """Base class of every error verani raises on purpose."""
@@ -105,3 +108,28 @@ class RoomNotFoundError(ControlError, LookupError):
 
 class RoomCrashedError(VeraniError):
     """The room's machinery failed while a call to it was pending; its sockets got 1011."""
+
+
+@contextlib.contextmanager
+def single_error() -> Iterator[None]:
+    """Re-raise a lone exception out of a nursery's exception group as itself.
+
+    The context managers verani offers (``open_server``, ``open_client``,
+    ``open_test_server``) run the caller's block inside a nursery; without this, an error raised
+    in the block would reach the caller wrapped in an ``ExceptionGroup``.
+    """
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaves = list(_leaves(group))
+        if len(leaves) == 1:
+            raise leaves[0] from None
+        raise
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from _leaves(exc)
+        else:
+            yield exc

@@ -22,7 +22,7 @@ import trio
 import trio_websocket
 
 from .actor import Connect, Disconnect, Message
-from .errors import FrameTooLargeError, HandshakeRefused, ProtocolError, VeraniError
+from .errors import FrameTooLargeError, HandshakeRefused, ProtocolError, VeraniError, single_error
 from .protocol import ERROR_EVENT, MAX_FRAME_SIZE, PING, PONG_FRAME, decode_frame, encode_event
 from .room import DEFAULT_IDLE_TIMEOUT, RoomDefinition, normalize_origin
 from .routing import Route, Router, split_target
@@ -586,24 +586,25 @@ async def open_server(
             raise ServeError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
         sockname = listeners[0].socket.getsockname()
         server.host, server.port = sockname[0], sockname[1]
-        async with trio.open_nursery() as nursery:
-            await nursery.start(supervisor.run)
-            conn_nursery: trio.Nursery = await nursery.start(_nursery_task)
-            await nursery.start(server._accept, listeners, conn_nursery)
-            if control and isinstance(store_obj, FileStore):
-                await nursery.start(serve_control, server, store_obj.directory)
-            try:
-                yield server
-            finally:
-                with trio.CancelScope(shield=True):
-                    with trio.move_on_after(server.config.shutdown_timeout) as timeout:
-                        await server._shutdown()
-                    if timeout.cancelled_caught:
-                        log.error(
-                            "shutdown took over %ss; stopping without waiting further",
-                            server.config.shutdown_timeout,
-                        )
-                nursery.cancel_scope.cancel()
+        with single_error():
+            async with trio.open_nursery() as nursery:
+                await nursery.start(supervisor.run)
+                conn_nursery: trio.Nursery = await nursery.start(_nursery_task)
+                await nursery.start(server._accept, listeners, conn_nursery)
+                if control and isinstance(store_obj, FileStore):
+                    await nursery.start(serve_control, server, store_obj.directory)
+                try:
+                    yield server
+                finally:
+                    with trio.CancelScope(shield=True):
+                        with trio.move_on_after(server.config.shutdown_timeout) as timeout:
+                            await server._shutdown()
+                        if timeout.cancelled_caught:
+                            log.error(
+                                "shutdown took over %ss; stopping without waiting further",
+                                server.config.shutdown_timeout,
+                            )
+                    nursery.cancel_scope.cancel()
     finally:
         await store_obj.aclose()
         if lock is not None:

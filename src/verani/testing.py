@@ -30,7 +30,7 @@ import orjson
 import trio
 import trio_websocket
 
-from .errors import VeraniError
+from .errors import VeraniError, single_error
 from .loader import load_rooms
 from .room import DEFAULT_IDLE_TIMEOUT, RoomDefinition
 from .runtime import RoomHandle
@@ -241,11 +241,12 @@ async def open_test_server(
     definitions.extend(r for r in rooms if isinstance(r, RoomDefinition))
     if paths:
         definitions.extend(load_rooms(paths))
-    async with trio.open_nursery() as nursery:
-        server = TestServer(definitions, store or MemoryStore(), idle_timeout, config, nursery)
-        await server._start()
-        try:
-            yield server
-        finally:
-            await server._close()
-            nursery.cancel_scope.cancel()
+    with single_error():
+        async with trio.open_nursery() as nursery:
+            server = TestServer(definitions, store or MemoryStore(), idle_timeout, config, nursery)
+            await server._start()
+            try:
+                yield server
+            finally:
+                await server._close()
+                nursery.cancel_scope.cancel()
