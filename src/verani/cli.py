@@ -139,10 +139,16 @@ def serve(
         rooms = load_rooms(paths)
     except (RoomLoadError, RoomDefinitionError) as exc:
         _fail(str(exc), 2)
+    stopped = trio.Event()
     try:
-        trio.run(_serve, rooms, host, port, store, durability, idle_timeout)
+        trio.run(_serve, rooms, host, port, store, durability, idle_timeout, stopped)
     except (ServeError, StoreError) as exc:
         _fail(str(exc), 2)
+    except KeyboardInterrupt:
+        # A second Ctrl-C (or a supervisor repeating its signal) that lands after the rooms were
+        # saved and the sockets closed is no reason to report a failure.
+        if not stopped.is_set():
+            raise
 
 
 async def _serve(
@@ -152,6 +158,7 @@ async def _serve(
     store: str,
     durability: Literal["fsync", "os"],
     idle_timeout: float,
+    stopped: trio.Event,
 ) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with open_server(
@@ -166,6 +173,7 @@ async def _serve(
             async for signum in signals:
                 click.echo(f"{signal.Signals(signum).name}: saving every room and stopping")
                 break
+        stopped.set()  # still inside the receiver: a signal from here on is caught above
     click.echo("stopped")
 
 
