@@ -17,6 +17,7 @@ from typing import Any, TypeAlias
 import attrs
 
 __all__ = [
+    "DOCUMENT_FORMAT",
     "FORMAT_VERSION",
     "MIGRATIONS",
     "JSONValue",
@@ -25,6 +26,7 @@ __all__ = [
     "StoredDocument",
     "decode_instance_name",
     "encode_instance_name",
+    "new_document",
     "validate_room_name",
 ]
 
@@ -72,6 +74,28 @@ class StoredDocument:
     saved_at: datetime.datetime
     format_version: int
     storage: dict[str, JSONValue] = attrs.field(factory=dict)
+
+
+#: The ``format`` field of every stored document.
+DOCUMENT_FORMAT = "verani.room"
+
+
+def new_document(
+    room: str,
+    instance: str,
+    state: Mapping[str, JSONValue],
+    storage: Mapping[str, JSONValue] | None,
+) -> dict[str, Any]:
+    """The document a store writes for one save (``saved_at`` is now, as an aware datetime)."""
+    return {
+        "format": DOCUMENT_FORMAT,
+        "version": FORMAT_VERSION,
+        "room": room,
+        "instance": instance,
+        "saved_at": datetime.datetime.now(datetime.UTC),
+        "state": state,
+        "storage": storage or {},
+    }
 
 
 class Store(abc.ABC):

@@ -16,12 +16,14 @@ import trio
 
 from verani.errors import CorruptDocumentError, StoreError
 from verani.store.base import (
+    DOCUMENT_FORMAT,
     FORMAT_VERSION,
     JSONValue,
     Store,
     StoredDocument,
     decode_instance_name,
     encode_instance_name,
+    new_document,
     validate_room_name,
 )
 
@@ -29,7 +31,7 @@ __all__ = ["FileStore"]
 
 _log = logging.getLogger("verani.store")
 
-_FORMAT = "verani.room"
+_FORMAT = DOCUMENT_FORMAT
 _SUFFIX = ".json"
 
 
@@ -116,16 +118,7 @@ class FileStore(Store):
         document is then left as it was.
         """
         path = self.path_for(room, instance)
-        saved_at = datetime.datetime.now(datetime.UTC)
-        document = {
-            "format": _FORMAT,
-            "version": FORMAT_VERSION,
-            "room": room,
-            "instance": instance,
-            "saved_at": saved_at,
-            "state": state,
-            "storage": storage or {},
-        }
+        document = new_document(room, instance, state, storage)
         # Encoded here, not in the worker thread: the caller may change `state` once we yield.
         try:
             data = orjson.dumps(document, option=orjson.OPT_INDENT_2 | orjson.OPT_UTC_Z)

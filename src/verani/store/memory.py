@@ -16,11 +16,11 @@ import orjson
 import trio
 
 from verani.store.base import (
-    FORMAT_VERSION,
     JSONValue,
     Store,
     StoredDocument,
     encode_instance_name,
+    new_document,
     validate_room_name,
 )
 
@@ -61,15 +61,7 @@ class MemoryStore(Store):
     ) -> None:
         """Replace the document; raises TypeError for values JSON cannot hold, as files do."""
         await trio.lowlevel.checkpoint()
-        document = {
-            "format": "verani.room",
-            "version": FORMAT_VERSION,
-            "room": room,
-            "instance": instance,
-            "saved_at": datetime.datetime.now(datetime.UTC).isoformat(),
-            "state": state,
-            "storage": storage or {},
-        }
+        document = new_document(room, instance, state, storage)
         try:
             data = orjson.dumps(document)
         except orjson.JSONEncodeError as exc:
