@@ -328,3 +328,41 @@ def test_serve_json_logs_and_unusable_store(tmp_path: pathlib.Path) -> None:
     blocker.write_text("not a directory")
     result = run("serve", COUNTER, "--port", "0", "--store", str(blocker / "store"))
     assert result.returncode == 2 and "cannot use store directory" in result.stderr
+
+
+def test_serve_limit_options(tmp_path: pathlib.Path) -> None:
+    limits = (
+        "--max-connections",
+        "1",
+        "--max-frame-size",
+        "200",
+        "--outbound-queue",
+        "16",
+        "--handshake-timeout",
+        "2",
+        "--max-awake-rooms",
+        "5",
+        "--max-connections-per-room",
+        "1",
+    )
+    with serving(tmp_path, *limits) as (proc, url):
+        assert trio.run(_count_up, url, 1) == 1
+        port = int(url.rsplit(":", 1)[1])
+
+        async def two_at_once() -> int:
+            async with trio_websocket.open_websocket_url(f"{url}/ws/counter"):
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+                async with stream:
+                    await stream.send_all(
+                        b"GET /ws/counter HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                        b"Sec-WebSocket-Version: 13\r\n\r\n"
+                    )
+                    head = await stream.receive_some(4096)
+            return int(head.split()[1])
+
+        assert trio.run(two_at_once) == 503
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    bad = run("serve", COUNTER, "--max-connections", "0")
+    assert bad.returncode == 2 and "--max-connections" in bad.stderr

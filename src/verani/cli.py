@@ -32,9 +32,10 @@ from .inspection import inspect_instance, list_instances
 from .loader import load_rooms
 from .render import render
 from .room import DEFAULT_IDLE_TIMEOUT, RoomDefinition
-from .server import ServeError, Server, open_server
+from .server import ServeError, Server, ServerConfig, open_server
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+_DEFAULTS = ServerConfig()
 
 
 class JsonLogFormatter(logging.Formatter):
@@ -104,6 +105,48 @@ def main() -> None:
     help="Least severe log messages shown.",
 )
 @click.option(
+    "--max-frame-size",
+    default=_DEFAULTS.max_frame_size,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Largest client frame (characters); over it the socket is closed with 1009.",
+)
+@click.option(
+    "--max-connections",
+    default=_DEFAULTS.max_connections,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Open WebSockets on the server; past it new ones get HTTP 503.",
+)
+@click.option(
+    "--max-connections-per-room",
+    default=_DEFAULTS.max_connections_per_room,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Open WebSockets on one room instance; past it new ones get HTTP 503.",
+)
+@click.option(
+    "--max-awake-rooms",
+    default=_DEFAULTS.max_awake_rooms,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Room instances awake at once; past it the least recently used hibernate.",
+)
+@click.option(
+    "--outbound-queue",
+    default=_DEFAULTS.outbound_queue,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Frames queued for one socket; a client that reads slower is closed with 1008.",
+)
+@click.option(
+    "--handshake-timeout",
+    default=_DEFAULTS.handshake_timeout,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds a client gets to complete the HTTP upgrade.",
+)
+@click.option(
     "--log-format",
     default="text",
     show_default=True,
@@ -118,6 +161,12 @@ def serve(
     durability: Literal["fsync", "os"],
     idle_timeout: float,
     log_level: str,
+    max_frame_size: int,
+    max_connections: int,
+    max_connections_per_room: int,
+    max_awake_rooms: int,
+    outbound_queue: int,
+    handshake_timeout: float,
     log_format: str,
 ) -> None:
     """Serve the rooms defined in FILE_OR_DIR... over WebSockets until Ctrl-C.
@@ -139,9 +188,17 @@ def serve(
         rooms = load_rooms(paths)
     except (RoomLoadError, RoomDefinitionError) as exc:
         _fail(str(exc), 2)
+    config = ServerConfig(
+        max_frame_size=max_frame_size,
+        max_connections=max_connections,
+        max_connections_per_room=max_connections_per_room,
+        max_awake_rooms=max_awake_rooms,
+        outbound_queue=outbound_queue,
+        handshake_timeout=handshake_timeout,
+    )
     stopped = trio.Event()
     try:
-        trio.run(_serve, rooms, host, port, store, durability, idle_timeout, stopped)
+        trio.run(_serve, rooms, host, port, store, durability, idle_timeout, config, stopped)
     except (ServeError, StoreError) as exc:
         _fail(str(exc), 2)
     except KeyboardInterrupt:
@@ -158,6 +215,7 @@ async def _serve(
     store: str,
     durability: Literal["fsync", "os"],
     idle_timeout: float,
+    config: ServerConfig,
     stopped: trio.Event,
 ) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -168,6 +226,7 @@ async def _serve(
             store=store,
             durability=durability,
             idle_timeout=idle_timeout,
+            config=config,
         ) as server:
             _print_routes(server, store)
             async for signum in signals:

@@ -90,8 +90,12 @@ class RoomDefinition(Generic[S]):
         idle_timeout: float | None,
         hooks: RoomHooks[S],
         allowed_origins: frozenset[str] | None = None,
+        max_frame_size: int | None = None,
+        max_connections: int | None = None,
     ) -> None:
         self.name = name
+        self.max_frame_size = max_frame_size
+        self.max_connections = max_connections
         self.allowed_origins = allowed_origins
         self.websocket_path = websocket_path
         self.state_spec = state_spec
@@ -198,6 +202,8 @@ def define_room(
     on_persist_error: PersistErrorHook | None = ...,
     idle_timeout: float | None = ...,
     allowed_origins: Iterable[str] | None = ...,
+    max_frame_size: int | None = ...,
+    max_connections: int | None = ...,
     extract_meta: ExtractMeta | None = ...,
     on_connect: Hook[S] | None = ...,
     on_message: MessageHook[S] | None = ...,
@@ -216,6 +222,8 @@ def define_room(
     on_persist_error: PersistErrorHook | None = ...,
     idle_timeout: float | None = ...,
     allowed_origins: Iterable[str] | None = ...,
+    max_frame_size: int | None = ...,
+    max_connections: int | None = ...,
     extract_meta: ExtractMeta | None = ...,
     on_connect: Hook[Any] | None = ...,
     on_message: MessageHook[Any] | None = ...,
@@ -233,6 +241,8 @@ def define_room(
     on_persist_error: PersistErrorHook | None = None,
     idle_timeout: float | None = None,
     allowed_origins: Iterable[str] | None = None,
+    max_frame_size: int | None = None,
+    max_connections: int | None = None,
     extract_meta: ExtractMeta | None = None,
     on_connect: Hook[Any] | None = None,
     on_message: MessageHook[Any] | None = None,
@@ -249,6 +259,8 @@ def define_room(
     ``idle_timeout`` (seconds) overrides the server's ``--idle-timeout`` for this room.
     ``allowed_origins`` (e.g. ``["https://app.example"]``) refuses, with 403 before the upgrade,
     a browser whose page comes from any other origin (cross-site WebSocket hijacking).
+    ``max_frame_size`` (characters) and ``max_connections`` (per instance) override the server's
+    limits for this room.
 
     Raises :class:`RoomDefinitionError` naming the culprit when an option is invalid.
     """
@@ -293,7 +305,15 @@ def define_room(
         idle_timeout=idle_timeout,
         hooks=hooks,
         allowed_origins=_origins(name, allowed_origins),
+        max_frame_size=_positive(name, "max_frame_size", max_frame_size),
+        max_connections=_positive(name, "max_connections", max_connections),
     )
+
+
+def _positive(name: str, option: str, value: int | None) -> int | None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise RoomDefinitionError(f"room {name!r}: {option} must be a positive int, not {value!r}")
+    return value
 
 
 def _origins(name: str, origins: Iterable[str] | None) -> frozenset[str] | None:

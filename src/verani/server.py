@@ -42,7 +42,15 @@ class ServeError(VeraniError):
 class ServerConfig:
     """Limits and timeouts of a server; every one has a default safe for the internet."""
 
+    #: Largest client frame, in characters; a bigger one closes its socket with 1009. A room's
+    #: own ``max_frame_size`` wins for that room.
     max_frame_size: int = MAX_FRAME_SIZE
+    #: Open WebSockets on the whole server; past it a new upgrade gets HTTP 503.
+    max_connections: int = 10_000
+    #: Open WebSockets on one room instance (a room's ``max_connections`` wins); past it, 503.
+    max_connections_per_room: int = 1_000
+    #: Room instances awake at once; past it the least recently used ones hibernate.
+    max_awake_rooms: int = 10_000
     #: Frames queued for one socket before it counts as too slow and is closed (1008).
     outbound_queue: int = 1024
     #: A socket's messages in the room (queued, running, or waiting for the disk) plus its frames
@@ -103,6 +111,7 @@ class Server:
         self.host = ""
         self.port = 0
         self._connections: set[_Connection] = set()
+        self._per_room: dict[tuple[str, str], int] = {}
         self._no_connections = trio.Event()
         self._no_connections.set()
         self._accept_scope = trio.CancelScope()
@@ -184,7 +193,11 @@ class Server:
         target = request.target.decode("ascii", "replace")
         path, query = split_target(target)
         route = self.router.route(path)
-        answer = _check_upgrade(request, route, path) or _check_origin(request, route)
+        answer = (
+            _check_upgrade(request, route, path)
+            or _check_origin(request, route)
+            or self._check_capacity(route)
+        )
         if answer is not None:
             await self._answer(stream, answer, remote, target)
             return
@@ -197,7 +210,7 @@ class Server:
                     # Room enough that trio-websocket's reader keeps answering protocol pings
                     # while our reader waits on a busy room's inbox.
                     message_queue_size=64,
-                    max_message_size=cfg.max_frame_size,
+                    max_message_size=route.room.max_frame_size or cfg.max_frame_size,
                 )
                 hreq = HandshakeRequest(
                     path=path,
@@ -226,6 +239,8 @@ class Server:
             inst = self.supervisor.instance(route.room.name, route.instance)
             conn = _Connection(self, ws, inst, meta)
             self._connections.add(conn)
+            key = (route.room.name, route.instance)
+            self._per_room[key] = self._per_room.get(key, 0) + 1
             if self._no_connections.is_set():
                 self._no_connections = trio.Event()
             self.stats.connections += 1
@@ -233,9 +248,39 @@ class Server:
                 await conn.run()
             finally:
                 self._connections.discard(conn)
+                left = self._per_room[key] - 1
+                if left:
+                    self._per_room[key] = left
+                else:
+                    del self._per_room[key]
                 if not self._connections:
                     self._no_connections.set()
                 ws_nursery.cancel_scope.cancel()
+
+    def _check_capacity(self, route: Route | None) -> _HttpAnswer | None:
+        # Counted before the upgrade, so a refused client costs no room code and no socket.
+        if route is None:
+            return None
+        cfg = self.config
+        if len(self._connections) >= cfg.max_connections:
+            log.warning("refusing a connection: %d open, the server's limit", cfg.max_connections)
+            return _HttpAnswer(
+                503, "the server is at its connection limit; retry later", (("Retry-After", "5"),)
+            )
+        limit = route.room.max_connections or cfg.max_connections_per_room
+        if self._per_room.get((route.room.name, route.instance), 0) >= limit:
+            log.warning(
+                "room %s/%s: refusing a connection: %d open, the room's limit",
+                route.room.name,
+                route.instance,
+                limit,
+            )
+            return _HttpAnswer(
+                503,
+                f"room {route.room.name}/{route.instance} is full; retry later",
+                (("Retry-After", "5"),),
+            )
+        return None
 
     async def _extract_meta(
         self,
@@ -420,6 +465,7 @@ class _Connection:
         self._close_code: int | None = None
         self._close_reason = ""
         self._where = f"room {instance.definition.name}/{instance.name}"
+        self._max_frame_size = instance.definition.max_frame_size or server.config.max_frame_size
 
     # FrameSink
     def send_frame(self, frame: str) -> None:
@@ -484,11 +530,11 @@ class _Connection:
                         "%s: client %s sent a frame over %d bytes; closed with 1009",
                         self._where,
                         session.meta.client_id,
-                        server.config.max_frame_size,
+                        self._max_frame_size,
                     )
                 return
             try:
-                frame = decode_frame(message, max_size=server.config.max_frame_size)
+                frame = decode_frame(message, max_size=self._max_frame_size)
             except ProtocolError as exc:
                 server.stats.frames_dropped += 1
                 log.warning(
@@ -578,6 +624,7 @@ async def open_server(
             store_obj,
             idle_timeout=idle_timeout,
             max_held_per_socket=max(1, config.outbound_queue // 2),
+            max_awake=config.max_awake_rooms,
         )
         server = Server(router, supervisor, config)
         try:

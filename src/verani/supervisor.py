@@ -111,6 +111,7 @@ class Supervisor:
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         codec: Codec | None = None,
         max_held_per_socket: int = 512,
+        max_awake: int = 10_000,
     ) -> None:
         self.rooms = {room.name: room for room in rooms}
         self.store = store
@@ -119,6 +120,8 @@ class Supervisor:
         self.instances: dict[tuple[str, str], RoomInstance] = {}
         self.stopping = False
         self.max_held_per_socket = max_held_per_socket
+        self.max_awake = max_awake
+        self._evicting: set[tuple[str, str]] = set()
         #: Reaches room instances from outside their turns (timers, other rooms' handlers).
         self.runtime = Runtime(self)
         #: Room instance whose turn waits on a call -> the instance it called (cycle checks).
@@ -149,6 +152,38 @@ class Supervisor:
         inst.running = True
         self.instances[inst.key] = inst
         self._nursery.start_soon(self._run_instance, inst, name=f"room {inst.key[0]}/{inst.key[1]}")
+        self._evict_if_over(inst)
+
+    def _evict_if_over(self, newcomer: RoomInstance) -> None:
+        """Past ``max_awake`` awake instances, hibernate the least recently used ones."""
+        awake = [
+            i
+            for i in self.instances.values()
+            if i.running
+            and i is not newcomer
+            and i.actor is not None
+            and i.key not in self._evicting
+        ]
+        excess = len(awake) + 1 + len(self._evicting) - self.max_awake
+        if excess <= 0 or self._nursery is None:
+            return
+        awake.sort(key=lambda i: i.actor.last_turn if i.actor is not None else 0.0)
+        for victim in awake[:excess]:
+            self._evicting.add(victim.key)
+            self._nursery.start_soon(self._evict, victim)
+
+    async def _evict(self, inst: RoomInstance) -> None:
+        try:
+            log.info(
+                "room %s/%s: hibernating, the least recently used of %d awake rooms",
+                *inst.key,
+                self.max_awake,
+            )
+            error = await inst.hibernate()
+            if error:
+                log.error("room %s/%s: %s", *inst.key, error)
+        finally:
+            self._evicting.discard(inst.key)
 
     async def _run_instance(self, inst: RoomInstance) -> None:
         try:
