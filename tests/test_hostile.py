@@ -461,13 +461,6 @@ async def test_a_head_that_never_ends_is_dropped_after_the_handshake_timeout(
             await assert_still_serving(server)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: an upgrade request carrying a body (Content-Length > 0, a 20-digit "
-    "Content-Length, Transfer-Encoding: chunked, or both) is upgraded with 101 and wakes the "
-    "room; the body bytes are then read as WebSocket frames (request smuggling behind a proxy "
-    "that frames the body differently). RFC 6455 handshakes carry no body.",
-)
 @pytest.mark.parametrize(
     "extra",
     [
@@ -493,11 +486,6 @@ async def test_upgrade_with_a_request_body_is_refused(
             assert_nothing_woken(server, tmp_path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a handshake RFC 6455 §4.2.1 requires a 400 for (not HTTP/1.1 or higher; a "
-    "Sec-WebSocket-Key that is not 16 base64-encoded bytes) is upgraded with 101.",
-)
 @pytest.mark.parametrize(
     "payload",
     [
@@ -521,12 +509,6 @@ async def test_malformed_handshake_is_refused(
             assert_nothing_woken(server, tmp_path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: max_request_head (16 KiB) bounds only an incomplete head (h11's "
-    "max_incomplete_event_size): a complete head up to 16 KiB + 4095 bytes, whose end arrives "
-    "in the read that crosses the limit, is upgraded.",
-)
 async def test_a_complete_head_over_the_limit_is_refused(
     counter_rooms: list[RoomDefinition[Any]], tmp_path: pathlib.Path
 ) -> None:
@@ -544,13 +526,6 @@ async def test_a_complete_head_over_the_limit_is_refused(
             assert_nothing_woken(server, tmp_path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: an upgrade the server's own checks pass but wsproto refuses (here "
-    "'Upgrade: h2c, websocket') gets a bare 400 from trio-websocket, nothing is logged, and "
-    "the connection's task waits out the whole handshake_timeout, then logs a misleading "
-    "'WebSocket handshake timed out'.",
-)
 async def test_upgrade_refused_by_wsproto_is_logged_at_once(
     counter_rooms: list[RoomDefinition[Any]],
     tmp_path: pathlib.Path,

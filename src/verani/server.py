@@ -9,6 +9,7 @@ trio-websocket, which performs the handshake on the same bytes.
 
 from __future__ import annotations
 
+import base64
 import http
 import logging
 import uuid
@@ -356,6 +357,11 @@ async def _read_request_head(
                 return _HttpAnswer(400, "the connection closed before a complete request")
             continue
         if isinstance(event, h11.Request):
+            # h11 bounds only a head still incomplete; a complete one may have come in a read
+            # that crossed the limit.
+            head_end = raw.find(b"\r\n\r\n")
+            if head_end < 0 or head_end + 4 > limit:
+                return _HttpAnswer(431, f"the request head is over {limit} bytes")
             return event, bytes(raw)
         return _HttpAnswer(400, "bad HTTP request")
 
@@ -376,14 +382,35 @@ def _check_upgrade(request: h11.Request, route: Route | None, path: str) -> _Htt
         return _HttpAnswer(400, f"bad room instance name: {route.error}")
     if request.method != b"GET":
         return _HttpAnswer(405, "a WebSocket upgrade must use GET", (("Allow", "GET"),))
-    if "upgrade" not in headers.get("connection", "").lower() or not headers.get(
-        "sec-websocket-key"
-    ):
-        return _HttpAnswer(400, "incomplete WebSocket upgrade request")
+    problem = _upgrade_problem(request, headers)
+    if problem is not None:
+        return _HttpAnswer(400, problem)
     if headers.get("sec-websocket-version") != "13":
         return _HttpAnswer(
             426, "unsupported WebSocket version; use 13", (("Sec-WebSocket-Version", "13"),)
         )
+    return None
+
+
+def _upgrade_problem(request: h11.Request, headers: dict[str, str]) -> str | None:
+    """Why a GET is not a well-formed RFC 6455 upgrade, checked here so that every refusal is
+    ours (logged, with a reason) rather than wsproto's bare 400."""
+    if request.http_version != b"1.1":
+        return "a WebSocket upgrade needs HTTP/1.1"
+    if headers.get("upgrade", "").strip().lower() != "websocket":
+        return "the Upgrade header must be exactly 'websocket'"
+    if "upgrade" not in [t.strip() for t in headers.get("connection", "").lower().split(",")]:
+        return "the Connection header must include 'Upgrade'"
+    if "content-length" in headers and headers["content-length"].strip() != "0":
+        return "a WebSocket upgrade carries no body (Content-Length)"
+    if "transfer-encoding" in headers:
+        return "a WebSocket upgrade carries no body (Transfer-Encoding)"
+    try:
+        key = base64.b64decode(headers.get("sec-websocket-key", ""), validate=True)
+    except ValueError:
+        key = b""
+    if len(key) != 16:
+        return "Sec-WebSocket-Key must be 16 bytes in base64"
     return None
 
 
