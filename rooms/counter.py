@@ -37,6 +37,9 @@ counter_room = define_room(
 
 Ctx = RoomContext[CounterState]
 
+#: Largest |amount|: 2**53 - 1 is the largest integer a JavaScript number holds exactly.
+MAX_AMOUNT = 2**53 - 1
+
 
 def _amount(data: Any) -> int:
     amount = data.get("amount", 1) if isinstance(data, dict) else 1
@@ -44,6 +47,9 @@ def _amount(data: Any) -> int:
     # handler error reaches on_error) rather than silently turning the count into a float.
     if not isinstance(amount, int) or isinstance(amount, bool):
         raise TypeError(f"amount must be an integer, not {amount!r}")
+    if abs(amount) > MAX_AMOUNT:
+        # Keeps the count a number JavaScript clients read exactly.
+        raise ValueError(f"amount must be at most {MAX_AMOUNT} in size, not {amount}")
     return amount
 
 

@@ -761,14 +761,6 @@ async def test_absurd_json_is_refused_and_changes_nothing(
         assert not (tmp_path / "rooms").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the wire encoder (orjson) cannot write integers past 64 bits, but frames "
-    "decode u64 values and Python ints grow: one counter:decrement of 2**64-1 makes the count "
-    "unsendable; every later emit of it raises FrameEncodeError, on_connect fails, every new "
-    "client of that instance is closed with 1011 — and the count is persisted, so the instance "
-    "stays bricked across hibernation and restarts.",
-)
 async def test_a_huge_integer_does_not_brick_the_room(
     counter_rooms: list[RoomDefinition[Any]], tmp_path: pathlib.Path
 ) -> None:

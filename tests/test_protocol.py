@@ -89,3 +89,8 @@ def test_routing() -> None:
     for bad in ("..", "%2e%2e", ".", "a%2Fb", "%00", "x" * (MAX_INSTANCE_NAME + 1), "%ff"):
         route = router.route(f"/ws/counter/{bad}")
         assert route is not None and route.error is not None, bad
+
+
+def test_integers_past_64_bits_still_encode() -> None:
+    frame = orjson.loads(encode_event("c", "big", {"n": 2**70, "neg": -(2**65)}))
+    assert frame["data"] == {"type": "big", "n": 2**70, "neg": -(2**65)}

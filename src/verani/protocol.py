@@ -9,6 +9,9 @@ Verani's client unwraps ``data.type`` as the event name and hands ``data`` to it
 
 from __future__ import annotations
 
+import datetime as dt
+import json
+import uuid
 from typing import Any, Final
 
 import attrs
@@ -91,7 +94,22 @@ def _dumps(frame: dict[str, Any], event: str | None) -> str:
     try:
         return orjson.dumps(frame).decode()
     except TypeError as exc:
-        what = f"event {event!r}" if event is not None else "a frame"
-        raise FrameEncodeError(
-            f"cannot send {what}: its data is not JSON-serialisable ({exc})"
-        ) from None
+        problem: Exception = exc
+    if "64-bit" in str(problem):
+        # orjson refuses integers past 64 bits; JSON has no such limit (a JavaScript client
+        # reads them as its numbers do). Rare, so the slower encoder only serves this case.
+        try:
+            return json.dumps(frame, separators=(",", ":"), ensure_ascii=False, default=_plain)
+        except (TypeError, ValueError) as exc:
+            problem = exc
+    what = f"event {event!r}" if event is not None else "a frame"
+    raise FrameEncodeError(f"cannot send {what}: its data is not JSON-serialisable ({problem})")
+
+
+def _plain(value: Any) -> Any:
+    # What orjson writes natively, for the fallback encoder.
+    if isinstance(value, dt.datetime | dt.date | dt.time):
+        return value.isoformat()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    raise TypeError(f"Type is not JSON serializable: {type(value).__name__}")
