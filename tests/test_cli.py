@@ -349,6 +349,13 @@ def test_serve_limit_options(tmp_path: pathlib.Path) -> None:
         assert trio.run(_count_up, url, 1) == 1
         port = int(url.rsplit(":", 1)[1])
 
+        # The connection above may still be closing on the server: wait until it is gone.
+        for _ in range(100):
+            listing = orjson.loads(run("inspect", "--store", str(tmp_path), "--json").stdout)
+            if all(row["sessions"] == 0 for row in listing["instances"]):
+                break
+            time.sleep(0.05)
+
         async def two_at_once() -> int:
             async with trio_websocket.open_websocket_url(f"{url}/ws/counter"):
                 stream = await trio.open_tcp_stream("127.0.0.1", port)

@@ -559,6 +559,16 @@ class _Connection:
                         session.meta.client_id,
                         self._max_frame_size,
                     )
+                elif closed.reason is not None and closed.reason.code in (1002, 1007):
+                    # wsproto found a protocol violation (bad opcode, bad UTF-8, unmasked frame).
+                    server.stats.frames_dropped += 1
+                    log.warning(
+                        "%s: client %s broke the WebSocket protocol (%s: %s); connection dropped",
+                        self._where,
+                        session.meta.client_id,
+                        closed.reason.code,
+                        closed.reason.reason,
+                    )
                 return
             try:
                 frame = decode_frame(message, max_size=self._max_frame_size)
