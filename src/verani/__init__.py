@@ -14,6 +14,7 @@ from .errors import (
     NotPersistableError,
     PersistenceError,
     ProtocolError,
+    RoomCrashedError,
     RoomDefinitionError,
     RoomLoadError,
     RoomNotFoundError,
@@ -23,10 +24,12 @@ from .errors import (
 )
 from .protocol import ClientFrame
 from .room import PersistOptions, RoomDefinition, define_room
+from .runtime import CallCycleError, RoomHandle, Runtime
 from .server import HandshakeRequest, ServeError, Server, ServerConfig, open_server
 from .sessions import ConnectionMeta
 
 __all__ = [
+    "CallCycleError",
     "ClientFrame",
     "ConnectionMeta",
     "ControlError",
@@ -42,10 +45,13 @@ __all__ = [
     "ProtocolError",
     "RoomActor",
     "RoomContext",
+    "RoomCrashedError",
     "RoomDefinition",
     "RoomDefinitionError",
+    "RoomHandle",
     "RoomLoadError",
     "RoomNotFoundError",
+    "Runtime",
     "ServeError",
     "Server",
     "ServerConfig",
