@@ -121,6 +121,7 @@ class Supervisor:
         self.stopping = False
         self.max_held_per_socket = max_held_per_socket
         self.max_awake = max_awake
+        self._running = 0  # instances with an actor task, awake or finishing hibernation
         self._evicting: set[tuple[str, str]] = set()
         #: Reaches room instances from outside their turns (timers, other rooms' handlers).
         self.runtime = Runtime(self)
@@ -150,9 +151,11 @@ class Supervisor:
         if self._nursery is None:
             raise RuntimeError("the supervisor is not running; start Supervisor.run first")
         inst.running = True
+        self._running += 1
         self.instances[inst.key] = inst
         self._nursery.start_soon(self._run_instance, inst, name=f"room {inst.key[0]}/{inst.key[1]}")
-        self._evict_if_over(inst)
+        if self._running > self.max_awake:  # the scan below runs only when over the limit
+            self._evict_if_over(inst)
 
     def _evict_if_over(self, newcomer: RoomInstance) -> None:
         """Past ``max_awake`` awake instances, hibernate the least recently used ones."""
@@ -235,6 +238,8 @@ class Supervisor:
             self._retire(inst)
 
     def _retire(self, inst: RoomInstance) -> None:
+        if inst.running:
+            self._running -= 1
         inst.running = False
         if not len(inst.sessions) and self.instances.get(inst.key) is inst:
             del self.instances[inst.key]
