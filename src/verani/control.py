@@ -20,6 +20,7 @@ import socket
 import tempfile
 from typing import TYPE_CHECKING, Any
 
+import attrs
 import orjson
 import trio
 
@@ -94,7 +95,7 @@ async def serve_control(
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Answer control requests for ``server`` until cancelled; starts with the socket's path."""
-    private = pathlib.Path(tempfile.mkdtemp(prefix="verani-"))
+    private = pathlib.Path(await trio.to_thread.run_sync(tempfile.mkdtemp, "", "verani-"))
     path = private / "control.sock"
     info = store_dir / INFO_FILE
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -167,6 +168,7 @@ async def _dispatch(server: Server, request: dict[str, Any]) -> dict[str, Any]:
             "pid": os.getpid(),
             "url": server.url,
             "rooms": {r.name: r.websocket_path for r in server.router.rooms},
+            "stats": attrs.asdict(server.stats),
             "instances": [
                 {"room": s.room, "instance": s.instance, "awake": s.awake, "sessions": s.sessions}
                 for s in server.supervisor.status()

@@ -13,7 +13,7 @@ import base64
 import http
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Literal
 
@@ -652,7 +652,11 @@ async def open_server(
     store_obj: Store = (
         store if isinstance(store, Store) else FileStore(store or ".verani", durability=durability)
     )
-    lock = StoreLock.acquire(store_obj.directory) if isinstance(store_obj, FileStore) else None
+    lock = (
+        await trio.to_thread.run_sync(StoreLock.acquire, store_obj.directory)
+        if isinstance(store_obj, FileStore)
+        else None
+    )
     try:
         config = config or ServerConfig()
         # Held frames are released in bursts; half the outbound queue leaves room for them.
@@ -700,6 +704,3 @@ async def _nursery_task(*, task_status: trio.TaskStatus[trio.Nursery]) -> None:
     async with trio.open_nursery() as nursery:
         task_status.started(nursery)
         await trio.sleep_forever()
-
-
-ServeCallback = Callable[[Server], Awaitable[None]]
