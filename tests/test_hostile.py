@@ -6,9 +6,6 @@ and nothing was stored, unless a well-formed request legitimately did so.
 
 The hypothesis tests are plain ``def`` tests running one ``trio.run`` per example, each against
 a fresh server on port 0 (a server starts and stops in a few milliseconds).
-
-Known server bugs are pinned by ``xfail(strict=True)`` tests (``BUG:`` in the reason): they
-turn into failures once the bug is fixed, so the marker can go.
 """
 
 from __future__ import annotations
@@ -874,8 +871,7 @@ async def test_a_protocol_violation_ends_only_that_socket(
                 await other.next_event("counter:sync")
                 async with raw_counter(server.port) as sock:
                     await sock.send(violation)
-                    # The close code itself is pinned by the xfail test below.
-                    assert await sock.close_code() in (code, 1006)
+                    assert await sock.close_code() == code
                 # The room let go of the socket; the other one is served.
                 while server.supervisor.status()[0].sessions != 1:
                     await trio.sleep(0.01)
@@ -884,12 +880,6 @@ async def test_a_protocol_violation_ends_only_that_socket(
             await assert_still_serving(server, count=1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: on a protocol violation trio-websocket (0.12.2) takes wsproto's ParseFailed "
-    "CloseConnection for the peer's close and drops the TCP connection without sending a Close "
-    "frame, so the client sees 1006 instead of 1007/1002; the server logs nothing about it.",
-)
 @pytest.mark.parametrize(("violation", "code"), PROTOCOL_VIOLATIONS)
 async def test_a_protocol_violation_gets_its_close_code_and_a_log_line(
     violation: bytes,

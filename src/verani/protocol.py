@@ -99,7 +99,9 @@ def _dumps(frame: dict[str, Any], event: str | None) -> str:
         # orjson refuses integers past 64 bits; JSON has no such limit (a JavaScript client
         # reads them as its numbers do). Rare, so the slower encoder only serves this case.
         try:
-            return json.dumps(frame, separators=(",", ":"), ensure_ascii=False, default=_plain)
+            # ASCII escapes: a lone surrogate (which orjson refuses) cannot reach the wire as
+            # invalid UTF-8.
+            return json.dumps(frame, separators=(",", ":"), default=_plain)
         except (TypeError, ValueError) as exc:
             problem = exc
     what = f"event {event!r}" if event is not None else "a frame"

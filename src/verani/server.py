@@ -3,8 +3,8 @@
 Each connection runs in its own guarded scope: whatever goes wrong with one socket ends that
 socket only, never the listener or the other connections. The HTTP request head is read here
 first, so a plain HTTP request to a room path gets ``426 Upgrade Required``, an unknown path
-``404``, a bad instance name ``400``; only a well-formed upgrade to a room path reaches
-trio-websocket, which performs the handshake on the same bytes.
+``404``, a bad instance name ``400``; only a well-formed upgrade to a room path is answered with
+``101`` and handed to the WebSocket transport (:mod:`verani.transport`).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import base64
 import http
 import logging
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Literal
@@ -20,7 +21,6 @@ from typing import Any, Literal
 import attrs
 import h11
 import trio
-import trio_websocket
 
 from .actor import Connect, Disconnect, Message
 from .errors import FrameTooLargeError, HandshakeRefused, ProtocolError, VeraniError, single_error
@@ -31,6 +31,7 @@ from .runtime import RoomHandle, Runtime
 from .sessions import ConnectionMeta, Session
 from .store import FileStore, Store
 from .supervisor import RoomInstance, Supervisor
+from .transport import MAX_BATCH_BYTES, Closed, WebSocket, accept_response
 
 log = logging.getLogger("verani.server")
 
@@ -190,7 +191,7 @@ class Server:
         if isinstance(head, _HttpAnswer):
             await self._answer(stream, head, remote, "")
             return
-        request, raw = head
+        request, trailing = head
         target = request.target.decode("ascii", "replace")
         path, query = split_target(target)
         route = self.router.route(path)
@@ -203,60 +204,50 @@ class Server:
             await self._answer(stream, answer, remote, target)
             return
         assert route is not None
-        async with trio.open_nursery() as ws_nursery:
-            with trio.move_on_after(cfg.handshake_timeout) as timeout:
-                ws_request = await trio_websocket.wrap_server_stream(
-                    ws_nursery,
-                    _ReplayStream(raw, stream),
-                    # Room enough that trio-websocket's reader keeps answering protocol pings
-                    # while our reader waits on a busy room's inbox.
-                    message_queue_size=64,
-                    max_message_size=route.room.max_frame_size or cfg.max_frame_size,
-                )
-                hreq = HandshakeRequest(
-                    path=path,
-                    query=query,
-                    headers=_headers(request.headers),
-                    remote=remote,
-                    room=route.room.name,
-                    instance=route.instance,
-                )
-                meta = await self._extract_meta(route.room, hreq, ws_request)
-                if meta is None:
-                    ws_nursery.cancel_scope.cancel()
-                    return
-                ws = await ws_request.accept()
-            if timeout.cancelled_caught:
-                log.info("connection from %s: WebSocket handshake timed out", remote)
-                ws_nursery.cancel_scope.cancel()
+        hreq = HandshakeRequest(
+            path=path,
+            query=query,
+            headers=_headers(request.headers),
+            remote=remote,
+            room=route.room.name,
+            instance=route.instance,
+        )
+        with trio.move_on_after(cfg.handshake_timeout) as timeout:
+            meta = await self._extract_meta(route.room, hreq)
+            if isinstance(meta, _HttpAnswer):
+                await self._answer(stream, meta, remote, target, logged=True)
                 return
-            assert meta is not None
-            if self.supervisor.stopping:
-                # The handshake finished after shutdown began: no room will take it.
-                with trio.move_on_after(cfg.close_timeout):
-                    await ws.aclose(1001, "server shutting down")
-                ws_nursery.cancel_scope.cancel()
-                return
-            inst = self.supervisor.instance(route.room.name, route.instance)
-            conn = _Connection(self, ws, inst, meta)
-            self._connections.add(conn)
-            key = (route.room.name, route.instance)
-            self._per_room[key] = self._per_room.get(key, 0) + 1
-            if self._no_connections.is_set():
-                self._no_connections = trio.Event()
-            self.stats.connections += 1
-            try:
-                await conn.run()
-            finally:
-                self._connections.discard(conn)
-                left = self._per_room[key] - 1
-                if left:
-                    self._per_room[key] = left
-                else:
-                    del self._per_room[key]
-                if not self._connections:
-                    self._no_connections.set()
-                ws_nursery.cancel_scope.cancel()
+            await stream.send_all(accept_response(hreq.headers["sec-websocket-key"]))
+        if timeout.cancelled_caught:
+            log.info("connection from %s: WebSocket handshake timed out", remote)
+            return
+        assert isinstance(meta, ConnectionMeta)
+        max_message = route.room.max_frame_size or cfg.max_frame_size
+        ws = WebSocket(stream, trailing=trailing, max_message_size=max_message)
+        if self.supervisor.stopping:
+            # The handshake finished after shutdown began: no room will take it.
+            with trio.move_on_after(cfg.close_timeout):
+                await ws.aclose(1001, "server shutting down")
+            return
+        inst = self.supervisor.instance(route.room.name, route.instance)
+        conn = _Connection(self, ws, inst, meta)
+        self._connections.add(conn)
+        key = (route.room.name, route.instance)
+        self._per_room[key] = self._per_room.get(key, 0) + 1
+        if self._no_connections.is_set():
+            self._no_connections = trio.Event()
+        self.stats.connections += 1
+        try:
+            await conn.run()
+        finally:
+            self._connections.discard(conn)
+            left = self._per_room[key] - 1
+            if left:
+                self._per_room[key] = left
+            else:
+                del self._per_room[key]
+            if not self._connections:
+                self._no_connections.set()
 
     def _check_capacity(self, route: Route | None) -> _HttpAnswer | None:
         # Counted before the upgrade, so a refused client costs no room code and no socket.
@@ -284,11 +275,8 @@ class Server:
         return None
 
     async def _extract_meta(
-        self,
-        room: RoomDefinition[Any],
-        request: HandshakeRequest,
-        ws_request: trio_websocket.WebSocketRequest,
-    ) -> ConnectionMeta | None:
+        self, room: RoomDefinition[Any], request: HandshakeRequest
+    ) -> ConnectionMeta | _HttpAnswer:
         extract = room.hooks.extract_meta or default_meta
         where = f"room {room.name}/{request.instance}"
         try:
@@ -296,26 +284,31 @@ class Server:
             meta = await result if isinstance(result, Awaitable) else result
         except HandshakeRefused as refusal:
             log.info("%s: refused connection from %s: %s", where, request.remote, refusal)
-            self.stats.http_rejected += 1
-            await ws_request.reject(refusal.status, body=refusal.reason.encode())
-            return None
+            return _HttpAnswer(refusal.status, refusal.reason, verbatim=True)
         except Exception as exc:
             log.error(
                 "%s: extract_meta raised %s: %s", where, type(exc).__name__, exc, exc_info=exc
             )
-            await ws_request.reject(500, body=b"the room could not accept the connection")
-            return None
+            return _HttpAnswer(500, "the room could not accept the connection")
         if not isinstance(meta, ConnectionMeta):
             log.error("%s: extract_meta returned %r, not a ConnectionMeta", where, meta)
-            await ws_request.reject(500, body=b"the room could not accept the connection")
-            return None
+            return _HttpAnswer(500, "the room could not accept the connection")
         return meta
 
     async def _answer(
-        self, stream: trio.SocketStream, answer: _HttpAnswer, remote: str, target: str
+        self,
+        stream: trio.SocketStream,
+        answer: _HttpAnswer,
+        remote: str,
+        target: str,
+        *,
+        logged: bool = False,
     ) -> None:
         self.stats.http_rejected += 1
-        log.info("%s %s from %s: %s", answer.status, target or "(bad request)", remote, answer.body)
+        if not logged:
+            log.info(
+                "%s %s from %s: %s", answer.status, target or "(bad request)", remote, answer.body
+            )
         with trio.move_on_after(self.config.close_timeout):
             await stream.send_all(answer.encode())
 
@@ -325,9 +318,11 @@ class _HttpAnswer:
     status: int
     body: str
     headers: tuple[tuple[str, str], ...] = ()
+    #: Send ``body`` byte for byte (a room's own refusal reason), without our trailing newline.
+    verbatim: bool = False
 
     def encode(self) -> bytes:
-        body = (self.body + "\n").encode()
+        body = self.body.encode() if self.verbatim else (self.body + "\n").encode()
         phrase = http.HTTPStatus(self.status).phrase
         lines = [
             f"HTTP/1.1 {self.status} {phrase}",
@@ -362,7 +357,7 @@ async def _read_request_head(
             head_end = raw.find(b"\r\n\r\n")
             if head_end < 0 or head_end + 4 > limit:
                 return _HttpAnswer(431, f"the request head is over {limit} bytes")
-            return event, bytes(raw)
+            return event, bytes(raw[head_end + 4 :])
         return _HttpAnswer(400, "bad HTTP request")
 
 
@@ -442,31 +437,6 @@ def _peer(stream: trio.SocketStream) -> str:
     return f"{host}:{port}"
 
 
-class _ReplayStream(trio.abc.Stream):
-    """A stream that first returns bytes already read from it (the request head we parsed)."""
-
-    def __init__(self, prefix: bytes, stream: trio.SocketStream) -> None:
-        self._prefix = prefix
-        self._stream = stream
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if self._prefix:
-            await trio.lowlevel.checkpoint()
-            size = len(self._prefix) if max_bytes is None else max_bytes
-            data, self._prefix = self._prefix[:size], self._prefix[size:]
-            return data
-        return await self._stream.receive_some(max_bytes)
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self._stream.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self._stream.wait_send_all_might_not_block()
-
-    async def aclose(self) -> None:
-        await self._stream.aclose()
-
-
 #: Close codes after which queued frames are still sent before the close frame.
 _DRAINING_CODES = frozenset({1000, 1001})
 
@@ -475,17 +445,16 @@ class _Connection:
     """One accepted socket: its session, bounded outbound queue, reader and writer."""
 
     def __init__(
-        self,
-        server: Server,
-        ws: trio_websocket.WebSocketConnection,
-        instance: RoomInstance,
-        meta: ConnectionMeta,
+        self, server: Server, ws: WebSocket, instance: RoomInstance, meta: ConnectionMeta
     ) -> None:
         self._server = server
         self._ws = ws
         self._instance = instance
         self.session = Session(meta, self)
-        self._out_send, self._out_recv = trio.open_memory_channel[str](server.config.outbound_queue)
+        self._out: deque[str] = deque()
+        self._out_limit = server.config.outbound_queue
+        self._out_ready = trio.Event()
+        self._draining = False
         self._io_scope = trio.CancelScope()
         self._in_flight = 0
         self._may_read = trio.Event()
@@ -498,19 +467,18 @@ class _Connection:
     def send_frame(self, frame: str) -> None:
         if self._close_code is not None:
             return
-        try:
-            self._out_send.send_nowait(frame)
-        except trio.WouldBlock:
+        if len(self._out) >= self._out_limit:
             log.warning(
                 "%s: client %s (user %s) reads too slowly; %d frames queued, closing with 1008",
                 self._where,
                 self.session.meta.client_id,
                 self.session.meta.user_id,
-                self._server.config.outbound_queue,
+                self._out_limit,
             )
             self.close(1008, "outbound queue full: the client reads too slowly")
-        except trio.ClosedResourceError:
-            pass
+            return
+        self._out.append(frame)
+        self._out_ready.set()
 
     def message_done(self) -> None:
         self._in_flight -= 1
@@ -519,14 +487,16 @@ class _Connection:
     def _backlog(self) -> int:
         # This socket's messages still in the room plus its frames not yet sent: a client that
         # floods faster than it reads its replies is slowed here, at its own socket.
-        return self._in_flight + self._out_send.statistics().current_buffer_used
+        return self._in_flight + len(self._out)
 
     def close(self, code: int, reason: str) -> None:
         if self._close_code is not None:
             return
         self._close_code, self._close_reason = code, reason
         if code in _DRAINING_CODES:
-            self._out_send.close()  # the writer sends what is queued, then ends the socket
+            # The writer sends what is queued, then ends the socket.
+            self._draining = True
+            self._out_ready.set()
         else:
             self._io_scope.cancel()
 
@@ -543,32 +513,16 @@ class _Connection:
         reason = self._close_reason if self._close_code else (closed.reason if closed else None)
         await inst.submit(Disconnect(session, code, reason or None))
         with trio.move_on_after(self._server.config.close_timeout):
-            await self._ws.aclose(self._close_code or 1000, self._close_reason or None)
+            await self._ws.aclose(self._close_code or 1000, self._close_reason)
 
     async def _reader(self) -> None:
         ws, session, server = self._ws, self.session, self._server
         while True:
             try:
-                message = await ws.get_message()
-            except trio_websocket.ConnectionClosed as closed:
-                if closed.reason is not None and closed.reason.code == 1009:
-                    server.stats.frames_dropped += 1
-                    log.warning(
-                        "%s: client %s sent a frame over %d bytes; closed with 1009",
-                        self._where,
-                        session.meta.client_id,
-                        self._max_frame_size,
-                    )
-                elif closed.reason is not None and closed.reason.code in (1002, 1007):
-                    # wsproto found a protocol violation (bad opcode, bad UTF-8, unmasked frame).
-                    server.stats.frames_dropped += 1
-                    log.warning(
-                        "%s: client %s broke the WebSocket protocol (%s: %s); connection dropped",
-                        self._where,
-                        session.meta.client_id,
-                        closed.reason.code,
-                        closed.reason.reason,
-                    )
+                message = await ws.receive()
+            except Closed as closed:
+                if closed.violation:
+                    self._log_violation(closed)
                 return
             try:
                 frame = decode_frame(message, max_size=self._max_frame_size)
@@ -603,12 +557,46 @@ class _Connection:
             if not await self._instance.submit(Message(session, frame)):
                 self._in_flight -= 1
 
+    def _log_violation(self, closed: Closed) -> None:
+        self._server.stats.frames_dropped += 1
+        client = self.session.meta.client_id
+        if closed.code == 1009:
+            log.warning(
+                "%s: client %s sent a frame over %d bytes; closed with 1009",
+                self._where,
+                client,
+                self._max_frame_size,
+            )
+        else:
+            log.warning(
+                "%s: client %s broke the WebSocket protocol (%s); closed with %d",
+                self._where,
+                client,
+                closed.reason,
+                closed.code,
+            )
+
     async def _writer(self) -> None:
         timeout = self._server.config.send_timeout
+        out, ws = self._out, self._ws
         try:
-            async for frame in self._out_recv:
+            while True:
+                if not out:
+                    if self._draining:
+                        break
+                    self._out_ready = trio.Event()
+                    await self._out_ready.wait()
+                    continue
+                # Everything queued goes out in one write (bounded), so a burst of events costs
+                # one syscall, not one per frame.
+                batch: list[str] = []
+                size = 0
+                while out and size < MAX_BATCH_BYTES:
+                    frame = out.popleft()
+                    batch.append(frame)
+                    size += len(frame)
                 with trio.fail_after(timeout):
-                    await self._ws.send_message(frame)
+                    await ws.send_texts(batch)
                 self._may_read.set()
         except trio.TooSlowError:
             log.warning(
@@ -619,7 +607,7 @@ class _Connection:
             )
             if self._close_code is None:
                 self._close_code, self._close_reason = 1008, "a send took too long"
-        except trio_websocket.ConnectionClosed:
+        except Closed:
             return
         self._io_scope.cancel()
 

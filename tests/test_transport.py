@@ -1,0 +1,174 @@
+"""The server's WebSocket transport: frame encoding, batched writes, the handshake's edge cases.
+
+Frames written by the server are read back with wsproto's client (an independent parser), and
+the socket tests drive a real server over loopback.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import orjson
+import trio
+from hypothesis import given
+from hypothesis import strategies as st
+from wsproto.connection import Connection, ConnectionType
+from wsproto.events import CloseConnection, TextMessage
+from wsproto.frame_protocol import FrameProtocol
+
+from verani import RoomDefinition, define_room, open_server
+from verani.store import MemoryStore
+from verani.transport import accept_response, encode_text_frame
+
+from helpers import connect, upgrade_request
+
+# Payload sizes around each of the three length encodings of RFC 6455 §5.2.
+_BOUNDARIES = [0, 1, 125, 126, 127, 65535, 65536, 65537]
+
+
+def _read_back(data: bytes, chunk: int) -> list[str]:
+    client = Connection(ConnectionType.CLIENT)
+    messages: list[str] = []
+    parts: list[str] = []
+    for start in range(0, len(data), chunk):
+        client.receive_data(data[start : start + chunk])
+        for event in client.events():
+            assert isinstance(event, TextMessage), event
+            parts.append(event.data)
+            if event.message_finished:
+                messages.append("".join(parts))
+                parts = []
+    return messages
+
+
+@given(
+    pieces=st.lists(
+        st.tuples(st.sampled_from(_BOUNDARIES), st.characters(codec="utf-8"))
+        | st.text(st.characters(codec="utf-8"), max_size=300),
+        min_size=1,
+        max_size=8,
+    ),
+    chunk=st.integers(1, 70000),
+)
+def test_encoded_frames_read_back_as_the_same_messages(
+    pieces: list[tuple[int, str] | str], chunk: int
+) -> None:
+    # (size, character) stands for a long text, so hypothesis reports stay short.
+    texts = [p if isinstance(p, str) else p[1] * p[0] for p in pieces]
+    data = b"".join(encode_text_frame(text.encode()) for text in texts)
+    # Split into at most ~60 reads, small ones included, so long payloads stay quick.
+    assert _read_back(data, max(chunk, len(data) // 60)) == texts
+
+
+def test_accept_response_carries_the_rfc_example_token() -> None:
+    # RFC 6455 §1.3: key "dGhlIHNhbXBsZSBub25jZQ==" → accept "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=".
+    response = accept_response("dGhlIHNhbXBsZSBub25jZQ==")
+    assert response.startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
+    assert b"\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n" in response
+    assert response.endswith(b"\r\n\r\n")
+
+
+async def test_a_frame_sent_with_the_upgrade_request_is_not_lost(
+    counter_rooms: list[RoomDefinition[Any]], tmp_path: pathlib.Path
+) -> None:
+    # A client may write its first frame in the same packet as the request head; those bytes
+    # were read with the head and must reach the WebSocket parser.
+    masked = FrameProtocol(client=True, extensions=[])
+    first = masked.send_data(
+        orjson.dumps({"type": "counter:increment", "data": {"amount": 5}}).decode()
+    )
+    async with open_server(counter_rooms, store=MemoryStore()) as server:
+        stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+        async with stream:
+            await stream.send_all(upgrade_request("/ws/counter") + bytes(first))
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += await stream.receive_some(65536)
+            head, _, rest = data.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 101 ")
+            client = Connection(ConnectionType.CLIENT, trailing_data=rest)
+            seen: list[dict[str, Any]] = []
+            with trio.fail_after(5):
+                while not any(f["data"]["type"] == "counter:update" for f in seen):
+                    events = list(client.events())
+                    assert all(isinstance(e, TextMessage) for e in events), events
+                    seen += [orjson.loads(e.data) for e in events]  # type: ignore[union-attr]
+                    if not events:
+                        client.receive_data(await stream.receive_some(65536))
+            update = next(f for f in seen if f["data"]["type"] == "counter:update")
+            assert update["data"]["count"] == 5
+
+
+def _burst_room() -> RoomDefinition[Any]:
+    room = define_room(name="burst", websocket_path="/ws/burst", state={"n": 0})
+
+    @room.on("burst")
+    def burst(ctx: Any, data: Any) -> None:
+        # All emitted in one turn: they reach the socket's queue together and leave in batches.
+        for i in range(int(data["count"])):
+            ctx.emit.emit("item", {"i": i, "pad": "y" * int(data["pad"])})
+
+    return room
+
+
+async def test_a_burst_of_frames_arrives_whole_and_in_order() -> None:
+    async with (
+        open_server([_burst_room()], store=MemoryStore()) as server,
+        connect(server.url, "/ws/burst") as client,
+    ):
+        # 600 frames of ~1 KB: more than one write batch, fewer than the outbound queue.
+        await client.emit("burst", {"count": 600, "pad": 1000})
+        got = [(await client.next_event("item"))[1]["i"] for _ in range(600)]
+        assert got == list(range(600))
+        # The socket is still in step afterwards.
+        await client.emit("burst", {"count": 1, "pad": 0})
+        assert (await client.next_event("item"))[1] == {"type": "item", "i": 0, "pad": ""}
+
+
+async def test_websocket_pings_are_answered_and_a_clean_close_is_echoed(
+    counter_rooms: list[RoomDefinition[Any]],
+) -> None:
+    async with open_server(counter_rooms, store=MemoryStore()) as server:
+        async with connect(server.url) as client:
+            await client.next_event("counter:sync")
+            with trio.fail_after(5):
+                await client.ws.ping(b"are you there")
+            await client.ws.aclose(4000, "bye")
+            assert client.ws.closed is not None
+            assert client.ws.closed.code == 4000
+        # The room saw the close with the client's code.
+        while server.supervisor.status()[0].sessions:
+            await trio.sleep(0.01)
+
+
+async def test_a_server_close_is_a_close_handshake(
+    counter_rooms: list[RoomDefinition[Any]],
+) -> None:
+    stop = trio.Event()
+
+    async def serve(*, task_status: trio.TaskStatus[int]) -> None:
+        async with open_server(counter_rooms, store=MemoryStore()) as server:
+            task_status.started(server.port)
+            await stop.wait()
+
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(serve)
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(upgrade_request("/ws/counter"))
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += await stream.receive_some(65536)
+            client = Connection(ConnectionType.CLIENT, trailing_data=data.partition(b"\r\n\r\n")[2])
+            stop.set()  # the server shuts down: every socket gets a Close frame with 1001
+            close: CloseConnection | None = None
+            while close is None:
+                client.receive_data(await stream.receive_some(65536))
+                close = next((e for e in client.events() if isinstance(e, CloseConnection)), None)
+            assert (close.code, close.reason) == (1001, "server shutting down")
+            # Our answer completes the handshake, and only then does the server drop TCP.
+            await stream.send_all(client.send(close.response()))
+            with trio.fail_after(5):
+                while await stream.receive_some(65536):
+                    pass
