@@ -20,6 +20,8 @@ import trio_websocket
 
 from verani.store import FileStore
 
+from helpers import http_request, upgrade_request
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 COUNTER = str(ROOT / "rooms" / "counter.py")
 VERANI = [sys.executable, "-m", "verani"]
@@ -344,10 +346,27 @@ def test_serve_limit_options(tmp_path: pathlib.Path) -> None:
         "5",
         "--max-connections-per-room",
         "1",
+        "--max-instance-name",
+        "8",
+        "--instance-pattern",
+        "[a-z0-9-]+",
     )
     with serving(tmp_path, *limits) as (proc, url):
         assert trio.run(_count_up, url, 1) == 1
         port = int(url.rsplit(":", 1)[1])
+
+        async def upgrade_status(instance: str) -> tuple[int, bytes]:
+            status, _, body = await http_request(port, upgrade_request(f"/ws/counter/{instance}"))
+            return status, body
+
+        assert trio.run(upgrade_status, "abcdefghi") == (
+            400,
+            b"bad room instance name: the instance name is longer than 8 characters\n",
+        )
+        assert trio.run(upgrade_status, "Shout") == (
+            400,
+            b"bad room instance name: the instance name does not match '[a-z0-9-]+'\n",
+        )
 
         # The connection above may still be closing on the server: wait until it is gone.
         for _ in range(100):
@@ -373,3 +392,6 @@ def test_serve_limit_options(tmp_path: pathlib.Path) -> None:
         assert proc.wait(timeout=20) == 0
     bad = run("serve", COUNTER, "--max-connections", "0")
     assert bad.returncode == 2 and "--max-connections" in bad.stderr
+    bad = run("serve", COUNTER, "--instance-pattern", "[a-z")
+    assert bad.returncode == 2
+    assert "--instance-pattern" in bad.stderr and "is not a regular expression" in bad.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
@@ -9,9 +10,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from verani import ClientFrame, FrameEncodeError, FrameTooLargeError, ProtocolError, define_room
+from verani import (
+    ClientFrame,
+    FrameEncodeError,
+    FrameTooLargeError,
+    ProtocolError,
+    RoomDefinitionError,
+    define_room,
+)
 from verani.protocol import decode_frame, encode_event
-from verani.routing import MAX_INSTANCE_NAME, Router, split_target
+from verani.routing import MAX_INSTANCE_NAME, InstanceRules, Router, split_target
 
 
 def test_decode_event_frame() -> None:
@@ -89,6 +97,37 @@ def test_routing() -> None:
     for bad in ("..", "%2e%2e", ".", "a%2Fb", "%00", "x" * (MAX_INSTANCE_NAME + 1), "%ff"):
         route = router.route(f"/ws/counter/{bad}")
         assert route is not None and route.error is not None, bad
+
+
+def test_instance_name_rules_of_the_server_and_of_a_room() -> None:
+    plain = define_room(name="plain")
+    strict = define_room(name="strict", instance_pattern=r"[a-z]+", max_instance_name=4)
+    router = Router([plain, strict], InstanceRules(max_length=300, pattern=re.compile(r"\w+")))
+    assert router.route("/ws/plain/" + "x" * 300).error is None  # type: ignore[union-attr]
+    assert "longer than 300" in router.route("/ws/plain/" + "x" * 301).error  # type: ignore[union-attr,operator]
+    assert "does not match" in router.route("/ws/plain/a-b").error  # type: ignore[union-attr,operator]
+    # The room's own rules win over the server's.
+    assert router.route("/ws/strict/abcd").error is None  # type: ignore[union-attr]
+    assert "longer than 4" in router.route("/ws/strict/abcde").error  # type: ignore[union-attr,operator]
+    assert "match '[a-z]+'" in router.route("/ws/strict/ab1").error  # type: ignore[union-attr,operator]
+    # No pattern can let a name reach outside the store.
+    loose = define_room(name="loose", instance_pattern=r".*")
+    for bad in ("..", "%2e%2e", "a%2Fb", "%00"):
+        route = Router([loose]).route(f"/ws/loose/{bad}")
+        assert route is not None and route.error is not None, bad
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"instance_pattern": "[a-"}, "instance_pattern '[a-' is not a regular expression"),
+        ({"instance_pattern": 5}, "instance_pattern must be a regular expression"),
+        ({"max_instance_name": 0}, "max_instance_name must be a positive int"),
+    ],
+)
+def test_bad_instance_rules_are_definition_errors(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(RoomDefinitionError, match=re.escape(message)):
+        define_room(name="r", **options)
 
 
 def test_integers_past_64_bits_still_encode() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import re
 import signal
 import sys
 from typing import Any, Literal, NoReturn
@@ -63,6 +64,17 @@ def _fail(message: str, code: int) -> NoReturn:
 @click.version_option(package_name="verani")
 def main() -> None:
     """Realtime rooms with persisted state and hibernation, on Trio."""
+
+
+def _compile_pattern(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> re.Pattern[str] | None:
+    if value is None:
+        return None
+    try:
+        return re.compile(value)
+    except re.error as exc:
+        raise click.BadParameter(f"{value!r} is not a regular expression: {exc}") from None
 
 
 @main.command()
@@ -147,6 +159,21 @@ def main() -> None:
     help="Seconds a client gets to complete the HTTP upgrade.",
 )
 @click.option(
+    "--max-instance-name",
+    default=_DEFAULTS.max_instance_name,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Longest room instance name (characters); longer ones get HTTP 400.",
+)
+@click.option(
+    "--instance-pattern",
+    default=None,
+    metavar="REGEX",
+    callback=_compile_pattern,
+    help="Instance names must match REGEX in full (e.g. '[a-z0-9-]+'); others get HTTP 400. "
+    "A room's own instance_pattern wins.",
+)
+@click.option(
     "--log-format",
     default="text",
     show_default=True,
@@ -167,6 +194,8 @@ def serve(
     max_awake_rooms: int,
     outbound_queue: int,
     handshake_timeout: float,
+    max_instance_name: int,
+    instance_pattern: re.Pattern[str] | None,
     log_format: str,
 ) -> None:
     """Serve the rooms defined in FILE_OR_DIR... over WebSockets until Ctrl-C.
@@ -195,6 +224,8 @@ def serve(
         max_awake_rooms=max_awake_rooms,
         outbound_queue=outbound_queue,
         handshake_timeout=handshake_timeout,
+        max_instance_name=max_instance_name,
+        instance_pattern=instance_pattern,
     )
     stopped = trio.Event()
     try:

@@ -92,8 +92,12 @@ class RoomDefinition(Generic[S]):
         allowed_origins: frozenset[str] | None = None,
         max_frame_size: int | None = None,
         max_connections: int | None = None,
+        max_instance_name: int | None = None,
+        instance_pattern: re.Pattern[str] | None = None,
     ) -> None:
         self.name = name
+        self.max_instance_name = max_instance_name
+        self.instance_pattern = instance_pattern
         self.max_frame_size = max_frame_size
         self.max_connections = max_connections
         self.allowed_origins = allowed_origins
@@ -204,6 +208,8 @@ def define_room(
     allowed_origins: Iterable[str] | None = ...,
     max_frame_size: int | None = ...,
     max_connections: int | None = ...,
+    max_instance_name: int | None = ...,
+    instance_pattern: str | re.Pattern[str] | None = ...,
     extract_meta: ExtractMeta | None = ...,
     on_connect: Hook[S] | None = ...,
     on_message: MessageHook[S] | None = ...,
@@ -224,6 +230,8 @@ def define_room(
     allowed_origins: Iterable[str] | None = ...,
     max_frame_size: int | None = ...,
     max_connections: int | None = ...,
+    max_instance_name: int | None = ...,
+    instance_pattern: str | re.Pattern[str] | None = ...,
     extract_meta: ExtractMeta | None = ...,
     on_connect: Hook[Any] | None = ...,
     on_message: MessageHook[Any] | None = ...,
@@ -243,6 +251,8 @@ def define_room(
     allowed_origins: Iterable[str] | None = None,
     max_frame_size: int | None = None,
     max_connections: int | None = None,
+    max_instance_name: int | None = None,
+    instance_pattern: str | re.Pattern[str] | None = None,
     extract_meta: ExtractMeta | None = None,
     on_connect: Hook[Any] | None = None,
     on_message: MessageHook[Any] | None = None,
@@ -260,7 +270,9 @@ def define_room(
     ``allowed_origins`` (e.g. ``["https://app.example"]``) refuses, with 403 before the upgrade,
     a browser whose page comes from any other origin (cross-site WebSocket hijacking).
     ``max_frame_size`` (characters) and ``max_connections`` (per instance) override the server's
-    limits for this room.
+    limits for this room, as do ``max_instance_name`` (characters) and ``instance_pattern`` (a
+    regular expression a whole instance name must match, e.g. ``r"[a-z0-9-]+"``); other names
+    get HTTP 400 before the upgrade.
 
     Raises :class:`RoomDefinitionError` naming the culprit when an option is invalid.
     """
@@ -307,7 +319,24 @@ def define_room(
         allowed_origins=_origins(name, allowed_origins),
         max_frame_size=_positive(name, "max_frame_size", max_frame_size),
         max_connections=_positive(name, "max_connections", max_connections),
+        max_instance_name=_positive(name, "max_instance_name", max_instance_name),
+        instance_pattern=_pattern(name, instance_pattern),
     )
+
+
+def _pattern(name: str, pattern: str | re.Pattern[str] | None) -> re.Pattern[str] | None:
+    if pattern is None or isinstance(pattern, re.Pattern):
+        return pattern
+    if not isinstance(pattern, str):
+        raise RoomDefinitionError(
+            f"room {name!r}: instance_pattern must be a regular expression, not {pattern!r}"
+        )
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise RoomDefinitionError(
+            f"room {name!r}: instance_pattern {pattern!r} is not a regular expression: {exc}"
+        ) from None
 
 
 def _positive(name: str, option: str, value: int | None) -> int | None:

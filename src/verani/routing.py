@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import re
 import unicodedata
 import urllib.parse
 from collections.abc import Iterable
@@ -42,25 +43,53 @@ def split_target(target: str) -> tuple[str, dict[str, str]]:
     return parts.path, query
 
 
-def instance_name_error(name: str) -> str | None:
-    """Why ``name`` cannot be an instance name, or None when it can."""
+def instance_name_error(
+    name: str, *, max_length: int = MAX_INSTANCE_NAME, pattern: re.Pattern[str] | None = None
+) -> str | None:
+    """Why ``name`` cannot be an instance name, or None when it can.
+
+    Whatever ``pattern`` allows, names that could reach outside a store (``..``, ``/``, control
+    characters) are always refused.
+    """
     if not name:
         return "the instance name is empty"
-    if len(name) > MAX_INSTANCE_NAME:
-        return f"the instance name is longer than {MAX_INSTANCE_NAME} characters"
+    if len(name) > max_length:
+        return f"the instance name is longer than {max_length} characters"
     if name in (".", ".."):
         return f"{name!r} is not an instance name"
     if "/" in name:
         return "an instance name cannot contain '/'"
     if any(unicodedata.category(ch) in ("Cc", "Cs") for ch in name):
         return "an instance name cannot contain control characters"
+    if pattern is not None and not pattern.fullmatch(name):
+        return f"the instance name does not match {pattern.pattern!r}"
     return None
+
+
+@attrs.frozen
+class InstanceRules:
+    """The server's limits on instance names; a room's own ``max_instance_name`` and
+    ``instance_pattern`` win for that room."""
+
+    max_length: int = MAX_INSTANCE_NAME
+    pattern: re.Pattern[str] | None = None
+
+    def problem(self, room: RoomDefinition[Any], name: str) -> str | None:
+        """Why ``name`` cannot be an instance of ``room``, or None when it can."""
+        return instance_name_error(
+            name,
+            max_length=room.max_instance_name or self.max_length,
+            pattern=room.instance_pattern or self.pattern,
+        )
 
 
 class Router:
     """Maps request paths to rooms; built once from the served room definitions."""
 
-    def __init__(self, rooms: Iterable[RoomDefinition[Any]]) -> None:
+    def __init__(
+        self, rooms: Iterable[RoomDefinition[Any]], rules: InstanceRules | None = None
+    ) -> None:
+        self.rules = rules or InstanceRules()
         self._by_path: dict[str, RoomDefinition[Any]] = {}
         names: dict[str, RoomDefinition[Any]] = {}
         for room in rooms:
@@ -95,4 +124,4 @@ class Router:
             name = urllib.parse.unquote(tail, errors="strict")
         except UnicodeDecodeError:
             return Route(room, tail, "the instance name is not valid UTF-8")
-        return Route(room, name, instance_name_error(name))
+        return Route(room, name, self.rules.problem(room, name))

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from .actor import Call, current_room
 from .context import RoomActor
 from .errors import RoomNotFoundError, VeraniError
-from .routing import DEFAULT_INSTANCE, instance_name_error
+from .routing import DEFAULT_INSTANCE
 
 if TYPE_CHECKING:
     from .supervisor import Supervisor
@@ -45,7 +45,7 @@ class Runtime:
         if name not in self._supervisor.rooms:
             known = ", ".join(sorted(self._supervisor.rooms)) or "(none)"
             raise RoomNotFoundError(f"no room named {name!r} is served (rooms: {known})")
-        problem = instance_name_error(instance)
+        problem = self._supervisor.instance_rules.problem(self._supervisor.rooms[name], instance)
         if problem is not None:
             raise ValueError(f"bad instance name {instance!r}: {problem}")
         return RoomHandle(self._supervisor, name, instance)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import http
 import logging
+import re
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Sequence
@@ -26,7 +27,7 @@ from .actor import Connect, Disconnect, Message
 from .errors import FrameTooLargeError, HandshakeRefused, ProtocolError, VeraniError, single_error
 from .protocol import ERROR_EVENT, MAX_FRAME_SIZE, PING, PONG_FRAME, decode_frame, encode_event
 from .room import DEFAULT_IDLE_TIMEOUT, RoomDefinition, normalize_origin
-from .routing import Route, Router, split_target
+from .routing import MAX_INSTANCE_NAME, InstanceRules, Route, Router, split_target
 from .runtime import RoomHandle, Runtime
 from .sessions import ConnectionMeta, Session
 from .store import FileStore, Store
@@ -66,6 +67,11 @@ class ServerConfig:
     #: Seconds the closing handshake may take before the TCP connection is dropped.
     close_timeout: float = 5.0
     max_request_head: int = 16 * 1024
+    #: Longest instance name, in characters; longer ones get HTTP 400.
+    max_instance_name: int = MAX_INSTANCE_NAME
+    #: A regular expression every instance name must match in full (a room's own wins); None
+    #: allows any name that cannot reach outside the store.
+    instance_pattern: re.Pattern[str] | None = None
     #: Seconds a graceful shutdown may spend saving rooms and closing sockets.
     shutdown_timeout: float = 30.0
 
@@ -636,7 +642,9 @@ async def open_server(
     """
     from .control import StoreLock, serve_control
 
-    router = Router(rooms)
+    config = config or ServerConfig()
+    rules = InstanceRules(config.max_instance_name, config.instance_pattern)
+    router = Router(rooms, rules)
     store_obj: Store = (
         store if isinstance(store, Store) else FileStore(store or ".verani", durability=durability)
     )
@@ -646,7 +654,6 @@ async def open_server(
         else None
     )
     try:
-        config = config or ServerConfig()
         # Held frames are released in bursts; half the outbound queue leaves room for them.
         supervisor = Supervisor(
             router.rooms,
@@ -654,6 +661,7 @@ async def open_server(
             idle_timeout=idle_timeout,
             max_held_per_socket=max(1, config.outbound_queue // 2),
             max_awake=config.max_awake_rooms,
+            instance_rules=rules,
         )
         server = Server(router, supervisor, config)
         try:

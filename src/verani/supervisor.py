@@ -20,6 +20,7 @@ from .actor import Actor, Call, Connect, Disconnect, Hibernate, InboxEvent
 from .codec import Codec, make_codec
 from .errors import NotPersistableError, RoomCrashedError, RoomNotFoundError
 from .room import DEFAULT_IDLE_TIMEOUT, RoomDefinition
+from .routing import InstanceRules
 from .runtime import Runtime
 from .sessions import ConnectionMeta, Sessions
 from .store import Store
@@ -112,8 +113,10 @@ class Supervisor:
         codec: Codec | None = None,
         max_held_per_socket: int = 512,
         max_awake: int = 10_000,
+        instance_rules: InstanceRules | None = None,
     ) -> None:
         self.rooms = {room.name: room for room in rooms}
+        self.instance_rules = instance_rules or InstanceRules()
         self.store = store
         self.idle_timeout = idle_timeout
         self.codec = codec or make_codec()
