@@ -167,6 +167,9 @@ class Actor:
         self._persisted = frozenset(definition.persisted_keys)
         self.state: Any = None
         self.room_actor: RoomActor[Any] | None = None
+        #: Set by the load: whether a stored document was found, and how long reviving took.
+        self.restored = False
+        self.load_ms = 0.0
         self.last_turn = trio.current_time()
         # Persistence: the encoded value of every persisted key as last handed to the store.
         self._encoded: dict[str, JSONValue] = {}
@@ -294,12 +297,14 @@ class Actor:
                     error,
                 )
                 await self._persist_failed(key, error, None)
+        self.load_ms = (time.perf_counter() - started) * 1000
+        self.restored = doc is not None
         log.debug(
             "%s: awake (%s, %d sessions) in %.2f ms",
             self._where,
             "state restored" if doc is not None else "initial state",
             len(self.sessions),
-            (time.perf_counter() - started) * 1000,
+            self.load_ms,
         )
 
     def _storage_changed(self) -> None:

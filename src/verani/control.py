@@ -34,6 +34,8 @@ log = logging.getLogger("verani.control")
 LOCK_FILE = "server.lock"
 INFO_FILE = "server.json"
 _MAX_REQUEST = 64 * 1024
+# A reply lists every room instance a request touched: tens of thousands may be awake.
+_MAX_REPLY = 256 * 1024 * 1024
 
 
 class StoreLock:
@@ -142,15 +144,15 @@ async def _handle(server: Server, stream: trio.abc.Stream) -> None:
             await stream.send_all(orjson.dumps(reply) + b"\n")
 
 
-async def _read_line(stream: trio.abc.ReceiveStream) -> dict[str, Any]:
+async def _read_line(stream: trio.abc.ReceiveStream, limit: int = _MAX_REQUEST) -> dict[str, Any]:
     data = bytearray()
     while b"\n" not in data:
-        chunk = await stream.receive_some(4096)
+        chunk = await stream.receive_some(65536)
         if not chunk:
             break
         data += chunk
-        if len(data) > _MAX_REQUEST:
-            raise ValueError("control request too large")
+        if len(data) > limit:
+            raise ValueError(f"control message over {limit} bytes")
     try:
         obj = orjson.loads(bytes(data).split(b"\n", 1)[0])
     except orjson.JSONDecodeError as exc:
@@ -169,6 +171,8 @@ async def _dispatch(server: Server, request: dict[str, Any]) -> dict[str, Any]:
             "url": server.url,
             "rooms": {r.name: r.websocket_path for r in server.router.rooms},
             "stats": attrs.asdict(server.stats),
+            "store_saves": server.supervisor.store.saves,
+            "revive_ms": list(server.supervisor.revive_ms),
             "instances": [
                 {"room": s.room, "instance": s.instance, "awake": s.awake, "sessions": s.sessions}
                 for s in server.supervisor.status()
@@ -217,7 +221,7 @@ async def control_request(
             stream = await trio.open_unix_socket(path)
             async with stream:
                 await stream.send_all(orjson.dumps(request) + b"\n")
-                reply = await _read_line(stream)
+                reply = await _read_line(stream, _MAX_REPLY)
     except OSError:
         if StoreLock.is_held(directory):
             raise ControlError(

@@ -8,6 +8,7 @@ machinery fails, only that instance's sockets are closed (1011); other rooms nev
 
 from __future__ import annotations
 
+import collections
 import logging
 import reprlib
 from collections.abc import Iterable, Sequence
@@ -128,6 +129,9 @@ class Supervisor:
         self._evicting: set[tuple[str, str]] = set()
         #: Reaches room instances from outside their turns (timers, other rooms' handlers).
         self.runtime = Runtime(self)
+        #: How long recent revivals from a stored document took (store read, decoding, state
+        #: rebuilt), in ms; recorded when the revived actor ends.
+        self.revive_ms: collections.deque[float] = collections.deque(maxlen=1000)
         #: Room instance whose turn waits on a call -> the instance it called (cycle checks).
         self.waiting: dict[tuple[str, str], tuple[str, str]] = {}
         self._nursery: trio.Nursery | None = None
@@ -209,6 +213,8 @@ class Supervisor:
                 inst.actor = actor
                 try:
                     request = await actor.run()
+                    if actor.restored:
+                        self.revive_ms.append(actor.load_ms)
                 except Exception as exc:
                     log.error(
                         "room %s/%s crashed (%s: %s); closing its sockets with 1011",

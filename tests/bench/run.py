@@ -1,528 +1,523 @@
-"""A first benchmark harness for verani (run by hand; never collected by pytest).
+"""The benchmark harness (run by hand; never collected by pytest).
 
-    python tests/bench/run.py [--scenario rtt|revive|persist|all] [--quick]
-    python -m tests.bench [--scenario rtt|revive|persist|all] [--quick]   (from the repository root)
+    python -m tests.bench [--scenario NAME|all] [--quick] [--servers verani,naive_trio,...]
 
-Scenarios, over loopback, on the counter room of ``rooms/counter.py`` or the bench room below:
+Every server runs in its own process, started as a user would (``verani serve rooms/counter.py``
+for verani; the baselines' scripts for the others); the load generator runs in another
+(``tests/bench/loadgen.mjs``, Node's built-in WebSocket: far cheaper per message than a Python
+client, so the server, not the client, is what is measured). Each figure comes with the load
+generator's own CPU use, and ``ceiling`` lines show what the load generator reaches against a
+trivial Node server — the most any server could show here.
 
-- ``rtt``: one client sends ``counter:increment`` and waits for its ``counter:update`` before the
-  next. Three servers in the same run: verani with the default (fsync) file store, verani with
-  ``FileStore(dir, durability="os")``, and a naive counter written directly on trio-websocket.
-- ``revive``: connect-to-first-``counter:sync`` time of a hibernated room, with ~1 KB of
-  persisted state and with ~1 MB of it, against the same for an awake room and against
-  ``Store.load`` alone.
-- ``persist``: persisted increments per second on one room instance, whose whole document
-  (~1 KB or ~100 KB) is rewritten on every group commit, with ``durability="fsync"`` and
-  ``"os"``; ``serial`` (one client, one increment outstanding: p50/p99 and ops/s) and
-  ``pipelined`` (8 clients, 16 increments outstanding each). The store's saves are counted, so
-  saves/event shows how many increments each write carried.
+Servers: ``verani`` (file store, ``durability="fsync"``), ``verani_os`` (``durability="os"``),
+``naive_trio`` (the counter by hand on trio-websocket, no persistence), ``websockets`` (the same on
+the asyncio ``websockets`` library), ``socketio`` (python-socketio under uvicorn; needs
+``pip install -e '.[bench]'``), ``trivial`` (Node, the ceiling).
 
-Prints one table, then one JSON line per scenario.
+Scenarios (all on the seed's counter room, over loopback):
+
+- ``rtt``: one client, increment → its own ``counter:update`` → next; ops/s, p50/p99.
+- ``pipeline``: 20 clients on one instance each keep 16 increments outstanding; increments/s and
+  deliveries/s (the room sends each update to all 20).
+- ``fanout``: 500 clients on one instance; one more sends 200 increments back to back;
+  deliveries/s and send→receipt p50/p99.
+- ``connect``: 500 connections opened at once; time until all have ``counter:sync``.
+- ``revive``: connect → first ``counter:sync`` of a hibernated room with ~1 KB and ~1 MB stored,
+  vs the same room awake; and the server-side part (store read and state rebuilt).
+- ``durable``: ``pipeline`` with ``durability="fsync"`` vs ``"os"``, and store writes per event.
+- ``memory``: server RSS per idle connection (1,000 connections), and RSS added by 10,000 room
+  instances created then hibernated (vs never created).
+
+Prints one table, then one JSON line per scenario. On a shared 2-core machine absolute figures
+move from run to run; compare the ratios measured in one run.
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
+import contextlib
 import json
 import os
 import pathlib
-import resource
+import re
+import shutil
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import asynccontextmanager
-from typing import Any, Literal
+from collections.abc import Iterator
+from typing import Any
 
-import attrs
-import orjson
 import trio
-import trio_websocket
 
-from verani import RoomContext, Server, define_room, open_server
-from verani.loader import load_rooms
-from verani.store import FileStore, Store
-from verani.store.base import JSONValue
+from verani.control import control_request
+from verani.store import FileStore
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-COUNTER = ROOT / "rooms" / "counter.py"
-IDLE = 3600.0  # no room hibernates by itself during a run; the harness hibernates them
-
+HERE = pathlib.Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+PY = sys.executable
+NODE = [shutil.which("node") or "node"]
 CAVEAT = (
-    "caveat: a shared 2-core machine, noisy; compare ratios measured in the same run, not "
-    "absolute figures across runs. Server and load generator run in one process and one Trio "
-    "loop (issue #8 moves the load generator out), so client work is counted in every figure."
+    "machine: 2 shared cores, noisy; server and load generator share them. Compare ratios "
+    "measured in one run, not absolute figures across runs."
 )
 
 
-# --- the bench room: a count and a payload of persisted strings -----------------------------
+# --- servers -------------------------------------------------------------------------------------
 
 
-@attrs.define
-class BenchState:
-    count: int = 0
-    items: list[str] = attrs.Factory(list)
+def _verani(durability: str) -> list[str]:
+    return [
+        str(pathlib.Path(PY).with_name("verani")),
+        "serve",
+        str(ROOT / "rooms" / "counter.py"),
+        str(HERE / "bench_room.py"),
+        "--port",
+        "0",
+        "--durability",
+        durability,
+        "--idle-timeout",
+        "3600",
+        "--log-level",
+        "warning",
+        "--max-connections-per-room",
+        "5000",
+        "--max-connections",
+        "20000",
+        "--max-awake-rooms",
+        "20000",
+    ]
 
 
-bench_room = define_room(
-    name="bench",
-    websocket_path="/ws/bench",
-    state=BenchState,
-    persisted_keys=["count", "items"],
-)
+SERVERS: dict[str, list[str]] = {
+    "verani": _verani("fsync"),
+    "verani_os": _verani("os"),
+    "naive_trio": [PY, str(HERE / "naive_trio.py"), "0"],
+    "websockets": [PY, str(ROOT / "tests" / "interop" / "websockets_counter_server.py"), "0"],
+    "socketio": [PY, str(HERE / "naive_socketio.py"), "0"],
+    "trivial": [NODE[0], str(HERE / "trivial_server.mjs"), "0"],
+}
+PORT_LINE = re.compile(r"(?:LISTENING |ws://127\.0\.0\.1:)(\d+)")
 
 
-@bench_room.on_connect
-def bench_sync(ctx: RoomContext[BenchState]) -> None:
-    state = ctx.actor.room_state
-    ctx.emit.emit("counter:sync", {"count": state.count, "items": len(state.items)})
+class Server:
+    """A server under test in its own process."""
 
-
-@bench_room.on("bench:fill")
-def bench_fill(ctx: RoomContext[BenchState], data: Any) -> None:
-    # ``bytes`` of persisted strings, 100 characters each (distinct, so nothing is shared).
-    state = ctx.actor.room_state
-    state.items = [f"{i:08d}" + "x" * 92 for i in range(data["bytes"] // 100)]
-    state.count += 1
-    ctx.emit.emit("counter:update", {"count": state.count, "updatedBy": ctx.meta.user_id})
-
-
-@bench_room.on("bench:inc")
-def bench_inc(ctx: RoomContext[BenchState], data: Any) -> None:
-    # Dirties ``count`` only, but a save writes the whole document, items included.
-    state = ctx.actor.room_state
-    state.count += 1
-    ctx.emit.emit("counter:update", {"count": state.count})
-
-
-class CountingFileStore(FileStore):
-    """A FileStore that counts its saves."""
-
-    saves = 0
-
-    async def save(
-        self,
-        room: str,
-        instance: str,
-        state: Mapping[str, JSONValue],
-        storage: Mapping[str, JSONValue] | None = None,
-    ) -> None:
-        self.saves += 1
-        await super().save(room, instance, state, storage)
-
-
-# Payload bytes giving a document of about the named size (each 100-character string takes ~110
-# bytes of indented JSON, plus ~250 bytes of envelope); the measured size is reported.
-DOC_1KB = 700
-DOC_100KB = 90_000
-DOC_1MB = 900_000
-
-
-# --- measuring -----------------------------------------------------------------------------------
-
-
-def rss_kb() -> dict[str, int]:
-    """Current RSS (VmRSS) and peak RSS (ru_maxrss) of this process, in KiB."""
-    current = 0
-    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            current = int(line.split()[1])
-    return {"rss_kb": current, "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
-
-
-def summary(samples: list[float], elapsed: float | None = None) -> dict[str, Any]:
-    """n, p50 and p99 in ms (and ops/s when the samples ran back to back in ``elapsed`` s)."""
-    ordered = sorted(samples)
-    p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
-    out: dict[str, Any] = {
-        "n": len(samples),
-        "p50_ms": round(statistics.median(ordered) * 1e3, 3),
-        "p99_ms": round(p99 * 1e3, 3),
-    }
-    if elapsed is not None:
-        out["ops_s"] = round(len(samples) / elapsed, 1)
-    return out
-
-
-class Client:
-    def __init__(self, ws: trio_websocket.WebSocketConnection) -> None:
-        self.ws = ws
-
-    async def emit(self, event: str, data: Any = None) -> None:
-        await self.ws.send_message(orjson.dumps({"type": event, "data": data}).decode())
-
-    async def next_event(self, name: str) -> dict[str, Any]:
+    def __init__(self, name: str, store: pathlib.Path) -> None:
+        self.name = name
+        self.store = store
+        self.protocol = "socketio" if name == "socketio" else "verani"
+        cmd = SERVERS[name] + (["--store", str(store)] if name.startswith("verani") else [])
+        self.log = open(store.parent / f"{name}.out", "w+b")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
+        deadline = time.monotonic() + 30
         while True:
-            frame = orjson.loads(await self.ws.get_message())
-            if frame.get("type") == "event" and frame["data"]["type"] == name:
-                return frame["data"]  # type: ignore[no-any-return]
+            self.log.seek(0)
+            found = PORT_LINE.search(self.log.read().decode(errors="replace"))
+            if found:
+                self.port = int(found.group(1))
+                break
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.log.seek(0)
+                raise RuntimeError(f"{name} did not start: {self.log.read().decode()[-2000:]}")
+            time.sleep(0.05)
+        self.url = f"ws://127.0.0.1:{self.port}"
 
+    def cpu_s(self) -> float:
+        fields = pathlib.Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-@asynccontextmanager
-async def connect(url: str) -> AsyncIterator[Client]:
-    async with trio_websocket.open_websocket_url(url, message_queue_size=64) as ws:
+    def rss_kb(self) -> int:
+        for line in pathlib.Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        return 0
+
+    def control(self, request: dict[str, Any]) -> dict[str, Any]:
+        return trio.run(control_request, self.store, request)
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
         try:
-            yield Client(ws)
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+@contextlib.contextmanager
+def serving(name: str, prepare: Any = None) -> Iterator[Server]:
+    with tempfile.TemporaryDirectory(prefix=f"verani-bench-{name}-") as tmp:
+        store = pathlib.Path(tmp) / "store"
+        store.mkdir()
+        if prepare is not None:
+            prepare(store)
+        server = Server(name, store)
+        try:
+            yield server
         finally:
-            # trio-websocket's client may leave its TCP stream open when the server closed first.
-            await trio.aclose_forcefully(ws._stream)
+            server.stop()
 
 
-# --- rtt -----------------------------------------------------------------------------------------
+def available(name: str) -> bool:
+    if name == "socketio":
+        try:
+            import socketio  # type: ignore[import-untyped]  # noqa: F401
+            import uvicorn  # noqa: F401
+        except ImportError:
+            return False
+    return True
 
 
-async def increments(url: str, n: int, warmup: int) -> dict[str, Any]:
-    async with connect(url) as client:
-        await client.next_event("counter:sync")
-        samples = []
-        for i in range(warmup + n):
-            if i == warmup:
-                start = time.perf_counter()
-            t0 = time.perf_counter()
-            await client.emit("counter:increment", {"amount": 1})
-            await client.next_event("counter:update")
-            samples.append(time.perf_counter() - t0)
-        elapsed = time.perf_counter() - start
-    return summary(samples[warmup:], elapsed)
+# --- the load generator --------------------------------------------------------------------------
 
 
-async def rtt_verani(rooms: list[Any], make_store: Callable[[str], Store | str], n: int) -> Any:
-    with tempfile.TemporaryDirectory(prefix="verani-bench-") as tmp:
-        async with open_server(rooms, store=make_store(tmp), idle_timeout=IDLE, control=False) as s:
-            return await increments(f"{s.url}/ws/counter/rtt?userId=bench", n, n // 20)
-
-
-async def naive_counter(request: trio_websocket.WebSocketRequest) -> None:
-    """What you would write by hand: one int, no persistence, one send per frame."""
-    ws = await request.accept()
-    user = request.path.partition("userId=")[2] or "anonymous"
-    await ws.send_message(
-        orjson.dumps(
-            {"type": "event", "channel": "default", "data": {"type": "counter:sync", "count": 0}}
-        ).decode()
+def loadgen(server: Server, mode: str, **args: Any) -> dict[str, Any]:
+    """Run one load-generator process against ``server``; its JSON result, with the server's
+    CPU seconds over the same run."""
+    spec = {
+        "mode": mode,
+        "url": server.url,
+        "path": "/ws/counter",
+        "protocol": server.protocol,
+        "instance": f"{mode}-{time.monotonic_ns()}",
+        **args,
+    }
+    cpu0 = server.cpu_s()
+    out = subprocess.run(
+        [*NODE, str(HERE / "loadgen.mjs"), json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
-    count = 0
-    try:
-        while True:
-            frame = orjson.loads(await ws.get_message())
-            if frame.get("type") == "counter:increment":
-                count += (frame.get("data") or {}).get("amount", 1)
-                data = {"type": "counter:update", "count": count, "updatedBy": user}
-                event = {"type": "event", "channel": "default", "data": data}
-                await ws.send_message(orjson.dumps(event).decode())
-    except trio_websocket.ConnectionClosed:
-        pass
-
-
-async def rtt_naive(n: int) -> dict[str, Any]:
-    async with trio.open_nursery() as nursery:
-        server = await nursery.start(
-            trio_websocket.serve_websocket, naive_counter, "127.0.0.1", 0, None
-        )
-        result = await increments(
-            f"ws://127.0.0.1:{server.port}/ws/counter?userId=bench", n, n // 20
-        )
-        nursery.cancel_scope.cancel()
+    if out.returncode != 0:
+        raise RuntimeError(f"loadgen {mode} against {server.name} failed: {out.stderr[-2000:]}")
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    result["server_cpu_s"] = round(server.cpu_s() - cpu0, 3)
+    if "elapsed_s" in result:
+        result["loadgen_cpu_share"] = round(result["loadgen_cpu_s"] / result["elapsed_s"], 2)
     return result
 
 
-async def scenario_rtt(quick: bool) -> dict[str, Any]:
+def rounded(result: dict[str, Any]) -> dict[str, Any]:
+    return {k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}
+
+
+# --- scenarios -----------------------------------------------------------------------------------
+
+BASELINES = ["naive_trio", "websockets", "socketio"]
+
+
+def scenario_rtt(servers: list[str], quick: bool) -> dict[str, Any]:
     n = 300 if quick else 2000
-    rooms = load_rooms([COUNTER])
-    variants = {
-        "verani_fsync": await rtt_verani(rooms, lambda d: d, n),
-        "verani_os": await rtt_verani(rooms, lambda d: FileStore(d, durability="os"), n),
-        "naive": await rtt_naive(n),
-    }
-    naive = variants["naive"]["ops_s"]
-    ratios = {f"{k}_vs_naive": round(v["ops_s"] / naive, 4) for k, v in variants.items()}
-    ratios["verani_os_vs_fsync"] = round(
-        variants["verani_os"]["ops_s"] / variants["verani_fsync"]["ops_s"], 2
-    )
-    return {"variants": variants, "ratios": ratios}
+    names = [s for s in ["verani", "verani_os", *BASELINES, "trivial"] if s in servers]
+    variants = {}
+    for name in names:
+        with serving(name) as server:
+            variants[name] = rounded(loadgen(server, "rtt", count=n, warmup=n // 10))
+    return {"variants": variants, "key": "ops_per_s"}
 
 
-# --- revive --------------------------------------------------------------------------------------
+def scenario_pipeline(servers: list[str], quick: bool) -> dict[str, Any]:
+    per_client = 100 if quick else 500
+    names = [s for s in ["verani", *BASELINES, "trivial"] if s in servers]
+    variants = {}
+    for name in names:
+        with serving(name) as server:
+            variants[name] = rounded(
+                loadgen(server, "pipeline", clients=20, depth=16, count=per_client)
+            )
+    return {"variants": variants, "key": "increments_per_s"}
 
 
-async def wait_no_sessions(server: Server, room: str, instance: str) -> None:
-    """Until the room has seen the last client's disconnect (so it sleeps with no sessions)."""
-    while any(
-        s.room == room and s.instance == instance and s.sessions for s in server.supervisor.status()
-    ):
-        await trio.sleep(0.001)
+def scenario_fanout(servers: list[str], quick: bool) -> dict[str, Any]:
+    clients, count = (100, 50) if quick else (500, 200)
+    names = [s for s in ["verani", *BASELINES, "trivial"] if s in servers]
+    variants = {}
+    for name in names:
+        with serving(name) as server:
+            variants[name] = rounded(loadgen(server, "fanout", clients=clients, count=count))
+    return {"variants": variants, "key": "deliveries_per_s"}
 
 
-async def connect_to_sync(url: str) -> float:
-    t0 = time.perf_counter()
-    async with connect(url) as client:
-        await client.next_event("counter:sync")
-        took = time.perf_counter() - t0
-    return took
+def scenario_connect(servers: list[str], quick: bool) -> dict[str, Any]:
+    clients = 100 if quick else 500
+    names = [s for s in ["verani", *BASELINES, "trivial"] if s in servers]
+    variants = {}
+    for name in names:
+        with serving(name) as server:
+            result = loadgen(server, "connect", clients=clients)
+            result["connections_per_s"] = clients / result["elapsed_s"]
+            variants[name] = rounded(result)
+    return {"variants": variants, "key": "connections_per_s"}
 
 
-async def revive_case(
-    server: Server,
-    store: FileStore,
-    room: str,
-    instance: str,
-    setup: Callable[[Client], Awaitable[Any]],
-    n: int,
-) -> dict[str, Any]:
-    path = {"counter": "/ws/counter", "bench": "/ws/bench"}[room]
-    url = f"{server.url}{path}/{instance}?userId=bench"
-    async with connect(url) as client:
-        await client.next_event("counter:sync")
-        await setup(client)
-    await wait_no_sessions(server, room, instance)
-    # The setup's reply left once its write was durable, so the document is on disk.
-    size = (await trio.Path(store.path_for(room, instance)).stat()).st_size
-
-    awake, asleep, loads = [], [], []
-    for _ in range(n):
-        # Awake: the room is up (idle timeout far away), with no client connected.
-        awake.append(await connect_to_sync(url))
-        await wait_no_sessions(server, room, instance)
-        # Hibernated: persisted keys on disk, actor gone.
-        await server.hibernate(room, instance)
-        assert not any(
-            s.room == room and s.instance == instance for s in server.supervisor.status()
-        )
-        asleep.append(await connect_to_sync(url))
-        await wait_no_sessions(server, room, instance)
-        # The store read alone, the floor of a revival.
-        t0 = time.perf_counter()
-        await store.load(room, instance)
-        loads.append(time.perf_counter() - t0)
-    return {
-        "doc_bytes": size,
-        "awake": summary(awake),
-        "hibernated": summary(asleep),
-        "store_load": summary(loads),
-    }
+def scenario_durable(servers: list[str], quick: bool) -> dict[str, Any]:
+    per_client = 100 if quick else 500
+    variants = {}
+    for name in ("verani", "verani_os"):
+        with serving(name) as server:
+            saves0 = server.control({"op": "status"})["store_saves"]
+            result = loadgen(server, "pipeline", clients=20, depth=16, count=per_client)
+            saves = server.control({"op": "status"})["store_saves"] - saves0
+            result["store_writes"] = saves
+            result["writes_per_event"] = saves / result["increments"]
+            variants[name] = rounded(result)
+    return {"variants": variants, "key": "increments_per_s"}
 
 
-def filler(payload_bytes: int) -> Callable[[Client], Awaitable[None]]:
-    async def fill(client: Client) -> None:
-        await client.emit("bench:fill", {"bytes": payload_bytes})
-        await client.next_event("counter:update")
+def scenario_revive(servers: list[str], quick: bool) -> dict[str, Any]:
+    from tests.bench.bench_room import items_for
 
-    return fill
-
-
-async def scenario_revive(quick: bool) -> dict[str, Any]:
     n = 10 if quick else 50
-    with tempfile.TemporaryDirectory(prefix="verani-bench-") as tmp:
-        store = FileStore(tmp)
-        rooms = [bench_room]
-        async with open_server(rooms, store=store, idle_timeout=IDLE, control=False) as server:
-            cases = {
-                "1kb": await revive_case(server, store, "bench", "1kb", filler(DOC_1KB), n),
-                "1mb": await revive_case(server, store, "bench", "1mb", filler(DOC_1MB), n),
+    cases = {"1kb": 1_000, "1mb": 1_000_000}
+
+    def prepare(store: pathlib.Path) -> None:
+        async def write() -> None:
+            fs = FileStore(store)
+            for case, size in cases.items():
+                await fs.save("bench", case, {"count": 0, "items": items_for(size)})  # type: ignore[dict-item]
+            await fs.aclose()
+
+        trio.run(write)
+
+    results: dict[str, Any] = {}
+    with serving("verani", prepare) as server:
+        for case in cases:
+            doc_bytes = (server.store / "rooms" / "bench" / f"{case}.json").stat().st_size
+            spec = {
+                "mode": "revive",
+                "url": server.url,
+                "path": "/ws/bench",
+                "protocol": "verani",
+                "instance": case,
             }
-    ratios = {}
-    for name, case in cases.items():
-        p50 = case["hibernated"]["p50_ms"]
-        ratios[f"{name}_hibernated_vs_awake_p50"] = round(p50 / case["awake"]["p50_ms"], 2)
-        ratios[f"{name}_hibernated_vs_store_load_p50"] = round(
-            p50 / case["store_load"]["p50_ms"], 2
-        )
-    return {"cases": cases, "ratios": ratios}
-
-
-# --- persist -------------------------------------------------------------------------------------
-
-
-async def persist_serial(url: str, n: int, warmup: int) -> dict[str, Any]:
-    async with connect(url) as client:
-        await client.next_event("counter:sync")
-        samples = []
-        for i in range(warmup + n):
-            if i == warmup:
-                start = time.perf_counter()
-            t0 = time.perf_counter()
-            await client.emit("bench:inc")
-            await client.next_event("counter:update")
-            samples.append(time.perf_counter() - t0)
-        elapsed = time.perf_counter() - start
-    return summary(samples[warmup:], elapsed)
-
-
-async def persist_pipelined(url: str, clients: int, depth: int, per_client: int) -> dict[str, Any]:
-    """``clients`` sockets, each keeping ``depth`` increments outstanding, ``per_client`` each."""
-    samples: list[float] = []
-    go = trio.Event()
-    ready = 0
-
-    async def one(k: int) -> None:
-        nonlocal ready
-        async with connect(url.replace("userId=bench", f"userId=bench{k}")) as client:
-            await client.next_event("counter:sync")
-            window = trio.Semaphore(depth)
-            sent: collections.deque[float] = collections.deque()
-
-            async def sender() -> None:
-                for _ in range(per_client):
-                    await window.acquire()
-                    sent.append(time.perf_counter())
-                    await client.emit("bench:inc")
-
-            ready += 1
-            await go.wait()
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(sender)
-                for _ in range(per_client):
-                    await client.next_event("counter:update")
-                    # One socket's replies come back in the order its increments went out.
-                    samples.append(time.perf_counter() - sent.popleft())
-                    window.release()
-
-    async with trio.open_nursery() as nursery:
-        for k in range(clients):
-            nursery.start_soon(one, k)
-        while ready < clients:
-            await trio.sleep(0.001)
-        start = time.perf_counter()
-        go.set()
-    elapsed = time.perf_counter() - start
-    return summary(samples, elapsed)
-
-
-async def persist_case(
-    durability: Literal["fsync", "os"], payload_bytes: int, quick: bool
-) -> dict[str, Any]:
-    serial_n = 100 if quick else 2000
-    clients, depth = 8, 16
-    per_client = 25 if quick else 1000
-    with tempfile.TemporaryDirectory(prefix="verani-bench-") as tmp:
-        store = CountingFileStore(tmp, durability=durability)
-        async with open_server([bench_room], store=store, idle_timeout=IDLE, control=False) as s:
-            url = f"{s.url}/ws/bench/persist?userId=bench"
-            async with connect(url) as client:
-                await client.next_event("counter:sync")
-                # The reply leaves once the filled document is durable.
-                await filler(payload_bytes)(client)
-            size = (await trio.Path(store.path_for("bench", "persist")).stat()).st_size
-            shapes = {}
-            # Every reply is released only once its write is durable, so when the last reply is
-            # in no save is pending and the count covers exactly the measured increments.
-            store.saves = 0
-            serial = await persist_serial(url, serial_n, serial_n // 20)
-            serial["saves"] = store.saves
-            serial["saves_per_event"] = round(store.saves / (serial_n + serial_n // 20), 3)
-            shapes["serial"] = serial
-            store.saves = 0
-            pipelined = await persist_pipelined(url, clients, depth, per_client)
-            pipelined["saves"] = store.saves
-            pipelined["saves_per_event"] = round(store.saves / pipelined["n"], 3)
-            pipelined["clients"], pipelined["depth"] = clients, depth
-            shapes["pipelined"] = pipelined
-    return {"doc_bytes": size, **shapes}
-
-
-async def scenario_persist(quick: bool) -> dict[str, Any]:
-    cases: dict[str, Any] = {}
-    for size_name, payload_bytes in (("1kb", DOC_1KB), ("100kb", DOC_100KB)):
-        for durability in ("fsync", "os"):
-            cases[f"{durability}_{size_name}"] = await persist_case(
-                durability, payload_bytes, quick
+            proc = subprocess.Popen(
+                [*NODE, str(HERE / "loadgen.mjs"), json.dumps(spec)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
             )
-    ratios = {}
-    for size_name in ("1kb", "100kb"):
-        fsync, os_ = cases[f"fsync_{size_name}"], cases[f"os_{size_name}"]
-        for shape in ("serial", "pipelined"):
-            ratios[f"{size_name}_{shape}_os_vs_fsync"] = round(
-                os_[shape]["ops_s"] / fsync[shape]["ops_s"], 2
-            )
-        for durability, case in (("fsync", fsync), ("os", os_)):
-            ratios[f"{durability}_{size_name}_pipelined_vs_serial"] = round(
-                case["pipelined"]["ops_s"] / case["serial"]["ops_s"], 2
-            )
-    for durability in ("fsync", "os"):
-        for shape in ("serial", "pipelined"):
-            ratios[f"{durability}_{shape}_100kb_vs_1kb"] = round(
-                cases[f"{durability}_100kb"][shape]["ops_s"]
-                / cases[f"{durability}_1kb"][shape]["ops_s"],
-                3,
-            )
-    return {"cases": cases, "ratios": ratios}
+            assert proc.stdin is not None and proc.stdout is not None
+            awake, asleep = [], []
+            _revive_sample(proc)  # the first revival also warms the server's code paths
+            _wait_no_sessions(server)
+            for _ in range(n):
+                awake.append(_revive_sample(proc))
+                _wait_no_sessions(server)
+                server.control({"op": "hibernate", "room": "bench", "instance": case})
+                asleep.append(_revive_sample(proc))
+                _wait_no_sessions(server)
+            proc.stdin.close()
+            proc.wait(timeout=30)
+            server_side = server.control({"op": "status"})["revive_ms"][-n:]
+            results[case] = {
+                "doc_bytes": doc_bytes,
+                "awake": latency(awake),
+                "hibernated": latency(asleep),
+                "server_side": latency(server_side),
+            }
+            server.control({"op": "hibernate", "room": "bench", "instance": case})
+    return {"cases": results}
 
 
-# --- output --------------------------------------------------------------------------------------
+def _revive_sample(proc: subprocess.Popen[str]) -> float:
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+    return float(json.loads(proc.stdout.readline())["ms"])
+
+
+def _wait_no_sessions(server: Server) -> None:
+    # Until the room has seen the client's disconnect.
+    while any(i["sessions"] for i in server.control({"op": "status"})["instances"]):
+        time.sleep(0.002)
+
+
+def _revive_sample(proc: subprocess.Popen[str]) -> float:
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+    return float(json.loads(proc.stdout.readline())["ms"])
+
+
+def _wait_no_sessions(server: Server) -> None:
+    # Until the room has seen the client's disconnect.
+    while any(i["sessions"] for i in server.control({"op": "status"})["instances"]):
+        time.sleep(0.002)
+
+
+def scenario_memory(servers: list[str], quick: bool) -> dict[str, Any]:
+    conns, rooms = (200, 1000) if quick else (1000, 10_000)
+    names = [s for s in ["verani_os", *BASELINES] if s in servers or s == "verani_os"]
+    per_conn = {}
+    for name in names:
+        with serving(name) as server:
+            spec = {
+                "mode": "idle",
+                "url": server.url,
+                "path": "/ws/counter",
+                "protocol": server.protocol,
+                "instance": "idle",
+                "clients": conns,
+                "instances": 1,
+            }
+            # One connection first, so what is measured is the cost of more of them.
+            warm = loadgen(server, "connect", clients=10)
+            del warm
+            before = server.rss_kb()
+            proc = subprocess.Popen(
+                [*NODE, str(HERE / "loadgen.mjs"), json.dumps(spec)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            assert proc.stdin is not None and proc.stdout is not None
+            ready = json.loads(proc.stdout.readline())
+            time.sleep(1)
+            after = server.rss_kb()
+            proc.stdin.close()
+            proc.wait(timeout=60)
+            per_conn[name] = {
+                "connections": ready["ready"],
+                "rss_before_kb": before,
+                "rss_after_kb": after,
+                "kb_per_connection": round((after - before) / ready["ready"], 2),
+            }
+    with serving("verani_os") as server:
+        loadgen(server, "rooms", count=10, batch=10)  # code paths warm
+        server.control({"op": "hibernate"})
+        before = server.rss_kb()
+        touched = loadgen(server, "rooms", count=rooms, batch=100)
+        awake_kb = server.rss_kb()
+        server.control({"op": "hibernate"})
+        time.sleep(0.5)
+        after = server.rss_kb()
+        hibernated = {
+            "rooms": rooms,
+            "rss_never_created_kb": before,
+            "rss_awake_kb": awake_kb,
+            "rss_hibernated_kb": after,
+            "added_kb": after - before,
+            "rooms_per_s": round(rooms / touched["elapsed_s"], 1),
+        }
+    return {"per_connection": per_conn, "hibernated_rooms": hibernated}
+
+
+def latency(samples: list[float]) -> dict[str, Any]:
+    ordered = sorted(samples)
+    if not ordered:
+        return {"n": 0}
+    return {
+        "n": len(ordered),
+        "p50_ms": round(statistics.median(ordered), 3),
+        "p99_ms": round(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 3),
+    }
+
+
+SCENARIOS = {
+    "rtt": scenario_rtt,
+    "pipeline": scenario_pipeline,
+    "fanout": scenario_fanout,
+    "connect": scenario_connect,
+    "revive": scenario_revive,
+    "durable": scenario_durable,
+    "memory": scenario_memory,
+}
+
+
+# --- report --------------------------------------------------------------------------------------
 
 
 def table_rows(name: str, result: dict[str, Any]) -> list[tuple[str, ...]]:
-    rows = []
-    if name == "rtt":
-        for variant, s in result["variants"].items():
-            ratio = result["ratios"][f"{variant}_vs_naive"]
+    rows: list[tuple[str, ...]] = []
+    if "variants" in result:
+        key = result["key"]
+        variants = result["variants"]
+        ref = {b: variants[b][key] for b in ("naive_trio", "websockets", "socketio", "verani_os")
+               if b in variants}  # fmt: skip
+        for variant, r in variants.items():
+            ratios = ", ".join(
+                f"{r[key] / v:.2f}x {b}" for b, v in ref.items() if b != variant and v
+            )
+            cpu = f"lg cpu {r.get('loadgen_cpu_share', 0):.0%}"
             rows.append(
-                ("rtt", variant, str(s["n"]), f"{s['ops_s']:.0f}", f"{s['p50_ms']:.3f}",
-                 f"{s['p99_ms']:.3f}", f"{ratio:.3f} of naive ops/s")
+                (name, variant, f"{r[key]:,.0f} {key.removesuffix('_per_s')}/s",
+                 _ms(r.get("p50_ms")), _ms(r.get("p99_ms")), f"{ratios}; {cpu}")
             )  # fmt: skip
-    elif name == "persist":
+            if name == "durable":
+                rows[-1] = (
+                    *rows[-1][:-1],
+                    f"{rows[-1][-1]}; {r['writes_per_event']:.3f} writes/event",
+                )
+    elif name == "revive":
         for case, c in result["cases"].items():
-            for shape in ("serial", "pipelined"):
-                s = c[shape]
-                note = f"{s['saves_per_event']:.3f} saves/event"
-                if shape == "pipelined":
-                    note += f", {s['ops_s'] / c['serial']['ops_s']:.1f}x serial ops/s"
-                rows.append(
-                    ("persist", f"{case} ({c['doc_bytes']} B doc) {shape}", str(s["n"]),
-                     f"{s['ops_s']:.0f}", f"{s['p50_ms']:.3f}", f"{s['p99_ms']:.3f}", note)
-                )  # fmt: skip
-    else:
-        for case, c in result["cases"].items():
-            awake = c["awake"]["p50_ms"]
-            for kind in ("awake", "hibernated", "store_load"):
+            for kind in ("awake", "hibernated", "server_side"):
                 s = c[kind]
                 rows.append(
-                    ("revive", f"{case} ({c['doc_bytes']} B doc) {kind}", str(s["n"]), "-",
-                     f"{s['p50_ms']:.3f}", f"{s['p99_ms']:.3f}",
-                     f"{s['p50_ms'] / awake:.2f}x awake p50")
+                    (name, f"{case} ({c['doc_bytes']:,} B) {kind}", f"n={s['n']}",
+                     _ms(s.get("p50_ms")), _ms(s.get("p99_ms")),
+                     f"{s['p50_ms'] / c['awake']['p50_ms']:.2f}x awake p50")
                 )  # fmt: skip
+    elif name == "memory":
+        for variant, m in result["per_connection"].items():
+            rows.append(
+                (name, f"{variant} idle connections", f"{m['connections']}", "-", "-",
+                 f"{m['kb_per_connection']:.1f} KB RSS per connection")
+            )  # fmt: skip
+        h = result["hibernated_rooms"]
+        rows.append(
+            (name, f"{h['rooms']:,} rooms hibernated", "-", "-", "-",
+             f"+{h['added_kb'] / 1024:.1f} MiB RSS vs never created "
+             f"(awake: +{(h['rss_awake_kb'] - h['rss_never_created_kb']) / 1024:.1f} MiB)")
+        )  # fmt: skip
     return rows
 
 
+def _ms(value: Any) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def print_table(rows: list[tuple[str, ...]]) -> None:
-    header = ("scenario", "variant", "n", "ops/s", "p50 ms", "p99 ms", "ratio")
+    header = ("scenario", "server", "throughput", "p50 ms", "p99 ms", "ratios")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, tuple("-" * w for w in widths), *rows]:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
-
-
-SCENARIOS = {"rtt": scenario_rtt, "revive": scenario_revive, "persist": scenario_persist}
-
-
-async def run(scenarios: list[str], quick: bool) -> None:
-    results = {}
-    for name in scenarios:
-        before = rss_kb()
-        result = await SCENARIOS[name](quick)
-        results[name] = {"scenario": name, "quick": quick, **result}
-        results[name]["rss_before"], results[name]["rss_after"] = before, rss_kb()
-    rows = [row for name, result in results.items() for row in table_rows(name, result)]
-    print_table(rows)
-    print()
-    for name, result in results.items():
-        b, a = result["rss_before"]["rss_kb"], result["rss_after"]["rss_kb"]
-        print(f"RSS {name}: {b / 1024:.1f} MiB before, {a / 1024:.1f} MiB after")
-    print(CAVEAT)
-    print(f"python {sys.version.split()[0]}, trio {trio.__version__}, {os.cpu_count()} CPUs")
-    print()
-    for result in results.values():
-        print(json.dumps(result, separators=(",", ":")))
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scenario", choices=[*SCENARIOS, "all"], default="all")
+    parser.add_argument("--scenario", default="all", help=f"{', '.join(SCENARIOS)} or all")
     parser.add_argument("--quick", action="store_true", help="fewer operations, for a smoke run")
+    parser.add_argument(
+        "--servers", default=",".join(SERVERS), help="comma-separated servers to include"
+    )
     args = parser.parse_args(argv)
-    scenarios = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
-    trio.run(run, scenarios, args.quick)
+    names = list(SCENARIOS) if args.scenario == "all" else args.scenario.split(",")
+    servers = [s for s in args.servers.split(",") if available(s)]
+    skipped = sorted(set(args.servers.split(",")) - set(servers))
+    results = {}
+    for name in names:
+        print(f"... {name}", file=sys.stderr, flush=True)
+        results[name] = {
+            "scenario": name,
+            "quick": args.quick,
+            **SCENARIOS[name](servers, args.quick),
+        }
+    print_table([row for name, r in results.items() for row in table_rows(name, r)])
+    print()
+    if skipped:
+        print(f"not run: {', '.join(skipped)} (pip install -e '.[bench]')")
+    node = subprocess.run([NODE[0], "--version"], capture_output=True, text=True).stdout.strip()
+    print(CAVEAT)
+    print(f"python {sys.version.split()[0]}, node {node}, {os.cpu_count()} CPUs")
+    print()
+    for result in results.values():
+        print(json.dumps(result, separators=(",", ":")))
 
 
 if __name__ == "__main__":

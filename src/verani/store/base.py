@@ -105,6 +105,10 @@ class Store(abc.ABC):
     Failures are reported as :class:`verani.errors.StoreError`.
     """
 
+    #: Documents written since the store was made (the server reports it; benchmarks divide it
+    #: by events to show how many changes each group commit carried).
+    saves: int = 0
+
     @abc.abstractmethod
     async def load(self, room: str, instance: str) -> StoredDocument | None:
         """Return the stored document of ``room``/``instance``, or None when nothing is stored.

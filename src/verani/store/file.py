@@ -126,6 +126,7 @@ class FileStore(Store):
             raise TypeError(f"state of {_name(room, instance)} is not JSON: {exc}") from exc
         async with self._lock(path):
             await trio.to_thread.run_sync(self._save_sync, path, room, instance, data + b"\n")
+        self.saves += 1
 
     async def peek(self, room: str, instance: str) -> tuple[StoredDocument, int] | None:
         """Read the document and its size in bytes without ever writing: an unreadable document

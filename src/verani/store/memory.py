@@ -68,6 +68,7 @@ class MemoryStore(Store):
             raise TypeError(f"state of {room}/{instance} is not JSON: {exc}") from exc
         self._docs[_key(room, instance)] = data
         self.saves += 1
+        self.saves += 1
 
     async def delete(self, room: str, instance: str) -> bool:
         """Forget the document; returns whether there was one."""
