@@ -11,7 +11,8 @@ from typing import Any
 
 import orjson
 import trio
-from hypothesis import given
+import trio.testing
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import CloseConnection, TextMessage
@@ -19,7 +20,7 @@ from wsproto.frame_protocol import FrameProtocol
 
 from verani import RoomDefinition, define_room, open_server
 from verani.store import MemoryStore
-from verani.transport import accept_response, encode_text_frame
+from verani.transport import WebSocket, accept_response, encode_text_frame
 
 from helpers import connect, upgrade_request
 
@@ -172,3 +173,59 @@ async def test_a_server_close_is_a_close_handshake(
             with trio.fail_after(5):
                 while await stream.receive_some(65536):
                     pass
+
+
+# One client message, as the test sends it: ("text", str, fragments) or ("ping", bytes).
+_client_messages = st.lists(
+    st.tuples(st.just("text"), st.text(max_size=300), st.integers(1, 3))
+    | st.tuples(st.just("ping"), st.binary(max_size=20), st.just(1))
+    | st.tuples(st.just("big"), st.integers(126, 70_000), st.just(1)),
+    min_size=1,
+    max_size=12,
+)
+
+
+@settings(deadline=None)
+@given(messages=_client_messages, chunk=st.integers(1, 5000))
+def test_the_reader_returns_every_message_whatever_the_mix_and_split(
+    messages: list[tuple[str, Any, int]], chunk: int
+) -> None:
+    # Simple frames take the fast parser, pings and fragments hand the rest to wsproto: the
+    # reader must return the same texts in the same order either way, however reads split them.
+    client = FrameProtocol(client=True, extensions=[])
+    wire = bytearray()
+    expected: list[str] = []
+    for kind, value, fragments in messages:
+        if kind == "ping":
+            wire += client.ping(value)
+            continue
+        text = value if kind == "text" else "é" * (value // 2)
+        expected.append(text)
+        step = max(1, len(text) // fragments)
+        pieces = [text[i : i + step] for i in range(0, len(text), step)] or [""]
+        for i, piece in enumerate(pieces):
+            wire += client.send_data(piece, fin=i == len(pieces) - 1)
+    chunk = max(chunk, len(wire) // 200)  # small reads included, but no more than ~200 of them
+
+    async def main() -> None:
+        server_side, client_side = trio.testing.memory_stream_pair()
+        ws = WebSocket(server_side, trailing=bytes(wire[:chunk]), max_message_size=1 << 20)
+        got: list[str | bytes] = []
+        async with trio.open_nursery() as nursery:
+
+            async def feed() -> None:
+                for start in range(chunk, len(wire), chunk):
+                    await client_side.send_all(bytes(wire[start : start + chunk]))
+
+            async def drain_pongs() -> None:
+                while await client_side.receive_some():
+                    pass
+
+            nursery.start_soon(feed)
+            nursery.start_soon(drain_pongs)
+            for _ in expected:
+                got.append(await ws.receive())
+            nursery.cancel_scope.cancel()
+        assert got == expected
+
+    trio.run(main)

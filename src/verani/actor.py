@@ -184,10 +184,10 @@ class Actor:
         # Output gate: batches of (targets, frame) waiting for write ``seq`` to be durable.
         # Output gate: turns' frames waiting for write ``seq`` to be durable, with the session
         # whose message caused the turn (told when its outputs leave: per-socket flow control).
-        self._held: collections.deque[tuple[int, list[tuple[Sequence[Session], str]], Any]] = (
+        self._held: collections.deque[tuple[int, list[tuple[Sequence[Session], bytes]], Any]] = (
             collections.deque()
         )
-        self._turn_outputs: list[tuple[Sequence[Session], str]] | None = None
+        self._turn_outputs: list[tuple[Sequence[Session], bytes]] | None = None
         # Frames held per socket. Past ``max_held_per_socket`` the actor takes no new event until
         # writes catch up, so a burst of releases never overflows a socket's outbound queue and a
         # failing store cannot make the held frames grow without bound.
@@ -607,7 +607,7 @@ class Actor:
 
     # --- output gate ------------------------------------------------------------------------
 
-    def _deliver(self, targets: Sequence[Session], frame: str) -> int:
+    def _deliver(self, targets: Sequence[Session], frame: bytes) -> int:
         outputs = self._turn_outputs
         if outputs is None:
             return send_to(targets, frame)
@@ -616,7 +616,7 @@ class Actor:
         outputs.append((targets, frame))
         return len(targets)
 
-    def _settle(self, outputs: list[tuple[Sequence[Session], str]] | None, event: Any) -> None:
+    def _settle(self, outputs: list[tuple[Sequence[Session], bytes]] | None, event: Any) -> None:
         """Send the turn's frames now, or hold them until the writes before them are durable;
         then tell whoever waits on the turn's ``event`` (a socket's flow control, a caller)."""
         if not self._held and self._durable_seq == self._write_seq:

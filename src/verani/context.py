@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 S = TypeVar("S")
 
 #: Queue ``frame`` on each of the sessions (after the output gate); returns how many.
-Deliver = Callable[[Sequence[Session], str], int]
+Deliver = Callable[[Sequence[Session], bytes], int]
 
 
 @attrs.define

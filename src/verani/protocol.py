@@ -26,7 +26,7 @@ MAX_FRAME_SIZE: Final = 1024 * 1024
 PING: Final = "ping"
 
 #: Answer to an application-level ``{"type": "ping"}``; encoded once for every socket.
-PONG_FRAME: Final = '{"type":"pong"}'
+PONG_FRAME: Final = b'{"type":"pong"}'
 
 #: Event sent to a client whose frame was dropped, so a developer sees why nothing happened.
 ERROR_EVENT: Final = "verani:error"
@@ -79,20 +79,21 @@ def event_payload(event: str, data: Any) -> dict[str, Any]:
     return {"type": event, "data": data}
 
 
-def encode_event(channel: str, event: str, data: Any) -> str:
-    """Encode one server → client event frame, once, ready to be sent to any number of sockets."""
+def encode_event(channel: str, event: str, data: Any) -> bytes:
+    """Encode one server → client event frame (UTF-8 JSON), once, ready to be sent to any number
+    of sockets."""
     return _dumps({"type": "event", "channel": channel, "data": event_payload(event, data)}, event)
 
 
-def encode_frame(channel: str, data: Any) -> str:
+def encode_frame(channel: str, data: Any) -> bytes:
     """Encode ``{"type": "event", "channel": channel, "data": data}`` with ``data`` as given
     (Verani's ``broadcast`` and ``sendToUser``)."""
     return _dumps({"type": "event", "channel": channel, "data": data}, None)
 
 
-def _dumps(frame: dict[str, Any], event: str | None) -> str:
+def _dumps(frame: dict[str, Any], event: str | None) -> bytes:
     try:
-        return orjson.dumps(frame).decode()
+        return orjson.dumps(frame)
     except TypeError as exc:
         problem: Exception = exc
     if "64-bit" in str(problem):
@@ -101,7 +102,7 @@ def _dumps(frame: dict[str, Any], event: str | None) -> str:
         try:
             # ASCII escapes: a lone surrogate (which orjson refuses) cannot reach the wire as
             # invalid UTF-8.
-            return json.dumps(frame, separators=(",", ":"), default=_plain)
+            return json.dumps(frame, separators=(",", ":"), default=_plain).encode()
         except (TypeError, ValueError) as exc:
             problem = exc
     what = f"event {event!r}" if event is not None else "a frame"

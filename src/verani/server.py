@@ -457,7 +457,7 @@ class _Connection:
         self._ws = ws
         self._instance = instance
         self.session = Session(meta, self)
-        self._out: deque[str] = deque()
+        self._out: deque[bytes] = deque()
         self._out_limit = server.config.outbound_queue
         self._out_ready = trio.Event()
         self._draining = False
@@ -470,7 +470,7 @@ class _Connection:
         self._max_frame_size = instance.definition.max_frame_size or server.config.max_frame_size
 
     # FrameSink
-    def send_frame(self, frame: str) -> None:
+    def send_frame(self, frame: bytes) -> None:
         if self._close_code is not None:
             return
         if len(self._out) >= self._out_limit:
@@ -595,14 +595,14 @@ class _Connection:
                     continue
                 # Everything queued goes out in one write (bounded), so a burst of events costs
                 # one syscall, not one per frame.
-                batch: list[str] = []
+                batch: list[bytes] = []
                 size = 0
                 while out and size < MAX_BATCH_BYTES:
                     frame = out.popleft()
                     batch.append(frame)
                     size += len(frame)
                 with trio.fail_after(timeout):
-                    await ws.send_texts(batch)
+                    await ws.send_frames(batch)
                 self._may_read.set()
         except trio.TooSlowError:
             log.warning(

@@ -27,7 +27,7 @@ class ConnectionMeta:
 class FrameSink(Protocol):
     """Where a session's outgoing frames go: the socket's bounded outbound queue."""
 
-    def send_frame(self, frame: str) -> None:
+    def send_frame(self, frame: bytes) -> None:
         """Queue an encoded frame without waiting; a full queue closes the socket instead."""
 
     def close(self, code: int, reason: str) -> None:
@@ -103,7 +103,7 @@ class Sessions:
         return list(dict.fromkeys(s.meta.user_id for s in self._by_client.values()))
 
 
-def send_to(sessions: Iterable[Session], frame: str) -> int:
+def send_to(sessions: Iterable[Session], frame: bytes) -> int:
     """Queue one already-encoded frame on each session; returns how many it was queued on."""
     count = 0
     for session in sessions:

@@ -33,8 +33,6 @@ class MemoryStore(Store):
     def __init__(self) -> None:
         self._docs: dict[tuple[str, str], bytes] = {}
         self._aside: list[tuple[str, str, str, bytes]] = []
-        #: How many saves this store has taken (tests use it to see group commit).
-        self.saves = 0
 
     async def load(self, room: str, instance: str) -> StoredDocument | None:
         """The document of ``room``/``instance``, or None."""
@@ -67,7 +65,6 @@ class MemoryStore(Store):
         except orjson.JSONEncodeError as exc:
             raise TypeError(f"state of {room}/{instance} is not JSON: {exc}") from exc
         self._docs[_key(room, instance)] = data
-        self.saves += 1
         self.saves += 1
 
     async def delete(self, room: str, instance: str) -> bool:
