@@ -54,6 +54,8 @@ STORAGE_KEY = "<storage>"
 #: First and longest wait between retries of a failed store write, in seconds.
 RETRY_FIRST = 0.05
 RETRY_MAX = 5.0
+#: Turns an actor runs back to back from a non-empty inbox before letting other tasks run.
+YIELD_EVERY = 16
 
 
 @attrs.define(eq=False)
@@ -167,6 +169,7 @@ class Actor:
         self._persisted = frozenset(definition.persisted_keys)
         self.state: Any = None
         self.room_actor: RoomActor[Any] | None = None
+        self._unyielded = 0
         #: Set by the load: whether a stored document was found, and how long reviving took.
         self.restored = False
         self.load_ms = 0.0
@@ -224,8 +227,18 @@ class Actor:
             while self._gate_full:
                 await self._durable_changed.wait()
             event: InboxEvent | None = None
-            with trio.move_on_at(self.last_turn + self.idle_timeout):
-                event = await self._inbox.receive()
+            try:
+                event = self._inbox.receive_nowait()
+            except trio.WouldBlock:
+                with trio.move_on_at(self.last_turn + self.idle_timeout):
+                    event = await self._inbox.receive()
+            else:
+                # Queued events run back to back, with a scheduling point every few turns so
+                # a busy room never starves the sockets and other rooms.
+                self._unyielded += 1
+                if self._unyielded >= YIELD_EVERY:
+                    self._unyielded = 0
+                    await trio.lowlevel.checkpoint()
             if event is None:
                 if await self._final_flush():
                     log.info("%s: hibernated after %.1fs idle", self._where, self.idle_timeout)
@@ -358,13 +371,15 @@ class Actor:
     ) -> None:
         self._turn_outputs = []
         finished = False
+        # _as_turn_of without a generator context manager: this runs once per event.
+        token = _TURN_OF.set((trio.lowlevel.current_task(), self._key))
         try:
-            with _as_turn_of(self._key):
-                ctx = await body(arg)
-                for key, error in self._persist_changes():
-                    await self._persist_failed(key, error, ctx)
+            ctx = await body(arg)
+            for key, error in self._persist_changes():
+                await self._persist_failed(key, error, ctx)
             finished = True
         finally:
+            _TURN_OF.reset(token)
             outputs, self._turn_outputs = self._turn_outputs, None
             if not finished:
                 # Cancelled, or the machinery failed mid-turn: whoever waits is told now.

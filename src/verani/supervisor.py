@@ -74,7 +74,12 @@ class RoomInstance:
         ):
             return False
         self._supervisor.ensure_running(self)
-        await self._send.send(event)
+        try:
+            # No scheduling round per message while the inbox has room; a reader still yields
+            # at every socket read and whenever its socket's flow control makes it wait.
+            self._send.send_nowait(event)
+        except trio.WouldBlock:
+            await self._send.send(event)
         return True
 
     async def hibernate(self) -> str | None:
