@@ -890,3 +890,35 @@ def test_values_round_trip_through_the_real_file_store(
     assert doc is not None
     assert same(CODEC.decode(doc.state["v"], path="v"), value)
     assert same(CODEC.decode(doc.storage["k"], path="k"), value)
+
+
+_SCALAR_DECLARATIONS = [
+    Any,
+    int,
+    str,
+    bool,
+    type(None),
+    str | None,
+    int | None,
+    bool | None,
+    int | str,
+    int | bool,
+    float,
+    int | float,
+]
+
+
+@given(
+    value=st.none()
+    | st.booleans()
+    | st.integers()
+    | st.integers(min_value=2**62, max_value=2**66)
+    | st.text(max_size=20)
+    | st.floats(),
+    declared=st.sampled_from(_SCALAR_DECLARATIONS),
+)
+def test_the_scalar_fast_path_writes_what_the_hooks_write(value: Any, declared: Any) -> None:
+    codec = make_codec()
+    slow = codec._hook(declared)(value)  # the full path, hooks only
+    assert repr(codec.encode(value, declared)) == repr(slow)
+    assert codec.decode(codec.encode(value, declared), declared) == value or value != value

@@ -592,6 +592,27 @@ def _class_hook(cls: type, lookup: Callable[[Any], _Hook]) -> _Hook:
     return _Hook(lambda value: type(value) is cls, _is_plain, encode, decode)
 
 
+#: Value types :meth:`Codec.encode` may write as themselves without building the type's hook.
+_PASSTHROUGH: frozenset[type] = frozenset({str, int, bool, _NoneType})
+
+
+def _passthrough_types(declared: Any) -> frozenset[type]:
+    """The JSON scalar types whose values ``declared`` writes unchanged (ASCII str, int64,
+    bool, None), so :meth:`Codec.encode` can skip its hooks for them. Kept to declarations
+    whose hooks provably do that; anything else gets the empty set and the full path."""
+    if declared is Any:
+        return _PASSTHROUGH
+    if declared in _PASSTHROUGH:
+        return frozenset({declared})
+    if typing.get_origin(declared) in (typing.Union, types.UnionType):
+        members: frozenset[type] = frozenset(typing.get_args(declared))
+        # int and bool together: a bool fits both, and which one reads it back is the union's
+        # business, not this shortcut's.
+        if members <= _PASSTHROUGH and not {int, bool} <= members:
+            return members
+    return frozenset()
+
+
 class Codec:
     """Encodes persisted values to JSON trees and decodes them back (see the module docstring).
 
@@ -604,6 +625,7 @@ class Codec:
         self._converter.register_unstructure_hook_factory(lambda declared: True, self._build)
         for kind in (str, bytes):  # cattrs has class hooks for these that outrank factories
             self._converter.register_unstructure_hook(kind, _scalar_hook(kind))
+        self._passthrough: dict[Any, frozenset[type]] = {}
 
     def encode(self, value: object, declared: Any = Any, *, path: str = "$") -> JSONValue:
         """Return ``value`` as a JSON tree, written according to its ``declared`` type.
@@ -613,6 +635,17 @@ class Codec:
         ``value`` that cannot be stored: a function or other live object, an object of an
         undeclared class, a circular reference, or nesting past :data:`MAX_DEPTH`.
         """
+        kind = type(value)
+        if kind in _PASSTHROUGH:
+            # Per-turn fast path (a count, a name): a JSON scalar written as itself.
+            passes = self._passthrough.get(declared)
+            if passes is None:
+                passes = self._passthrough[declared] = _passthrough_types(declared)
+            if kind in passes and (
+                (kind is not int or -_I64 <= value < _I64)  # type: ignore[operator]
+                and (kind is not str or value.isascii())  # type: ignore[attr-defined]
+            ):
+                return value  # type: ignore[return-value]
         try:
             return _encode(self._hook(declared), value, path, 0, set())
         except RecursionError:
