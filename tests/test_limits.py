@@ -93,3 +93,37 @@ async def test_least_recently_used_rooms_hibernate_past_max_awake(tmp_path: Any)
             async with connect(server.url, "/ws/lru/b") as client:
                 await client.emit("bump")
                 assert (await client.next_event("bumped"))[1]["n"] == 1
+
+
+async def test_a_send_that_overruns_its_deadline_drops_only_that_socket(
+    tmp_path: Any, caplog: Any
+) -> None:
+    # A client that stops reading while the room sends it megabytes: once the kernel's buffers
+    # are full, the write waits; past send_timeout the socket is dropped, the room goes on.
+    room = define_room(name="flood")
+
+    @room.on("flood")
+    def flood(ctx: RoomContext[Any], data: Any) -> None:
+        for _ in range(int(data)):
+            ctx.emit.emit("chunk", "z" * 65536)
+
+    @room.on("echo")
+    def echo(ctx: RoomContext[Any], data: Any) -> None:
+        ctx.emit.emit("echo", data)
+
+    config = ServerConfig(send_timeout=0.5, outbound_queue=100_000, max_in_flight=100_000)
+    with trio.fail_after(30):
+        async with open_server([room], store=str(tmp_path), config=config) as server:
+            stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+            async with stream:
+                await stream.send_all(upgrade_request("/ws/flood"))
+                head = await stream.receive_some(4096)
+                assert head.startswith(b"HTTP/1.1 101 ")
+                # {"type":"flood","data":600}, masked with a zero key; then never read again.
+                payload = b'{"type":"flood","data":600}'
+                await stream.send_all(bytes([0x81, 0x80 | len(payload), 0, 0, 0, 0]) + payload)
+                while "took over 0.5s" not in caplog.text:
+                    await trio.sleep(0.05)
+                async with connect(server.url, "/ws/flood") as other:
+                    await other.emit("echo", "still here")
+                    assert (await other.next_event("echo"))[1]["data"] == "still here"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import http
 import logging
+import math
 import re
 import uuid
 from collections import deque
@@ -585,26 +586,32 @@ class _Connection:
     async def _writer(self) -> None:
         timeout = self._server.config.send_timeout
         out, ws = self._out, self._ws
-        try:
-            while True:
-                if not out:
-                    if self._draining:
-                        break
-                    self._out_ready = trio.Event()
-                    await self._out_ready.wait()
-                    continue
-                # Everything queued goes out in one write (bounded), so a burst of events costs
-                # one syscall, not one per frame.
-                batch: list[bytes] = []
-                size = 0
-                while out and size < MAX_BATCH_BYTES:
-                    frame = out.popleft()
-                    batch.append(frame)
-                    size += len(frame)
-                with trio.fail_after(timeout):
+        # One scope for every send: its deadline is set around each write (cheaper than a
+        # new cancel scope per write); only a write that overruns it is cancelled.
+        with trio.CancelScope() as send_scope:
+            try:
+                while True:
+                    if not out:
+                        if self._draining:
+                            break
+                        self._out_ready = trio.Event()
+                        await self._out_ready.wait()
+                        continue
+                    # Everything queued goes out in one write (bounded), so a burst of events
+                    # costs one syscall, not one per frame.
+                    batch: list[bytes] = []
+                    size = 0
+                    while out and size < MAX_BATCH_BYTES:
+                        frame = out.popleft()
+                        batch.append(frame)
+                        size += len(frame)
+                    send_scope.deadline = trio.current_time() + timeout
                     await ws.send_frames(batch)
-                self._may_read.set()
-        except trio.TooSlowError:
+                    send_scope.deadline = math.inf
+                    self._may_read.set()
+            except Closed:
+                return
+        if send_scope.cancelled_caught:
             log.warning(
                 "%s: a send to client %s took over %ss; dropping it",
                 self._where,
@@ -613,8 +620,6 @@ class _Connection:
             )
             if self._close_code is None:
                 self._close_code, self._close_reason = 1008, "a send took too long"
-        except Closed:
-            return
         self._io_scope.cancel()
 
 
