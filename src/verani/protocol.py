@@ -93,7 +93,10 @@ def encode_frame(channel: str, data: Any) -> bytes:
 
 def _dumps(frame: dict[str, Any], event: str | None) -> bytes:
     try:
-        return orjson.dumps(frame)
+        encoded = orjson.dumps(frame)
+        # orjson's bytes keep the 4 KiB buffer they were written into; a frame may wait in
+        # queues (held for the disk, queued for a slow socket), so keep only what it needs.
+        return bytes(memoryview(encoded)) if len(encoded) < 2048 else encoded
     except TypeError as exc:
         problem: Exception = exc
     if "64-bit" in str(problem):

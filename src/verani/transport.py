@@ -82,7 +82,7 @@ class WebSocket:
 
     def __init__(self, stream: trio.abc.Stream, *, trailing: bytes, max_message_size: int) -> None:
         self._stream = stream
-        self._proto = Connection(ConnectionType.SERVER)
+        self._wsproto: Connection | None = None
         self._max = max_message_size
         self._send_lock = trio.Lock()
         self._parts: list[str | bytes | bytearray] = []
@@ -162,6 +162,14 @@ class WebSocket:
             await trio.aclose_forcefully(self._stream)
 
     # --- internals ---------------------------------------------------------------------------
+
+    @property
+    def _proto(self) -> Connection:
+        # Made on first need (a control frame, a close, anything but simple frames): most
+        # sockets never need one, and an idle socket is the cheaper without it.
+        if self._wsproto is None:
+            self._wsproto = Connection(ConnectionType.SERVER)
+        return self._wsproto
 
     def _next_simple_frame(self) -> str | _Refusal | None:
         """The text of the next frame if it is a simple one and complete; None when more bytes

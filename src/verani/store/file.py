@@ -57,8 +57,8 @@ class FileStore(Store):
     development.
 
     Saves and loads of the same document run one at a time, in the order they were called, so the
-    last save called is the one left on disk. The file work runs in worker threads. The store
-    assumes one server per directory.
+    last save called is the one left on disk. The file work runs in worker threads, at most
+    ``max_threads`` at once. The store assumes one server per directory.
     """
 
     def __init__(
@@ -66,9 +66,17 @@ class FileStore(Store):
         directory: str | os.PathLike[str],
         *,
         durability: Literal["fsync", "os"] = "fsync",
+        max_threads: int = 4,
     ) -> None:
         if durability not in ("fsync", "os"):
             raise ValueError(f"durability must be 'fsync' or 'os', not {durability!r}")
+        if max_threads < 1:
+            raise ValueError(f"max_threads must be at least 1, not {max_threads!r}")
+        # File I/O runs in worker threads, at most this many at once: on a small machine more
+        # buy no speed, and each thread costs memory (its stack, and a malloc arena of its own
+        # that keeps its peak) — thousands of rooms hibernating at once would otherwise spread
+        # their writes over dozens of threads.
+        self._threads = trio.CapacityLimiter(max_threads)
         # Absolute, so a later chdir cannot move the store.
         self._directory = pathlib.Path(directory).absolute()
         self._fsync = durability == "fsync"
@@ -100,7 +108,9 @@ class FileStore(Store):
         """
         path = self.path_for(room, instance)
         async with self._lock(path):
-            return await trio.to_thread.run_sync(self._load_sync, path, room, instance)
+            return await trio.to_thread.run_sync(
+                self._load_sync, path, room, instance, limiter=self._threads
+            )
 
     async def save(
         self,
@@ -125,7 +135,9 @@ class FileStore(Store):
         except orjson.JSONEncodeError as exc:
             raise TypeError(f"state of {_name(room, instance)} is not JSON: {exc}") from exc
         async with self._lock(path):
-            await trio.to_thread.run_sync(self._save_sync, path, room, instance, data + b"\n")
+            await trio.to_thread.run_sync(
+                self._save_sync, path, room, instance, data + b"\n", limiter=self._threads
+            )
         self.saves += 1
 
     async def peek(self, room: str, instance: str) -> tuple[StoredDocument, int] | None:
@@ -134,7 +146,9 @@ class FileStore(Store):
         such as ``verani inspect`` that may run beside a server (atomic renames mean they see
         the old document or the new one)."""
         path = self.path_for(room, instance)
-        return await trio.to_thread.run_sync(self._peek_sync, path, room, instance)
+        return await trio.to_thread.run_sync(
+            self._peek_sync, path, room, instance, limiter=self._threads
+        )
 
     def _peek_sync(
         self, path: pathlib.Path, room: str, instance: str
@@ -156,13 +170,15 @@ class FileStore(Store):
         """Remove the document of ``room``/``instance`` (durably with ``fsync``)."""
         path = self.path_for(room, instance)
         async with self._lock(path):
-            return await trio.to_thread.run_sync(self._delete_sync, path, room, instance)
+            return await trio.to_thread.run_sync(
+                self._delete_sync, path, room, instance, limiter=self._threads
+            )
 
     async def set_aside(self, room: str, instance: str, reason: str) -> str | None:
         """Copy the document to ``<file>.corrupt-<UTC time>`` (it stays in place) and log why."""
         path = self.path_for(room, instance)
         async with self._lock(path):
-            copy = await trio.to_thread.run_sync(_copy_aside, path)
+            copy = await trio.to_thread.run_sync(_copy_aside, path, limiter=self._threads)
         if copy is not None:
             _log.warning(
                 "kept a copy of the document of %s at %s: %s", _name(room, instance), copy, reason
@@ -176,7 +192,7 @@ class FileStore(Store):
         """
         if room is not None:
             validate_room_name(room)
-        return await trio.to_thread.run_sync(self._list_sync, room)
+        return await trio.to_thread.run_sync(self._list_sync, room, limiter=self._threads)
 
     @contextlib.asynccontextmanager
     async def _lock(self, path: pathlib.Path) -> AsyncIterator[None]:
