@@ -249,8 +249,16 @@ class Actor:
                 self.hibernating = None
                 event.finish(f"{self._where}: its state could not be saved; it stays awake")
             else:
-                async with self._turn_lock:
+                # The lock is free unless a failed write is being reported: take it without a
+                # scheduling point (one per event otherwise).
+                try:
+                    self._turn_lock.acquire_nowait()
+                except trio.WouldBlock:
+                    await self._turn_lock.acquire()
+                try:
                     await self._turn(self._dispatch, event)
+                finally:
+                    self._turn_lock.release()
 
     async def _load(self) -> None:
         name, spec = self.definition.name, self.definition.state_spec
