@@ -224,18 +224,18 @@ class Actor:
             while self._gate_full:
                 await self._durable_changed.wait()
             event: InboxEvent | None = None
+            # Queued events run back to back, with a scheduling point every few turns so a
+            # busy room never starves the sockets and other rooms. The checkpoint comes before
+            # an event is taken: a cancellation there leaves it in the inbox for the drain.
+            self._unyielded += 1
+            if self._unyielded >= YIELD_EVERY:
+                self._unyielded = 0
+                await trio.lowlevel.checkpoint()
             try:
                 event = self._inbox.receive_nowait()
             except trio.WouldBlock:
                 with trio.move_on_at(self.last_turn + self.idle_timeout):
                     event = await self._inbox.receive()
-            else:
-                # Queued events run back to back, with a scheduling point every few turns so
-                # a busy room never starves the sockets and other rooms.
-                self._unyielded += 1
-                if self._unyielded >= YIELD_EVERY:
-                    self._unyielded = 0
-                    await trio.lowlevel.checkpoint()
             if event is None:
                 if await self._final_flush():
                     log.info("%s: hibernated after %.1fs idle", self._where, self.idle_timeout)

@@ -638,9 +638,12 @@ class Codec:
         kind = type(value)
         if kind in _PASSTHROUGH:
             # Per-turn fast path (a count, a name): a JSON scalar written as itself.
-            passes = self._passthrough.get(declared)
-            if passes is None:
-                passes = self._passthrough[declared] = _passthrough_types(declared)
+            try:
+                passes = self._passthrough.get(declared)
+                if passes is None:
+                    passes = self._passthrough[declared] = _passthrough_types(declared)
+            except TypeError:  # unhashable declaration (e.g. Annotated[int, [...]])
+                passes = frozenset()
             if kind in passes and (
                 (kind is not int or -_I64 <= value < _I64)  # type: ignore[operator]
                 and (kind is not str or value.isascii())  # type: ignore[attr-defined]

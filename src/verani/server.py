@@ -342,7 +342,10 @@ class _HttpAnswer:
 
     def encode(self) -> bytes:
         body = self.body.encode() if self.verbatim else (self.body + "\n").encode()
-        phrase = http.HTTPStatus(self.status).phrase
+        try:
+            phrase = http.HTTPStatus(self.status).phrase
+        except ValueError:  # a status the standard library does not name (e.g. 499)
+            phrase = ""
         lines = [
             f"HTTP/1.1 {self.status} {phrase}",
             "Content-Type: text/plain; charset=utf-8",
@@ -371,12 +374,14 @@ async def _read_request_head(
                 return _HttpAnswer(400, "the connection closed before a complete request")
             continue
         if isinstance(event, h11.Request):
+            # What h11 read past the head (a client may send its first frame at once). h11
+            # knows where the head ended, whatever line endings it used.
+            trailing = conn.trailing_data[0]
             # h11 bounds only a head still incomplete; a complete one may have come in a read
             # that crossed the limit.
-            head_end = raw.find(b"\r\n\r\n")
-            if head_end < 0 or head_end + 4 > limit:
+            if len(raw) - len(trailing) > limit:
                 return _HttpAnswer(431, f"the request head is over {limit} bytes")
-            return event, bytes(raw[head_end + 4 :])
+            return event, bytes(trailing)
         return _HttpAnswer(400, "bad HTTP request")
 
 
@@ -539,6 +544,11 @@ class _Connection:
     async def _reader(self) -> None:
         ws, session, server = self._ws, self.session, self._server
         while True:
+            # Flow control before any frame is handled: pongs and error answers fill the
+            # outbound queue too, and a burst of them must wait for the writer, not overflow it.
+            while self._backlog() >= server.config.max_in_flight:
+                self._may_read = trio.Event()
+                await self._may_read.wait()
             try:
                 message = await ws.receive()
             except Closed as closed:
@@ -571,9 +581,6 @@ class _Connection:
                 # Answered here, so keepalive never wakes a hibernated room.
                 self.send_frame(PONG_FRAME)
                 continue
-            while self._backlog() >= server.config.max_in_flight:
-                self._may_read = trio.Event()
-                await self._may_read.wait()
             self._in_flight += 1
             if not await self._instance.submit(Message(session, frame)):
                 self._in_flight -= 1
@@ -623,7 +630,9 @@ class _Connection:
                     del batch
                     self._may_read.set()
             except Closed:
-                return
+                # The peer is gone: end the connection now, or a reader parked on flow
+                # control would wait forever for a writer that will never drain its queue.
+                pass
         if send_scope.cancelled_caught:
             log.warning(
                 "%s: a send to client %s took over %ss; dropping it",

@@ -120,7 +120,7 @@ class WebSocket:
                     self._size += len(event.data)
                     if self._size > self._max:
                         self._parts.clear()
-                        await self._refuse(1009, f"message over {self._max} bytes")
+                        await self._refuse(1009, f"message over {self._max} characters")
                         raise self.closed  # type: ignore[misc]
                     message = self._take(event)
                     if message is not None:
@@ -187,11 +187,17 @@ class WebSocket:
             if len(raw) < 4:
                 return None
             size = (raw[2] << 8) | raw[3]
+            if size < 126:
+                # RFC 6455 §5.2: the minimal length encoding MUST be used; wsproto says so.
+                self._leave_fast()
+                return None
             start = 8
         else:
             start = 6
-        if size > self._max:
-            return _Refusal(1009, f"message over {self._max} bytes")
+        # The limit counts characters (as the wsproto path and decode_frame do); a character
+        # takes at most 4 bytes, so a frame over 4x the limit needs no decoding to refuse.
+        if size > 4 * self._max:
+            return _Refusal(1009, f"message over {self._max} characters")
         end = start + size
         if len(raw) < end:
             return None
@@ -202,9 +208,12 @@ class WebSocket:
         key = int.from_bytes((mask * (size // 4 + 1))[:size], "little")
         payload = (masked ^ key).to_bytes(size, "little")
         try:
-            return payload.decode()
+            text = payload.decode()
         except UnicodeDecodeError as exc:
             return _Refusal(1007, f"invalid UTF-8 in a text message: {exc}")
+        if len(text) > self._max:
+            return _Refusal(1009, f"message over {self._max} characters")
+        return text
 
     def _leave_fast(self) -> None:
         if self._fast:
@@ -277,6 +286,13 @@ class WebSocket:
             self._send_lock.acquire_nowait()
         except trio.WouldBlock:
             await self._send_lock.acquire()
+        try:
+            # A cancellation seen here comes before any byte is written: the connection is
+            # still intact, so it must not be marked broken (its Close frame can still go).
+            await trio.lowlevel.checkpoint_if_cancelled()
+        except BaseException:
+            self._send_lock.release()
+            raise
         done = False
         try:
             await self._stream.send_all(data)
