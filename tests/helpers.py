@@ -6,8 +6,8 @@ tests check the server against the protocol rather than against itself.
 
 from __future__ import annotations
 
+import os
 import pathlib
-import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -15,9 +15,8 @@ from typing import Any
 import orjson
 import trio
 import trio_websocket
-from wsproto.connection import Connection, ConnectionType
-from wsproto.events import CloseConnection, Pong, TextMessage
-from wsproto.frame_protocol import FrameProtocol
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import CloseConnection, Event, Pong, Request, TextMessage
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 ROOMS = ROOT / "rooms"
@@ -107,63 +106,86 @@ def upgrade_request(path: str, **extra: str) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
-def masked_frame(
-    payload: bytes,
+def frame(
+    opcode: int,
+    payload: bytes = b"",
     *,
-    first: int = 0x81,
-    length_form: str | None = None,
-    mask: bytes = b"\x01\x02\x03\x04",
+    fin: bool = True,
+    rsv: int = 0,
+    masked: bool = True,
+    long_length: bool = False,
 ) -> bytes:
-    """A client frame built by hand (``first``: FIN/RSV/opcode byte), so it may break the rules
-    on purpose; ``length_form`` forces "short", "medium" (16-bit) or "long" (64-bit)."""
-    n = len(payload)
-    form = length_form or ("short" if n < 126 else "medium" if n < 65536 else "long")
-    if form == "short":
-        head = bytes((first, 0x80 | n))
-    elif form == "medium":
-        head = bytes((first, 0x80 | 126)) + struct.pack("!H", n)
+    """One client frame built by hand (RFC 6455 §5.2), free to break the protocol
+    (``long_length``: a 16-bit length even for a payload under 126 bytes)."""
+    first = (0x80 if fin else 0) | (rsv << 4) | opcode
+    size, mask_bit = len(payload), 0x80 if masked else 0
+    if size < 126 and not long_length:
+        head = bytes([first, mask_bit | size])
+    elif size < 1 << 16:
+        head = bytes([first, mask_bit | 126]) + size.to_bytes(2, "big")
     else:
-        head = bytes((first, 0x80 | 127)) + struct.pack("!Q", n)
-    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        head = bytes([first, mask_bit | 127]) + size.to_bytes(8, "big")
+    if not masked:
+        return head + payload
+    key = os.urandom(4)
+    stream = (key * (size // 4 + 1))[:size]
+    body = (int.from_bytes(payload, "big") ^ int.from_bytes(stream, "big")).to_bytes(size, "big")
+    return head + key + body
 
 
-class RawClient:
-    """A WebSocket client on a bare TCP stream: bytes out as given, wsproto reads the answers."""
+TEXT, CONTINUATION, CLOSE, PING = 0x1, 0x0, 0x8, 0x9
 
-    def __init__(self, stream: trio.SocketStream, rest: bytes) -> None:
+
+class RawSocket:
+    """A WebSocket client on a bare TCP stream: wsproto reads what the server sends, frames go
+    out as bytes built by :func:`frame`, so they may break RFC 6455 on purpose."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
-        self.reader = Connection(ConnectionType.CLIENT, trailing_data=rest)
-        self.framer = FrameProtocol(client=True, extensions=[])
+        self.ws = WSConnection(ConnectionType.CLIENT)
+        self._events: list[Event] = []
 
     @classmethod
-    async def open(cls, port: int, path: str, head: bytes | None = None) -> RawClient:
-        """Connect and upgrade (``head``: the request bytes to send instead of a standard one)."""
+    @asynccontextmanager
+    async def open(cls, port: int, target: str) -> AsyncIterator[tuple[RawSocket, Event]]:
+        """Connect and send the upgrade; yields the socket and the handshake's answer
+        (AcceptConnection, or RejectConnection with the status)."""
         stream = await trio.open_tcp_stream("127.0.0.1", port)
-        await stream.send_all(head if head is not None else upgrade_request(path))
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = await stream.receive_some(65536)
-            if not chunk:
-                raise EOFError(data)
-            data += chunk
-        status, _, rest = data.partition(b"\r\n\r\n")
-        assert status.startswith(b"HTTP/1.1 101"), status
-        return cls(stream, rest)
+        async with stream:
+            sock = cls(stream)
+            await stream.send_all(sock.ws.send(Request(host="127.0.0.1", target=target)))
+            yield sock, await sock.event()
 
-    async def next(self) -> Any:
-        """The next text message, ``("close", code, reason)``, ``("pong",)`` or ``("EOF",)``."""
-        while True:
-            for event in self.reader.events():
-                if isinstance(event, TextMessage):
-                    return event.data
-                if isinstance(event, CloseConnection):
-                    return ("close", int(event.code), event.reason)
-                if isinstance(event, Pong):
-                    return ("pong",)
+    async def event(self) -> Event:
+        """The next event; a close without a Close frame reads as CloseConnection(1006)."""
+        while not self._events:
             try:
-                chunk = await self.stream.receive_some(65536)
+                data = await self.stream.receive_some(65536)
             except trio.BrokenResourceError:
-                chunk = b""
-            if not chunk:
-                return ("EOF",)
-            self.reader.receive_data(chunk)
+                data = b""
+            self.ws.receive_data(data or None)
+            self._events.extend(self.ws.events())
+        return self._events.pop(0)
+
+    async def send(self, *frames: bytes) -> None:
+        await self.stream.send_all(b"".join(frames))
+
+    async def send_json(self, obj: Any) -> None:
+        await self.send(frame(TEXT, orjson.dumps(obj)))
+
+    async def next_json(self) -> dict[str, Any]:
+        """The next text message, decoded (pongs are skipped)."""
+        while True:
+            event = await self.event()
+            if isinstance(event, TextMessage):
+                decoded = orjson.loads(event.data)
+                assert isinstance(decoded, dict)
+                return decoded
+            assert isinstance(event, Pong), event
+
+    async def close_code(self) -> int:
+        """Read until the server ends the connection; its close code (1006: no Close frame)."""
+        while True:
+            event = await self.event()
+            if isinstance(event, CloseConnection):
+                return int(event.code)

@@ -27,15 +27,10 @@ import trio
 import trio_websocket
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from wsproto import ConnectionType, WSConnection
 from wsproto.events import (
     AcceptConnection,
-    CloseConnection,
-    Event,
     Pong,
     RejectConnection,
-    Request,
-    TextMessage,
 )
 
 from verani import (
@@ -50,7 +45,17 @@ from verani import (
     open_server,
 )
 
-from helpers import connect, http_request, upgrade_request
+from helpers import (
+    CLOSE,
+    CONTINUATION,
+    PING,
+    TEXT,
+    RawSocket,
+    connect,
+    frame,
+    http_request,
+    upgrade_request,
+)
 
 #: Per-example settings of the hypothesis tests: the examples share the test's fixtures
 #: (rooms, tmp_path, caplog) on purpose, and start a server each.
@@ -540,84 +545,6 @@ async def test_upgrade_refused_by_wsproto_is_logged_at_once(
 
 
 # --- hostile frames ---------------------------------------------------------------------------
-
-
-def frame(
-    opcode: int, payload: bytes = b"", *, fin: bool = True, rsv: int = 0, masked: bool = True
-) -> bytes:
-    """One client frame built by hand (RFC 6455 §5.2), free to break the protocol."""
-    first = (0x80 if fin else 0) | (rsv << 4) | opcode
-    size, mask_bit = len(payload), 0x80 if masked else 0
-    if size < 126:
-        head = bytes([first, mask_bit | size])
-    elif size < 1 << 16:
-        head = bytes([first, mask_bit | 126]) + size.to_bytes(2, "big")
-    else:
-        head = bytes([first, mask_bit | 127]) + size.to_bytes(8, "big")
-    if not masked:
-        return head + payload
-    key = os.urandom(4)
-    stream = (key * (size // 4 + 1))[:size]
-    body = (int.from_bytes(payload, "big") ^ int.from_bytes(stream, "big")).to_bytes(size, "big")
-    return head + key + body
-
-
-TEXT, CONTINUATION, CLOSE, PING = 0x1, 0x0, 0x8, 0x9
-
-
-class RawSocket:
-    """A WebSocket client on a bare TCP stream: wsproto reads what the server sends, frames go
-    out as bytes built by :func:`frame`, so they may break RFC 6455 on purpose."""
-
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
-        self.ws = WSConnection(ConnectionType.CLIENT)
-        self._events: list[Event] = []
-
-    @classmethod
-    @asynccontextmanager
-    async def open(cls, port: int, target: str) -> AsyncIterator[tuple[RawSocket, Event]]:
-        """Connect and send the upgrade; yields the socket and the handshake's answer
-        (AcceptConnection, or RejectConnection with the status)."""
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
-        async with stream:
-            sock = cls(stream)
-            await stream.send_all(sock.ws.send(Request(host="127.0.0.1", target=target)))
-            yield sock, await sock.event()
-
-    async def event(self) -> Event:
-        """The next event; a close without a Close frame reads as CloseConnection(1006)."""
-        while not self._events:
-            try:
-                data = await self.stream.receive_some(65536)
-            except trio.BrokenResourceError:
-                data = b""
-            self.ws.receive_data(data or None)
-            self._events.extend(self.ws.events())
-        return self._events.pop(0)
-
-    async def send(self, *frames: bytes) -> None:
-        await self.stream.send_all(b"".join(frames))
-
-    async def send_json(self, obj: Any) -> None:
-        await self.send(frame(TEXT, orjson.dumps(obj)))
-
-    async def next_json(self) -> dict[str, Any]:
-        """The next text message, decoded (pongs are skipped)."""
-        while True:
-            event = await self.event()
-            if isinstance(event, TextMessage):
-                decoded = orjson.loads(event.data)
-                assert isinstance(decoded, dict)
-                return decoded
-            assert isinstance(event, Pong), event
-
-    async def close_code(self) -> int:
-        """Read until the server ends the connection; its close code (1006: no Close frame)."""
-        while True:
-            event = await self.event()
-            if isinstance(event, CloseConnection):
-                return int(event.code)
 
 
 @asynccontextmanager

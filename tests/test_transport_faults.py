@@ -7,17 +7,17 @@ import socket
 import struct
 from typing import Any
 
-import orjson
 import pytest
 import trio
+from wsproto.events import AcceptConnection, Pong, TextMessage
 
 from verani import HandshakeRefused, RoomContext, define_room, open_server
 from verani.codec import make_codec
 from verani.store import MemoryStore
 
-from helpers import RawClient, http_request, masked_frame, upgrade_request
+from helpers import PING, TEXT, RawSocket, frame, http_request, upgrade_request
 
-PING = b'{"type":"ping"}'
+PING_FRAME = b'{"type":"ping"}'
 
 
 def _echo_room(**options: Any) -> Any:
@@ -39,20 +39,20 @@ async def test_a_peer_that_resets_while_its_reader_waits_on_flow_control_is_let_
 
     with trio.fail_after(20):
         async with open_server([room], store=MemoryStore()) as server:
-            client = await RawClient.open(server.port, "/ws/big")
-            client.stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            # Never read: the writer blocks, the queue fills, the reader parks on flow control.
-            message = masked_frame(b'{"type":"big","data":null}')
-            await client.stream.send_all(message * 300)
-            while not server._connections or next(iter(server._connections))._backlog() < 64:
-                await trio.sleep(0.05)
-            # A reset: the pending send fails in the writer, which must end the connection.
-            client.stream.socket.setsockopt(
-                socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
-            )
-            client.stream.socket.close()
-            while server._connections or server.supervisor.status()[0].sessions:
-                await trio.sleep(0.05)
+            async with RawSocket.open(server.port, "/ws/big") as (client, answer):
+                assert isinstance(answer, AcceptConnection)
+                sock = client.stream.socket
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                # Never read: the writer blocks, the queue fills, the reader parks on flow
+                # control.
+                await client.send(*[frame(TEXT, b'{"type":"big","data":null}')] * 300)
+                while not server._connections or next(iter(server._connections))._backlog() < 64:
+                    await trio.sleep(0.05)
+                # A reset: the pending send fails in the writer, which must end the connection.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.close()
+                while server._connections or server.supervisor.status()[0].sessions:
+                    await trio.sleep(0.05)
 
 
 async def test_the_frame_size_limit_counts_characters_on_every_path() -> None:
@@ -64,24 +64,22 @@ async def test_the_frame_size_limit_counts_characters_on_every_path() -> None:
     with trio.fail_after(10):
         async with open_server([_echo_room(max_frame_size=1000)], store=MemoryStore()) as server:
             for text, fragmented in [(small, False), (small, True), (big, False), (big, True)]:
-                client = await RawClient.open(server.port, "/ws/echo")
-                async with client.stream:
+                async with RawSocket.open(server.port, "/ws/echo") as (client, _):
+                    data = text.encode()
                     if fragmented:
-                        half = len(text) // 2
-                        await client.stream.send_all(
-                            bytes(client.framer.send_data(text[:half], fin=False))
-                            + bytes(client.framer.send_data(text[half:], fin=True))
+                        half = len(data) // 2
+                        await client.send(
+                            frame(TEXT, data[:half], fin=False), frame(0x0, data[half:])
                         )
                     else:
-                        await client.stream.send_all(masked_frame(text.encode()))
-                    answer = await client.next()
+                        await client.send(frame(TEXT, data))
                     if text is small:
-                        assert orjson.loads(answer)["data"] == {"type": "echoed", "len": 600}
+                        assert (await client.next_json())["data"] == {"type": "echoed", "len": 600}
                     else:
-                        assert answer[:2] == ("close", 1009), (fragmented, answer)
+                        assert await client.close_code() == 1009, fragmented
 
 
-@pytest.mark.parametrize("payload", [PING, b"not json"])
+@pytest.mark.parametrize("payload", [PING_FRAME, b"not json"])
 async def test_a_burst_of_frames_answered_by_the_connection_waits_for_the_writer(
     payload: bytes,
 ) -> None:
@@ -90,11 +88,10 @@ async def test_a_burst_of_frames_answered_by_the_connection_waits_for_the_writer
     # reads every answer.
     with trio.fail_after(20):
         async with open_server([_echo_room()], store=MemoryStore()) as server:
-            client = await RawClient.open(server.port, "/ws/echo")
-            async with client.stream:
-                await client.stream.send_all(masked_frame(payload) * 1100)
-                answers = [await client.next() for _ in range(1100)]
-                assert all(isinstance(a, str) for a in answers), answers[-1]
+            async with RawSocket.open(server.port, "/ws/echo") as (client, _):
+                await client.send(*[frame(TEXT, payload)] * 1100)
+                answers = [await client.event() for _ in range(1100)]
+                assert all(isinstance(a, TextMessage) for a in answers), answers[-1]
 
 
 async def test_a_non_minimal_length_is_a_protocol_error_whatever_came_before() -> None:
@@ -103,13 +100,12 @@ async def test_a_non_minimal_length_is_a_protocol_error_whatever_came_before() -
     with trio.fail_after(10):
         async with open_server([_echo_room()], store=MemoryStore()) as server:
             for ping_first in (False, True):
-                client = await RawClient.open(server.port, "/ws/echo")
-                async with client.stream:
+                async with RawSocket.open(server.port, "/ws/echo") as (client, _):
                     if ping_first:
-                        await client.stream.send_all(bytes(client.framer.ping(b"x")))
-                        assert await client.next() == ("pong",)
-                    await client.stream.send_all(masked_frame(PING, length_form="medium"))
-                    assert (await client.next())[:2] == ("close", 1002)
+                        await client.send(frame(PING, b"x"))
+                        assert isinstance(await client.event(), Pong)
+                    await client.send(frame(TEXT, PING_FRAME, long_length=True))
+                    assert await client.close_code() == 1002
 
 
 async def test_a_request_head_ending_in_a_bare_lf_keeps_the_frame_after_it() -> None:
@@ -120,7 +116,7 @@ async def test_a_request_head_ending_in_a_bare_lf_keeps_the_frame_after_it() -> 
         async with open_server([_echo_room()], store=MemoryStore()) as server:
             stream = await trio.open_tcp_stream("127.0.0.1", server.port)
             async with stream:
-                await stream.send_all(head + masked_frame(PING))
+                await stream.send_all(head + frame(TEXT, PING_FRAME))
                 data = b""
                 while b'{"type":"pong"}' not in data:
                     chunk = await stream.receive_some(65536)
