@@ -176,9 +176,7 @@ def available(name: str) -> bool:
 # --- the load generator --------------------------------------------------------------------------
 
 
-def loadgen(server: Server, mode: str, **args: Any) -> dict[str, Any]:
-    """Run one load-generator process against ``server``; its JSON result, with the server's
-    CPU seconds over the same run."""
+def _loadgen_command(server: Server, mode: str, args: dict[str, Any]) -> list[str]:
     spec = {
         "mode": mode,
         "url": server.url,
@@ -187,9 +185,26 @@ def loadgen(server: Server, mode: str, **args: Any) -> dict[str, Any]:
         "instance": f"{mode}-{time.monotonic_ns()}",
         **args,
     }
+    return [*NODE, str(HERE / "loadgen.mjs"), json.dumps(spec)]
+
+
+def interactive_loadgen(server: Server, mode: str, **args: Any) -> subprocess.Popen[str]:
+    """A load-generator process of a line-driven mode ("idle", "revive") against ``server``:
+    each line written to its stdin gets one JSON line back; closing stdin ends it."""
+    return subprocess.Popen(
+        _loadgen_command(server, mode, args),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
+def loadgen(server: Server, mode: str, **args: Any) -> dict[str, Any]:
+    """Run one load-generator process against ``server``; its JSON result, with the server's
+    CPU seconds over the same run."""
     cpu0 = server.cpu_s()
     out = subprocess.run(
-        [*NODE, str(HERE / "loadgen.mjs"), json.dumps(spec)],
+        _loadgen_command(server, mode, args),
         capture_output=True,
         text=True,
         timeout=600,
@@ -290,19 +305,7 @@ def scenario_revive(servers: list[str], quick: bool) -> dict[str, Any]:
     with serving("verani", prepare) as server:
         for case in cases:
             doc_bytes = (server.store / "rooms" / "bench" / f"{case}.json").stat().st_size
-            spec = {
-                "mode": "revive",
-                "url": server.url,
-                "path": "/ws/bench",
-                "protocol": "verani",
-                "instance": case,
-            }
-            proc = subprocess.Popen(
-                [*NODE, str(HERE / "loadgen.mjs"), json.dumps(spec)],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
-            )
+            proc = interactive_loadgen(server, "revive", path="/ws/bench", instance=case)
             assert proc.stdin is not None and proc.stdout is not None
             awake, asleep = [], []
             _revive_sample(proc)  # the first revival also warms the server's code paths
@@ -339,44 +342,16 @@ def _wait_no_sessions(server: Server) -> None:
         time.sleep(0.002)
 
 
-def _revive_sample(proc: subprocess.Popen[str]) -> float:
-    assert proc.stdin is not None and proc.stdout is not None
-    proc.stdin.write("go\n")
-    proc.stdin.flush()
-    return float(json.loads(proc.stdout.readline())["ms"])
-
-
-def _wait_no_sessions(server: Server) -> None:
-    # Until the room has seen the client's disconnect.
-    while any(i["sessions"] for i in server.control({"op": "status"})["instances"]):
-        time.sleep(0.002)
-
-
 def scenario_memory(servers: list[str], quick: bool) -> dict[str, Any]:
     conns, rooms = (200, 1000) if quick else (1000, 10_000)
     names = [s for s in ["verani_os", *BASELINES] if s in servers or s == "verani_os"]
     per_conn = {}
     for name in names:
         with serving(name) as server:
-            spec = {
-                "mode": "idle",
-                "url": server.url,
-                "path": "/ws/counter",
-                "protocol": server.protocol,
-                "instance": "idle",
-                "clients": conns,
-                "instances": 1,
-            }
             # One connection first, so what is measured is the cost of more of them.
-            warm = loadgen(server, "connect", clients=10)
-            del warm
+            loadgen(server, "connect", clients=10)
             before = server.rss_kb()
-            proc = subprocess.Popen(
-                [*NODE, str(HERE / "loadgen.mjs"), json.dumps(spec)],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
-            )
+            proc = interactive_loadgen(server, "idle", instance="idle", clients=conns, instances=1)
             assert proc.stdin is not None and proc.stdout is not None
             ready = json.loads(proc.stdout.readline())
             time.sleep(1)
