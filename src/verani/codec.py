@@ -644,10 +644,7 @@ class Codec:
                     passes = self._passthrough[declared] = _passthrough_types(declared)
             except TypeError:  # unhashable declaration (e.g. Annotated[int, [...]])
                 passes = frozenset()
-            if kind in passes and (
-                (kind is not int or -_I64 <= value < _I64)  # type: ignore[operator]
-                and (kind is not str or value.isascii())  # type: ignore[attr-defined]
-            ):
+            if kind in passes and _plain_scalars((value,)):
                 return value  # type: ignore[return-value]
         try:
             return _encode(self._hook(declared), value, path, 0, set())
