@@ -111,7 +111,13 @@ async def test_a_send_that_overruns_its_deadline_drops_only_that_socket(
     def echo(ctx: RoomContext[Any], data: Any) -> None:
         ctx.emit.emit("echo", data)
 
-    config = ServerConfig(send_timeout=0.5, outbound_queue=100_000, max_in_flight=100_000)
+    # The outbound budgets are lifted: this test is about the send deadline alone.
+    config = ServerConfig(
+        send_timeout=0.5,
+        outbound_queue=100_000,
+        max_in_flight=100_000,
+        max_outbound_bytes=1 << 40,
+    )
     with trio.fail_after(30):
         async with open_server([room], store=str(tmp_path), config=config) as server:
             stream = await trio.open_tcp_stream("127.0.0.1", server.port)

@@ -11,7 +11,7 @@ import pytest
 import trio
 from wsproto.events import AcceptConnection, Pong, TextMessage
 
-from verani import HandshakeRefused, RoomContext, define_room, open_server
+from verani import HandshakeRefused, RoomContext, ServerConfig, define_room, open_server
 from verani.codec import make_codec
 from verani.store import MemoryStore
 
@@ -37,8 +37,10 @@ async def test_a_peer_that_resets_while_its_reader_waits_on_flow_control_is_let_
     def big(ctx: RoomContext[Any], data: Any) -> None:
         ctx.emit.emit("blob", "x" * 100_000)
 
+    # The byte budget is lifted (300 x 100 KB): this test is about flow control alone.
+    config = ServerConfig(max_outbound_bytes=1 << 40)
     with trio.fail_after(20):
-        async with open_server([room], store=MemoryStore()) as server:
+        async with open_server([room], store=MemoryStore(), config=config) as server:
             async with RawSocket.open(server.port, "/ws/big") as (client, answer):
                 assert isinstance(answer, AcceptConnection)
                 sock = client.stream.socket

@@ -333,7 +333,10 @@ class Actor:
     def abandon(self, reason: str) -> None:
         """The actor is gone before its held outputs were durable: their frames are dropped
         (their sockets are being closed), and every call waiting on them gets an error."""
-        for _, _, event in self._held:
+        for _, outputs, event in self._held:
+            for targets, frame in outputs:
+                for session in targets:
+                    session.sink.unhold(len(frame))
             if isinstance(event, Call):
                 event.fail(
                     RoomCrashedError(
@@ -648,8 +651,10 @@ class Actor:
         if not outputs:
             return
         counts, limit = self._held_per_session, self._max_held
-        for targets, _ in outputs:
+        for targets, frame in outputs:
+            size = len(frame)
             for session in targets:
+                session.sink.hold(size)
                 count = counts[session] = counts.get(session, 0) + 1
                 if count > limit:
                     self._gate_full = True
@@ -664,6 +669,9 @@ class Actor:
         for _, outputs, event in released:
             _released(event)
             for targets, frame in outputs:
+                size = len(frame)
+                for session in targets:
+                    session.sink.unhold(size)
                 send_to(targets, frame)
                 for session in targets:
                     left = counts[session] - 1

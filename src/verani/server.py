@@ -10,6 +10,7 @@ first, so a plain HTTP request to a room path gets ``426 Upgrade Required``, an 
 from __future__ import annotations
 
 import base64
+import errno
 import http
 import logging
 import math
@@ -35,6 +36,11 @@ from .supervisor import RoomInstance, Supervisor
 from .transport import MAX_BATCH_BYTES, Closed, WebSocket, accept_response
 
 log = logging.getLogger("verani.server")
+
+#: ``accept`` errors that mean "no resources now": wait and retry instead of failing.
+_ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+#: Seconds the listener waits after such an error.
+ACCEPT_BACKOFF = 0.1
 
 
 class ServeError(VeraniError):
@@ -74,6 +80,23 @@ class ServerConfig:
     instance_pattern: re.Pattern[str] | None = None
     #: Seconds a graceful shutdown may spend saving rooms and closing sockets.
     shutdown_timeout: float = 30.0
+    #: Bytes pending for one socket — queued, being written, or held by the room's output gate
+    #: until a write is durable — before it counts as too slow and is closed (1008).
+    max_outbound_bytes: int = 4 * 1024 * 1024
+    #: Frames one client message may be cut into; past it the socket is closed (1008).
+    max_fragments: int = 1024
+    #: Control frames (ping, pong, close) one socket may send per second, and in a burst;
+    #: past it the socket is closed (1008).
+    max_control_frames: float = 100.0
+    #: Seconds a socket may stay quiet (nothing received) before the server sends it a
+    #: WebSocket Ping; 0 sends none.
+    ping_interval: float = 20.0
+    #: Seconds a pinged socket has to send anything back before it is closed (1011).
+    ping_timeout: float = 20.0
+    #: Sockets accepted and still in their HTTP handshake. They count toward
+    #: ``max_connections`` from accept; when either limit is reached, the oldest handshake in
+    #: progress is dropped to make room (a silent client yields its place to a new one).
+    max_handshakes: int = 256
 
 
 @attrs.frozen
@@ -106,6 +129,12 @@ class ServerStats:
     connections: int = 0
     frames_dropped: int = 0
     http_rejected: int = 0
+    #: Handshakes dropped to make room for newer ones (``max_handshakes``, ``max_connections``).
+    handshakes_dropped: int = 0
+    #: Times ``accept`` failed for lack of file descriptors (or memory) and the listener waited.
+    accept_backoffs: int = 0
+    #: Sockets closed because they answered no Ping within ``ping_timeout``.
+    ping_timeouts: int = 0
 
 
 class Server:
@@ -119,6 +148,10 @@ class Server:
         self.host = ""
         self.port = 0
         self._connections: set[_Connection] = set()
+        # Sockets accepted and in their handshake, oldest first, each with the cancel scope
+        # that drops it and when it was accepted.
+        self._handshakes: dict[trio.CancelScope, float] = {}
+        self._warned_at = -math.inf
         self._per_room: dict[tuple[str, str], int] = {}
         self._no_connections = trio.Event()
         self._no_connections.set()
@@ -150,15 +183,90 @@ class Server:
         listeners: Sequence[trio.SocketListener],
         conn_nursery: trio.Nursery,
         *,
-        task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         with self._accept_scope:
-            await trio.serve_listeners(
-                self._handle_stream,
-                list(listeners),
-                handler_nursery=conn_nursery,
-                task_status=task_status,
+            async with trio.open_nursery() as nursery:
+                for listener in listeners:
+                    nursery.start_soon(self._accept_loop, listener, conn_nursery)
+                task_status.started()
+
+    async def _accept_loop(self, listener: trio.SocketListener, conn_nursery: trio.Nursery) -> None:
+        async with listener:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                        raise
+                    # Out of file descriptors (or memory): retrying at once would spin a core
+                    # and starve the sockets that are open; they go on while we wait.
+                    self.stats.accept_backoffs += 1
+                    self._warn(
+                        "cannot accept connections: %s; retrying in %ss (raise the file "
+                        "descriptor limit, `ulimit -n`, or lower --max-connections)",
+                        exc.strerror or exc,
+                        ACCEPT_BACKOFF,
+                    )
+                    await trio.sleep(ACCEPT_BACKOFF)
+                    continue
+                conn_nursery.start_soon(self._handle_stream, stream, self._admit())
+
+    def _admit(self) -> trio.CancelScope:
+        """A slot in the handshake table for a socket just accepted, made by dropping the
+        oldest handshakes in progress while a limit is exceeded."""
+        cfg, table = self.config, self._handshakes
+        scope = trio.CancelScope()
+        table[scope] = trio.current_time()
+        dropped = 0
+        while len(table) > 1 and (
+            len(table) > cfg.max_handshakes
+            or len(table) + len(self._connections) > cfg.max_connections
+        ):
+            oldest = next(iter(table))
+            del table[oldest]
+            oldest.cancel()
+            dropped += 1
+        if dropped:
+            self.stats.handshakes_dropped += dropped
+            self._warn(
+                "dropped the oldest handshake in progress to make room: %d in progress "
+                "(limit %d), %d connections (limit %d); %d dropped so far",
+                len(table),
+                cfg.max_handshakes,
+                len(self._connections),
+                cfg.max_connections,
+                self.stats.handshakes_dropped,
             )
+        return scope
+
+    def _warn(self, message: str, *args: object) -> None:
+        # At most one line a second: under attack these would otherwise flood the log.
+        now = trio.current_time()
+        if now - self._warned_at >= 1.0:
+            self._warned_at = now
+            log.warning(message, *args)
+
+    async def _liveness(self) -> None:
+        """Ping every socket that has been quiet for ``ping_interval``; close (1011) one that
+        sends nothing back within ``ping_timeout``. One task for all sockets."""
+        cfg = self.config
+        if not cfg.ping_interval:
+            return
+        step = min(cfg.ping_interval, cfg.ping_timeout) / 4
+        while True:
+            await trio.sleep(step)
+            now = trio.current_time()
+            for conn in list(self._connections):
+                sent, seen = conn.ping_sent, conn.last_received
+                if sent is not None and seen >= sent:
+                    conn.ping_sent = sent = None  # answered (anything received counts)
+                if sent is None:
+                    if now - seen >= cfg.ping_interval:
+                        conn.ping(now)
+                elif now - sent >= cfg.ping_timeout:
+                    self.stats.ping_timeouts += 1
+                    conn.close_unresponsive(now - seen)
 
     async def _shutdown(self) -> None:
         self._accept_scope.cancel()
@@ -173,25 +281,40 @@ class Server:
 
     # --- one TCP connection -----------------------------------------------------------------
 
-    async def _handle_stream(self, stream: trio.SocketStream) -> None:
+    async def _handle_stream(self, stream: trio.SocketStream, slot: trio.CancelScope) -> None:
         remote = _peer(stream)
         try:
-            await self._serve_stream(stream, remote)
+            await self._serve_stream(stream, remote, slot)
         except Exception as exc:
             # One connection's failure must never reach the listener or other connections.
             log.warning("connection from %s ended with %s: %s", remote, type(exc).__name__, exc)
         finally:
             await trio.aclose_forcefully(stream)
 
-    async def _serve_stream(self, stream: trio.SocketStream, remote: str) -> None:
-        accepted = await self._handshake(stream, remote)
+    async def _serve_stream(
+        self, stream: trio.SocketStream, remote: str, slot: trio.CancelScope
+    ) -> None:
+        try:
+            with slot:
+                accepted = await self._handshake(stream, remote)
+        finally:
+            self._handshakes.pop(slot, None)
+        if slot.cancelled_caught:
+            log.info("connection from %s: handshake dropped to make room for a newer one", remote)
+            return
         if accepted is None:
             return
         # Only what the connection needs lives on: the request head, its headers and the
         # handshake's locals are gone with _handshake's frame (memory per idle socket).
         route, meta, trailing = accepted
-        max_message = route.room.max_frame_size or self.config.max_frame_size
-        ws = WebSocket(stream, trailing=trailing, max_message_size=max_message)
+        cfg = self.config
+        ws = WebSocket(
+            stream,
+            trailing=trailing,
+            max_message_size=route.room.max_frame_size or cfg.max_frame_size,
+            max_fragments=cfg.max_fragments,
+            max_control_per_second=cfg.max_control_frames,
+        )
         if self.supervisor.stopping:
             # The handshake finished after shutdown began: no room will take it.
             with trio.move_on_after(self.config.close_timeout):
@@ -273,7 +396,9 @@ class Server:
         if route is None:
             return None
         cfg = self.config
-        if len(self._connections) >= cfg.max_connections:
+        # Sockets count from accept: the open WebSockets and the handshakes in progress (this
+        # one included; older ones were dropped to make room, so only open ones are left).
+        if len(self._connections) + len(self._handshakes) > cfg.max_connections:
             log.warning("refusing a connection: %d open, the server's limit", cfg.max_connections)
             return _HttpAnswer(
                 503, "the server is at its connection limit; retry later", (("Retry-After", "5"),)
@@ -466,7 +591,12 @@ _DRAINING_CODES = frozenset({1000, 1001})
 
 
 class _Connection:
-    """One accepted socket: its session, bounded outbound queue, reader and writer."""
+    """One accepted socket: its session, bounded outbound queue, reader and writer.
+
+    The outbound budget counts frames and bytes: frames queued, the batch being written, and
+    frames the room's output gate holds for this socket (:meth:`hold`). Past either limit the
+    socket is closed with 1008: what is queued is dropped and the Close frame goes next.
+    """
 
     def __init__(
         self, server: Server, ws: WebSocket, instance: RoomInstance, meta: ConnectionMeta
@@ -479,9 +609,15 @@ class _Connection:
         # a deque is over 600 (memory per idle socket).
         self._out: list[bytes] = []
         self._out_limit = server.config.outbound_queue
+        #: Bytes queued, being written, or held by the output gate for this socket.
+        self.pending_bytes = 0
         self._out_ready = trio.Event()
         self._draining = False
-        self._io_scope = trio.CancelScope()
+        self._read_scope = trio.CancelScope()
+        self._send_scope: trio.CancelScope | None = None
+        self._ping_due = False
+        #: When the last liveness Ping was sent (None: no answer awaited).
+        self.ping_sent: float | None = None
         self._in_flight = 0
         self._may_read = trio.Event()
         self._close_code: int | None = None
@@ -493,18 +629,40 @@ class _Connection:
     def send_frame(self, frame: bytes) -> None:
         if self._close_code is not None:
             return
+        size = len(frame)
         if len(self._out) >= self._out_limit:
-            log.warning(
-                "%s: client %s (user %s) reads too slowly; %d frames queued, closing with 1008",
-                self._where,
-                self.session.meta.client_id,
-                self.session.meta.user_id,
-                self._out_limit,
-            )
-            self.close(1008, "outbound queue full: the client reads too slowly")
+            self._too_slow(f"{self._out_limit} frames queued")
             return
+        if self.pending_bytes + size > self._server.config.max_outbound_bytes:
+            self._too_slow(f"{self.pending_bytes + size} bytes pending")
+            return
+        self.pending_bytes += size
         self._out.append(frame)
         self._out_ready.set()
+
+    def hold(self, size: int) -> None:
+        if self._close_code is not None:
+            return
+        self.pending_bytes += size
+        if self.pending_bytes > self._server.config.max_outbound_bytes:
+            self._too_slow(f"{self.pending_bytes} bytes pending")
+
+    def unhold(self, size: int) -> None:
+        if self._close_code is None:
+            self.pending_bytes -= size
+
+    def _too_slow(self, what: str) -> None:
+        log.warning(
+            "%s: client %s (user %s) reads too slowly (%s, limits: %d frames, %d bytes); "
+            "closing with 1008",
+            self._where,
+            self.session.meta.client_id,
+            self.session.meta.user_id,
+            what,
+            self._out_limit,
+            self._server.config.max_outbound_bytes,
+        )
+        self.close(1008, "outbound budget exceeded: the client reads too slowly")
 
     def message_done(self) -> None:
         self._in_flight -= 1
@@ -522,17 +680,49 @@ class _Connection:
         if code in _DRAINING_CODES:
             # The writer sends what is queued, then ends the socket.
             self._draining = True
-            self._out_ready.set()
         else:
-            self._io_scope.cancel()
+            # Nothing queued goes out: the Close frame is next. A write in progress may finish
+            # (a frame cut in half would leave no way to send the Close), but not for long.
+            self._out = []
+            self.pending_bytes = 0
+            self._read_scope.cancel()
+            if self._send_scope is not None:
+                deadline = trio.current_time() + self._server.config.close_timeout
+                self._send_scope.deadline = min(self._send_scope.deadline, deadline)
+        self._out_ready.set()
+
+    def close_unresponsive(self, quiet: float) -> None:
+        """The peer answered no Ping in time: a dead peer (or network) leaves its room."""
+        log.warning(
+            "%s: client %s (user %s) sent nothing for %.1fs and answered no ping; closing "
+            "with 1011",
+            self._where,
+            self.session.meta.client_id,
+            self.session.meta.user_id,
+            quiet,
+        )
+        self.close(1011, "no answer to ping")
+
+    def ping(self, now: float) -> None:
+        """Have the writer send a liveness Ping; the answer is awaited from ``now``."""
+        self.ping_sent = now
+        self._ping_due = True
+        self._out_ready.set()
+
+    @property
+    def last_received(self) -> float:
+        """When bytes last came from the peer (Trio's clock)."""
+        return self._ws.last_received
 
     async def run(self) -> None:
         inst, session = self._instance, self.session
         await inst.submit(Connect(session))
-        with self._io_scope:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._writer)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._writer, nursery.cancel_scope)
+            with self._read_scope:
                 await self._reader()
+            if self._close_code is None:
+                # The peer closed, broke the protocol or went away: nothing more to send.
                 nursery.cancel_scope.cancel()
         closed = self._ws.closed
         code = self._close_code or (closed.code if closed else 1006)
@@ -604,14 +794,23 @@ class _Connection:
                 closed.code,
             )
 
-    async def _writer(self) -> None:
+    async def _writer(self, io_scope: trio.CancelScope) -> None:
         timeout = self._server.config.send_timeout
         ws = self._ws
         # One scope for every send: its deadline is set around each write (cheaper than a
         # new cancel scope per write); only a write that overruns it is cancelled.
         with trio.CancelScope() as send_scope:
+            self._send_scope = send_scope
             try:
                 while True:
+                    if self._close_code is not None and not self._draining:
+                        break
+                    if self._ping_due:
+                        self._ping_due = False
+                        send_scope.deadline = trio.current_time() + timeout
+                        await ws.send_ping()
+                        send_scope.deadline = math.inf
+                        continue
                     if not self._out:
                         if self._draining:
                             break
@@ -626,6 +825,8 @@ class _Connection:
                     send_scope.deadline = trio.current_time() + timeout
                     await ws.send_frames(batch)
                     send_scope.deadline = math.inf
+                    if self._close_code is None or self._draining:
+                        self.pending_bytes -= sum(map(len, batch))
                     # An idle socket keeps no reference to what it last sent.
                     del batch
                     self._may_read.set()
@@ -633,16 +834,19 @@ class _Connection:
                 # The peer is gone: end the connection now, or a reader parked on flow
                 # control would wait forever for a writer that will never drain its queue.
                 pass
-        if send_scope.cancelled_caught:
+            finally:
+                self._send_scope = None
+        if send_scope.cancelled_caught and self._close_code is None:
             log.warning(
                 "%s: a send to client %s took over %ss; dropping it",
                 self._where,
                 self.session.meta.client_id,
                 timeout,
             )
-            if self._close_code is None:
-                self._close_code, self._close_reason = 1008, "a send took too long"
-        self._io_scope.cancel()
+            self._close_code, self._close_reason = 1008, "a send took too long"
+        self._read_scope.cancel()
+        if self._close_code is None:
+            io_scope.cancel()
 
 
 def _take_batch(out: list[bytes]) -> list[bytes]:
@@ -715,6 +919,7 @@ async def open_server(
                 await nursery.start(supervisor.run)
                 conn_nursery: trio.Nursery = await nursery.start(_nursery_task)
                 await nursery.start(server._accept, listeners, conn_nursery)
+                nursery.start_soon(server._liveness)
                 if control and isinstance(store_obj, FileStore):
                     await nursery.start(serve_control, server, store_obj.directory)
                 try:

@@ -33,6 +33,14 @@ class FrameSink(Protocol):
     def close(self, code: int, reason: str) -> None:
         """Ask for the socket to be closed with ``code``; returns at once."""
 
+    def hold(self, size: int) -> None:
+        """The room's output gate holds a frame of ``size`` bytes for this socket: it counts
+        toward the socket's outbound budget (past it the socket is closed) until :meth:`unhold`."""
+
+    def unhold(self, size: int) -> None:
+        """A held frame of ``size`` bytes left the gate (sent with :meth:`send_frame`, or
+        dropped)."""
+
     def message_done(self) -> None:
         """One message of this socket has been handled and its turn's frames have left the gate.
 

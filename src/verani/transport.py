@@ -1,14 +1,16 @@
-"""The server side of one WebSocket, on a Trio stream: wsproto parses, our writes are batched.
+"""The server side of one WebSocket, on a Trio stream: frames parsed by :mod:`verani.frames`,
+writes batched.
 
 trio-websocket (our client, and the reference the server was first built on) sends one write per
 message and, on a protocol violation from the peer, drops the TCP connection without the Close
-frame RFC 6455 asks for. This transport keeps wsproto — trio-websocket's own engine — for
-everything a peer can get wrong (framing, masking, fragmentation, UTF-8, control frames, the
-closing handshake) and adds what a server of many sockets needs:
+frame RFC 6455 asks for. This transport reads with a sans-IO :class:`~verani.frames.FrameReader`
+(every RFC 6455 check, plus per-peer caps) and adds what a server of many sockets needs:
 
 - any number of text frames go out in one ``send_all`` (one syscall for a burst of events);
-- a protocol violation is answered with a Close frame carrying its code (1002, 1007, 1009);
-- a message is limited in size while it is still arriving, not after it is buffered whole.
+- a protocol violation is answered with a Close frame carrying its code (1002, 1007, 1008, 1009);
+- a message is limited in size while it is still arriving, not after it is buffered whole;
+- the reader yields to the scheduler every few hundred frames, so one peer's flood of tiny
+  frames cannot hold the event loop.
 
 The opening handshake is answered here too (:func:`accept_response`): the request head was already
 parsed and checked by the server with h11.
@@ -17,14 +19,27 @@ parsed and checked by the server with h11.
 from __future__ import annotations
 
 import contextlib
-import struct
 from collections.abc import Iterable
 
-import attrs
 import trio
-from wsproto.connection import Connection, ConnectionState, ConnectionType
-from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 from wsproto.utilities import generate_accept_token
+
+from .frames import (
+    NEED_DATA,
+    PAUSE,
+    PING,
+    PONG,
+    CloseReceived,
+    FrameReader,
+    Ping,
+    Violation,
+    close_frame,
+    control_frame,
+    encode_text_frame,
+    text_frame_header,
+)
+
+__all__ = ["Closed", "WebSocket", "accept_response", "encode_text_frame", "text_frame_header"]
 
 #: Bytes asked of the socket per read; big enough that a pipelining client's burst is one read.
 RECEIVE_SIZE = 64 * 1024
@@ -33,10 +48,7 @@ RECEIVE_SIZE = 64 * 1024
 #: writer build a huge buffer.
 MAX_BATCH_BYTES = 256 * 1024
 
-# The header of an unmasked, final text frame, for every payload length under 126.
-_SHORT_HEADERS = [bytes((0x81, n)) for n in range(126)]
-_MEDIUM_HEADER = struct.Struct("!BBH")
-_LONG_HEADER = struct.Struct("!BBQ")
+_PING_FRAME = control_frame(PING, b"verani")
 
 
 def accept_response(key: str) -> bytes:
@@ -48,21 +60,6 @@ def accept_response(key: str) -> bytes:
         "Connection: Upgrade\r\n"
         f"Sec-WebSocket-Accept: {token}\r\n\r\n"
     ).encode("ascii")
-
-
-def text_frame_header(size: int) -> bytes:
-    """The header of an unmasked (servers never mask), unfragmented text frame of ``size``
-    payload bytes."""
-    if size < 126:
-        return _SHORT_HEADERS[size]
-    if size < 65536:
-        return _MEDIUM_HEADER.pack(0x81, 126, size)
-    return _LONG_HEADER.pack(0x81, 127, size)
-
-
-def encode_text_frame(payload: bytes) -> bytes:
-    """One unmasked, unfragmented text frame carrying UTF-8 ``payload``."""
-    return text_frame_header(len(payload)) + payload
 
 
 class Closed(Exception):
@@ -78,61 +75,59 @@ class Closed(Exception):
 
 class WebSocket:
     """An accepted WebSocket: one reader may call :meth:`receive` while one writer calls
-    :meth:`send_frames`; control frames the reader must answer share the writer's lock."""
+    :meth:`send_frames`; control frames the reader must answer share the writer's lock.
 
-    def __init__(self, stream: trio.abc.Stream, *, trailing: bytes, max_message_size: int) -> None:
+    ``max_fragments`` and ``max_control_per_second`` are the reader's caps (see
+    :class:`~verani.frames.FrameReader`).
+    """
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        *,
+        trailing: bytes,
+        max_message_size: int,
+        max_fragments: int = 1024,
+        max_control_per_second: float = 100.0,
+    ) -> None:
         self._stream = stream
-        self._wsproto: Connection | None = None
-        self._max = max_message_size
+        self._reader = FrameReader(
+            max_message_size=max_message_size,
+            max_fragments=max_fragments,
+            max_control_per_second=max_control_per_second,
+            data=trailing,
+        )
         self._send_lock = trio.Lock()
-        self._parts: list[str | bytes | bytearray] = []
-        self._size = 0
         #: Set once the connection is closed: what the close handshake (or its absence) said.
         self.closed: Closed | None = None
+        #: When bytes last arrived from the peer (Trio's clock): liveness.
+        self.last_received = trio.current_time()
+        self._close_sent = False
+        self._close_received = False
         # A send cut short by cancellation left a partial frame on the wire; after it nothing
         # more can be framed, so closing only drops the TCP connection.
         self._broken = False
-        # Bytes not yet parsed. Frames a conforming client sends for this protocol (final,
-        # masked text frames under 64 KiB) are parsed here directly, at a fraction of wsproto's
-        # cost per frame; at the first other frame (a control frame, a fragment, anything
-        # wrong) every byte from there on goes to wsproto, which handles the rest of the
-        # connection with all of RFC 6455's checks.
-        self._raw = bytearray(trailing)
-        self._fast = True
 
     async def receive(self) -> str | bytes:
         """The next whole message; raises :class:`Closed` once the connection is closed."""
+        reader = self._reader
         while True:
             if self.closed is not None:
                 raise self.closed
-            if self._fast:
-                simple = self._next_simple_frame()
-                if isinstance(simple, _Refusal):
-                    await self._refuse(simple.code, simple.reason)
-                    raise self.closed  # type: ignore[misc]
-                if simple is not None:
-                    return simple
-                if self._fast:
-                    await self._feed()
-                    continue
-            for event in self._proto.events():
-                if isinstance(event, TextMessage | BytesMessage):
-                    self._size += len(event.data)
-                    if self._size > self._max:
-                        self._parts.clear()
-                        await self._refuse(1009, f"message over {self._max} characters")
-                        raise self.closed  # type: ignore[misc]
-                    message = self._take(event)
-                    if message is not None:
-                        return message
-                elif isinstance(event, Ping):
-                    await self._send_control(self._proto.send(event.response()))
-                elif isinstance(event, CloseConnection):
-                    await self._on_close(event)
-                # Pongs need no answer: we send no pings, clients' keepalive is a JSON frame.
-                if self.closed is not None:
-                    raise self.closed
-            await self._feed()
+            event = reader.next_event(trio.current_time())
+            if isinstance(event, str | bytes):
+                return event
+            if event is NEED_DATA:
+                await self._feed()
+            elif event is PAUSE:
+                # This peer has had its share of the event loop; the others go first.
+                await trio.lowlevel.checkpoint()
+            elif isinstance(event, Ping):
+                await self._send_control(control_frame(PONG, event.payload))
+            elif isinstance(event, CloseReceived):
+                await self._on_close(event)
+            elif isinstance(event, Violation):
+                await self._refuse(event.code, event.reason)
 
     async def send_frames(self, payloads: Iterable[bytes]) -> None:
         """Send text messages (UTF-8 ``payloads``) in one write; raises :class:`Closed` if the
@@ -145,12 +140,16 @@ class WebSocket:
             parts.append(payload)
         await self._send_data(b"".join(parts))
 
+    async def send_ping(self) -> None:
+        """Send a WebSocket Ping (a live peer answers with a Pong, which counts as traffic)."""
+        await self._send_data(_PING_FRAME)
+
     async def aclose(self, code: int = 1000, reason: str = "") -> None:
         """Close: send a Close frame, wait for the peer's (bounded by the caller's deadline),
         then close the TCP connection. Safe to call more than once and after the peer closed."""
         try:
-            if not self._broken and self._proto.state is ConnectionState.OPEN:
-                await self._send_control(self._proto.send(CloseConnection(code, reason or None)))
+            if not self._broken and not self._close_sent and not self._close_received:
+                await self._send_close(code, reason)
                 if self.closed is None:
                     self.closed = Closed(code, reason)
                 await self._await_peer_close()
@@ -163,81 +162,16 @@ class WebSocket:
 
     # --- internals ---------------------------------------------------------------------------
 
-    @property
-    def _proto(self) -> Connection:
-        # Made on first need (a control frame, a close, anything but simple frames): most
-        # sockets never need one, and an idle socket is the cheaper without it.
-        if self._wsproto is None:
-            self._wsproto = Connection(ConnectionType.SERVER)
-        return self._wsproto
-
-    def _next_simple_frame(self) -> str | _Refusal | None:
-        """The text of the next frame if it is a simple one and complete; None when more bytes
-        are needed or (having left fast parsing) wsproto takes over."""
-        raw = self._raw
-        if len(raw) < 2:
-            return None
-        first, second = raw[0], raw[1]
-        size = second & 0x7F
-        # 0x81: FIN, no RSV bit, text; 0x80: masked (a client must mask).
-        if first != 0x81 or not second & 0x80 or size == 127:
-            self._leave_fast()
-            return None
-        if size == 126:
-            if len(raw) < 4:
-                return None
-            size = (raw[2] << 8) | raw[3]
-            if size < 126:
-                # RFC 6455 §5.2: the minimal length encoding MUST be used; wsproto says so.
-                self._leave_fast()
-                return None
-            start = 8
-        else:
-            start = 6
-        # The limit counts characters (as the wsproto path and decode_frame do); a character
-        # takes at most 4 bytes, so a frame over 4x the limit needs no decoding to refuse.
-        if size > 4 * self._max:
-            return _Refusal(1009, f"message over {self._max} characters")
-        end = start + size
-        if len(raw) < end:
-            return None
-        mask = bytes(raw[start - 4 : start])
-        masked = int.from_bytes(raw[start:end], "little")
-        del raw[:end]
-        # Unmasking as one big-integer XOR runs in C; a byte loop would cost more than parsing.
-        key = int.from_bytes((mask * (size // 4 + 1))[:size], "little")
-        payload = (masked ^ key).to_bytes(size, "little")
-        try:
-            text = payload.decode()
-        except UnicodeDecodeError as exc:
-            return _Refusal(1007, f"invalid UTF-8 in a text message: {exc}")
-        if len(text) > self._max:
-            return _Refusal(1009, f"message over {self._max} characters")
-        return text
-
-    def _leave_fast(self) -> None:
-        if self._fast:
-            self._fast = False
-            self._proto.receive_data(bytes(self._raw))
-            self._raw.clear()
-
     async def _await_peer_close(self) -> None:
         # Messages still arriving are dropped: the application has said goodbye.
-        self._leave_fast()
         while True:
-            for event in self._proto.events():
-                if isinstance(event, CloseConnection):
-                    return
-            await self._feed()
-
-    def _take(self, event: TextMessage | BytesMessage) -> str | bytes | None:
-        self._parts.append(event.data)
-        if not event.message_finished:
-            return None
-        parts, self._parts, self._size = self._parts, [], 0
-        if isinstance(event, TextMessage):
-            return parts[0] if len(parts) == 1 else "".join(parts)  # type: ignore[return-value,arg-type]
-        return b"".join(parts)  # type: ignore[arg-type]
+            event = self._reader.next_event(trio.current_time())
+            if event is NEED_DATA:
+                await self._feed()
+            elif event is PAUSE:
+                await trio.lowlevel.checkpoint()
+            elif isinstance(event, CloseReceived | Violation):
+                return
 
     async def _feed(self) -> None:
         try:
@@ -245,40 +179,43 @@ class WebSocket:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             data = b""
         if data:
-            if self._fast:
-                self._raw += data
-            else:
-                self._proto.receive_data(bytes(data) if isinstance(data, bytearray) else data)
+            self.last_received = trio.current_time()
+            self._reader.receive_data(data)
             return
         # The peer went away without a close handshake.
         self._broken = True
         self.closed = self.closed or Closed(1006, "connection lost")
         raise self.closed
 
-    async def _on_close(self, event: CloseConnection) -> None:
-        if self._proto.state is ConnectionState.REMOTE_CLOSING:
+    async def _on_close(self, event: CloseReceived) -> None:
+        self._close_received = True
+        self.closed = self.closed or Closed(event.code, event.reason)
+        if not self._close_sent:
             # The peer's closing handshake: answer with its code and let it go.
-            self.closed = Closed(event.code, event.reason or "")
-            await self._send_control(self._proto.send(event.response()))
-        elif self._proto.state is ConnectionState.OPEN:
-            # wsproto reports a violation (bad opcode, bad UTF-8, unmasked frame) as a close
-            # event without changing state; the Close frame with its code is ours to send.
-            await self._refuse(event.code, event.reason or "protocol error")
-        else:
-            self.closed = Closed(event.code, event.reason or "")
+            with contextlib.suppress(Closed):
+                await self._send_close(event.code if event.code != 1005 else None, "")
 
     async def _refuse(self, code: int, reason: str) -> None:
         # Close for the peer's fault: say why in a Close frame, then drop the connection
         # without waiting for an answer from a peer that does not follow the protocol.
         self.closed = Closed(code, reason, violation=True)
-        await self._send_control(self._proto.send(CloseConnection(code, reason)))
+        if not self._close_sent:
+            with contextlib.suppress(Closed):
+                await self._send_close(code, reason)
+
+    async def _send_close(self, code: int | None, reason: str) -> None:
+        self._close_sent = True
+        frame = close_frame(code, reason) if code is not None else close_frame(None)
+        await self._send_data(frame, closing=True)
 
     async def _send_control(self, data: bytes) -> None:
+        if self._close_sent:
+            return  # nothing but the Close frame may follow it
         with contextlib.suppress(Closed):
             await self._send_data(data)
 
-    async def _send_data(self, data: bytes) -> None:
-        if self._broken:
+    async def _send_data(self, data: bytes, *, closing: bool = False) -> None:
+        if self._broken or (self._close_sent and not closing):
             raise self.closed or Closed(1006, "connection lost")
         # The lock is almost never contended (only a pong or a close frame races the writer);
         # taking it without a scheduling point saves one per write.
@@ -293,6 +230,10 @@ class WebSocket:
         except BaseException:
             self._send_lock.release()
             raise
+        if self._close_sent and not closing:
+            # A Close frame went out while this send waited for the lock: nothing may follow.
+            self._send_lock.release()
+            raise self.closed or Closed(1006, "connection closed")
         done = False
         try:
             await self._stream.send_all(data)
@@ -304,10 +245,3 @@ class WebSocket:
             self._send_lock.release()
             if not done:
                 self._broken = True
-
-
-@attrs.frozen
-class _Refusal:
-    # The fast parser found a frame to refuse: close with this code.
-    code: int
-    reason: str
