@@ -6,8 +6,6 @@ Each test shows the event is handled exactly once and no state is lost.
 
 from __future__ import annotations
 
-import pathlib
-from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -15,39 +13,10 @@ import pytest
 import trio
 import trio_websocket
 
-from verani import RoomContext, StoreError, define_room, open_server
-from verani.store import FileStore, JSONValue, StoredDocument
+from verani import RoomContext, define_room, open_server
+from verani.store import FileStore
 
-from helpers import connect
-
-
-class HeldStore(FileStore):
-    """A file store whose next save (or load) waits at a gate the test opens."""
-
-    def __init__(self, directory: pathlib.Path) -> None:
-        super().__init__(directory, durability="os")
-        self.hold_saves = False
-        self.save_reached = trio.Event()
-        self.save_gate = trio.Event()
-        self.fail_loads = 0
-
-    async def save(
-        self,
-        room: str,
-        instance: str,
-        state: Mapping[str, JSONValue],
-        storage: Mapping[str, JSONValue] | None = None,
-    ) -> None:
-        if self.hold_saves:
-            self.save_reached.set()
-            await self.save_gate.wait()
-        await super().save(room, instance, state, storage)
-
-    async def load(self, room: str, instance: str) -> StoredDocument | None:
-        if self.fail_loads:
-            self.fail_loads -= 1
-            raise StoreError(f"cannot read {room}/{instance}: Input/output error")
-        return await super().load(room, instance)
+from helpers import HeldStore, connect
 
 
 def tally_room(log: list[str]) -> Any:
