@@ -238,3 +238,56 @@ async def test_errors_in_the_block_come_out_as_themselves(autojump_clock: Any) -
     with pytest.raises(KeyError):
         async with open_test_server(COUNTER):
             raise KeyError("mine")
+
+
+async def test_max_attempts_zero_retries_forever(autojump_clock: Any) -> None:
+    states: list[str] = []
+    url = f"ws://127.0.0.1:{free_port()}/ws/counter"
+    options = ReconnectOptions(max_attempts=0, initial_delay=0.1, max_delay=1, jitter=0)
+    async with open_client(url, reconnection=options) as client:
+        client.on_state_change = states.append
+        with trio.fail_after(60):
+            while client.reconnect_attempts <= 10:
+                await trio.sleep(0.05)
+        assert client.state == "reconnecting"
+    assert "error" not in states
+
+
+async def test_ping_interval_zero_sends_no_pings_and_never_drops_a_silent_server(
+    autojump_clock: Any,
+) -> None:
+    received: list[Any] = []
+    first_frame = trio.Event()
+    connections = 0
+
+    async def silent(request: trio_websocket.WebSocketRequest) -> None:
+        nonlocal connections
+        connections += 1
+        ws = await request.accept()
+        with contextlib.suppress(trio_websocket.ConnectionClosed):
+            while True:  # never answers {"type": "ping"}: a keepalive would drop it
+                received.append(await ws.get_message())
+                first_frame.set()
+
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(trio_websocket.serve_websocket, silent, "127.0.0.1", 0, None)
+        url = f"ws://127.0.0.1:{server.port}/ws/x"
+        async with open_client(url, ping_interval=0, pong_timeout=5) as client:
+            await client.wait_for_connection()
+            # A keepalive with interval 0 would ping without pause, and the autojump clock
+            # would never move: wake on the first frame, not by polling.
+            with trio.move_on_after(600):
+                await first_frame.wait()
+            assert received == []
+            assert client.is_connected() and connections == 1
+        nursery.cancel_scope.cancel()
+
+    async with open_test_server(COUNTER) as verani_server:
+        async with open_client(f"{verani_server.url}/ws/counter", ping_interval=0) as client:
+            closes: list[int | None] = []
+            client.on_close = lambda code, reason: closes.append(code)
+            await client.wait_for_connection()
+            await trio.sleep(600)
+            assert client.is_connected() and closes == []
+            client.emit("counter:increment")
+            assert (await client.receive("counter:update"))["count"] == 1

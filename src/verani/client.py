@@ -11,13 +11,18 @@
 The client owns its tasks in the nursery of ``open_client``. It reconnects with exponential
 backoff, keeps the connection alive with ``{"type": "ping"}`` frames, and queues ``emit`` calls
 made while it is not connected (bounded: the oldest are dropped first), flushing them in order
-once connected. Defaults are Verani's.
+once connected. Defaults are Verani's, and so are its zero values: ``max_attempts=0``
+retries forever, ``ping_interval=0`` sends no keepalive.
+
+A ``wss://`` URL is TLS with certificate verification (``ssl_context=`` to choose what to trust);
+the client and ``verani emit`` both connect through :func:`open_stream`.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import ssl
 import urllib.parse
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -29,12 +34,14 @@ import orjson
 import trio
 import trio_websocket
 
-from .errors import VeraniError, single_error
+from .errors import VeraniError, _leaves, single_error
 
 log = logging.getLogger("verani.client")
 
 State = Literal["connecting", "connected", "disconnected", "reconnecting", "error"]
 Callback = Callable[[Any], object]
+#: What :func:`open_stream` returns: TCP for ``ws://``, TLS over TCP for ``wss://``.
+Stream = trio.SocketStream | trio.SSLStream[trio.SocketStream]
 
 
 class ClientError(VeraniError):
@@ -48,7 +55,8 @@ class ReconnectOptions:
     The delay before reconnection attempt ``n`` (1-based) is
     ``min(initial_delay * multiplier ** (n - 1), max_delay)``, scaled by a random factor in
     ``[1 - jitter, 1 + jitter]`` so that many clients dropped together do not return together.
-    After ``max_attempts`` failed attempts the client's state becomes ``error``.
+    After ``max_attempts`` failed attempts the client's state becomes ``error``;
+    ``max_attempts=0`` (as in Verani) means no limit: the client retries forever.
     """
 
     enabled: bool = True
@@ -63,6 +71,108 @@ class ReconnectOptions:
         base = min(self.initial_delay * self.multiplier ** (attempt - 1), self.max_delay)
         return base * random.uniform(1 - self.jitter, 1 + self.jitter)
 
+    def gives_up_after(self, failures: int) -> bool:
+        """Whether ``failures`` failed attempts in a row are enough to stop trying."""
+        if not self.enabled:
+            return True
+        return self.max_attempts > 0 and failures > self.max_attempts
+
+
+@attrs.frozen
+class WebSocketURL:
+    """A ``ws://`` or ``wss://`` URL, split the way connecting to it needs."""
+
+    url: str
+    secure: bool
+    host: str
+    port: int
+    resource: str
+
+    @classmethod
+    def parse(cls, url: str) -> WebSocketURL:
+        """Split ``url``; raises :class:`ValueError` if it is not ``ws://`` or ``wss://`` with a
+        host."""
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("ws", "wss") or not parts.hostname:
+            raise ValueError(f"client URL must be ws://HOST[:PORT]/PATH or wss://..., not {url!r}")
+        secure = parts.scheme == "wss"
+        resource = parts.path or "/"
+        if parts.query:
+            resource += "?" + parts.query
+        port = parts.port or (443 if secure else 80)
+        return cls(url, secure, parts.hostname, port, resource)
+
+    @property
+    def host_header(self) -> str:
+        """The ``Host`` header: the port is named unless it is the scheme's default."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        if self.port == (443 if self.secure else 80):
+            return host
+        return f"{host}:{self.port}"
+
+
+async def open_stream(url: WebSocketURL, ssl_context: ssl.SSLContext | None = None) -> Stream:
+    """Open the byte stream a WebSocket to ``url`` runs over: TCP, and for ``wss://`` TLS over
+    it with the handshake done, so the certificate is verified (by ``ssl_context``, or the
+    system's CAs) before a byte of the request — path, query, token — is sent.
+
+    It sets no deadline of its own: call it under the one that also bounds the WebSocket
+    handshake that follows. On failure nothing is left open. A failed TLS handshake raises
+    :class:`ClientError` naming the cause (``certificate verify failed: ...``).
+    """
+    tcp = await trio.open_tcp_stream(url.host, url.port)
+    if not url.secure:
+        return tcp
+    tls = trio.SSLStream(
+        tcp,
+        ssl_context or ssl.create_default_context(),
+        server_hostname=url.host,
+        https_compatible=True,
+    )
+    try:
+        await tls.do_handshake()
+    except trio.BrokenResourceError as exc:
+        await trio.aclose_forcefully(tcp)
+        cause = exc.__cause__ or exc
+        raise ClientError(
+            f"TLS handshake with {url.host}:{url.port} failed: {describe_connect_error(cause)}"
+        ) from exc
+    except BaseException:
+        await trio.aclose_forcefully(tcp)
+        raise
+    return tls
+
+
+def describe_connect_error(exc: BaseException, timeout: float | None = None) -> str:
+    """Why connecting failed, in a few words that are never empty.
+
+    ``timeout`` is the deadline that a :class:`trio.TooSlowError` means was passed. Exception
+    groups are described by their leaves; an exception with no message by its cause, else by
+    its type name.
+    """
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(dict.fromkeys(describe_connect_error(e, timeout) for e in _leaves(exc)))
+    if isinstance(exc, trio_websocket.ConnectionRejected):
+        body = (exc.body or b"").decode(errors="replace").strip()
+        return f"HTTP {exc.status_code} {body}".rstrip()
+    if isinstance(exc, trio.TooSlowError):
+        return "timed out" if timeout is None else f"timed out after {timeout:g}s"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"certificate verify failed: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLEOFError):
+        return "the peer closed the connection during the TLS handshake"
+    if isinstance(exc, OSError) and isinstance(exc.__cause__, BaseExceptionGroup):
+        # trio.open_tcp_stream: "all attempts to connect to H:P failed"; the leaves say why.
+        return describe_connect_error(exc.__cause__, timeout)
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror  # without the "[Errno 111]" prefix
+    text = str(exc)
+    if text:
+        return text
+    if exc.__cause__ is not None:
+        return f"{type(exc).__name__}: {describe_connect_error(exc.__cause__, timeout)}"
+    return type(exc).__name__
+
 
 class VeraniClient:
     """A connection to one room instance that survives drops. Made by :func:`open_client`."""
@@ -76,11 +186,16 @@ class VeraniClient:
         connection_timeout: float,
         ping_interval: float,
         pong_timeout: float,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ("ws", "wss") or not parts.hostname:
-            raise ValueError(f"client URL must be ws://HOST[:PORT]/PATH, not {url!r}")
+        self._address = WebSocketURL.parse(url)
+        if ssl_context is not None and not self._address.secure:
+            raise ValueError(f"ssl_context is for wss:// URLs; {url!r} is not TLS")
         self.url = url
+        #: What a ``wss://`` connection trusts; made once, not per connection attempt.
+        self.ssl_context = ssl_context
+        if self._address.secure and ssl_context is None:
+            self.ssl_context = ssl.create_default_context()
         self.reconnection = reconnection
         self.connection_timeout = connection_timeout
         self.ping_interval = ping_interval
@@ -279,7 +394,7 @@ class VeraniClient:
             if self._now:  # reconnect() asked for a new connection now
                 self._now, failures = False, 0
                 continue
-            if not self.reconnection.enabled or failures > self.reconnection.max_attempts:
+            if self.reconnection.gives_up_after(failures):
                 self._set_state("error")
                 self._wanted = False
                 continue
@@ -291,31 +406,31 @@ class VeraniClient:
 
     async def _session(self) -> ClientError | None:
         """One connection, from connecting to its end; returns why connecting failed, if it did."""
-        parts = urllib.parse.urlsplit(self.url)
-        host = parts.hostname or ""
-        port = parts.port or (443 if parts.scheme == "wss" else 80)
-        resource = parts.path or "/"
-        if parts.query:
-            resource += "?" + parts.query
-        stream: trio.SocketStream | None = None
+        address = self._address
+        stream: Stream | None = None
         failure: BaseException | None = None
         with trio.CancelScope() as scope:
             self._session_scope = scope
             try:
                 async with trio.open_nursery() as nursery:
                     with trio.fail_after(self.connection_timeout):
-                        stream = await trio.open_tcp_stream(host, port)
+                        stream = await open_stream(address, self.ssl_context)
                         # A refused handshake is raised by trio-websocket's reader task, in
                         # this nursery: it arrives below as an exception group.
                         ws = await trio_websocket.wrap_client_stream(
-                            nursery, stream, host, resource, message_queue_size=256
+                            nursery,
+                            stream,
+                            address.host_header,
+                            address.resource,
+                            message_queue_size=256,
                         )
                     self._ws = ws
                     self.reconnect_attempts = 0
                     self._set_state("connected")
                     self._callback("on_open", self.on_open)
                     nursery.start_soon(self._writer, ws)
-                    nursery.start_soon(self._keepalive, ws)
+                    if self.ping_interval > 0:  # 0: no keepalive, as in Verani
+                        nursery.start_soon(self._keepalive, ws)
                     try:
                         await self._reader(ws)
                     finally:
@@ -325,7 +440,12 @@ class VeraniClient:
                             with trio.CancelScope(shield=True), trio.move_on_after(0.2):
                                 await ws.aclose(1000)
                         nursery.cancel_scope.cancel()
-            except* (OSError, trio.TooSlowError, trio_websocket.HandshakeError) as group:
+            except* (
+                OSError,
+                trio.TooSlowError,
+                trio_websocket.HandshakeError,
+                ClientError,
+            ) as group:
                 failure = group.exceptions[0]
             finally:
                 self._session_scope = None
@@ -347,7 +467,8 @@ class VeraniClient:
         del scope
         if failure is None or ws_now is not None:
             return None  # connected, then dropped: not a failed attempt
-        error = ClientError(f"cannot connect to {self.url}: {_describe(failure)}")
+        cause = describe_connect_error(failure, self.connection_timeout)
+        error = ClientError(f"cannot connect to {self.url}: {cause}")
         error.__cause__ = failure
         return error
 
@@ -442,15 +563,6 @@ class VeraniClient:
         self._set_state("disconnected")
 
 
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, trio_websocket.ConnectionRejected):
-        body = (exc.body or b"").decode(errors="replace").strip()
-        return f"HTTP {exc.status_code} {body}".rstrip()
-    if isinstance(exc, trio.TooSlowError):
-        return "timed out"
-    return str(exc) or type(exc).__name__
-
-
 @asynccontextmanager
 async def open_client(
     url: str,
@@ -460,11 +572,19 @@ async def open_client(
     connection_timeout: float = 10.0,
     ping_interval: float = 5.0,
     pong_timeout: float = 5.0,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> AsyncIterator[VeraniClient]:
     """Connect to ``url`` (and keep reconnecting) for the duration of the ``async with`` block.
 
     Returns at once; ``await client.wait_for_connection()`` to wait for the first connection.
     Leaving the block closes the connection and ends the client's tasks.
+
+    ``connection_timeout`` bounds each attempt: TCP connect, TLS handshake and WebSocket
+    handshake together. Every ``ping_interval`` seconds a ``{"type": "ping"}`` frame is sent,
+    and a server silent for ``ping_interval + pong_timeout`` is dropped (and reconnected);
+    ``ping_interval=0`` turns the keepalive off. ``wss://`` URLs are TLS with certificate
+    verification: ``ssl_context`` says what to trust (default: ``ssl.create_default_context()``,
+    the system's CAs); passing one with a ``ws://`` URL is a :class:`ValueError`.
     """
     client = VeraniClient(
         url,
@@ -473,6 +593,7 @@ async def open_client(
         connection_timeout=connection_timeout,
         ping_interval=ping_interval,
         pong_timeout=pong_timeout,
+        ssl_context=ssl_context,
     )
     with single_error():
         async with trio.open_nursery() as nursery:
