@@ -20,7 +20,7 @@ import trio_websocket
 
 from verani.store import FileStore
 
-from helpers import http_request, upgrade_request
+from helpers import connect, http_request, upgrade_request
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 COUNTER = str(ROOT / "rooms" / "counter.py")
@@ -395,3 +395,33 @@ def test_serve_limit_options(tmp_path: pathlib.Path) -> None:
     bad = run("serve", COUNTER, "--instance-pattern", "[a-z")
     assert bad.returncode == 2
     assert "--instance-pattern" in bad.stderr and "is not a regular expression" in bad.stderr
+
+
+def test_sigterm_with_a_room_that_cannot_be_saved_exits_1_and_names_it(
+    tmp_path: pathlib.Path,
+) -> None:
+    store = tmp_path / "store"
+    path = FileStore(store).path_for("counter", "default")
+
+    async def increment_into_a_broken_store(url: str, proc: subprocess.Popen[str]) -> None:
+        async with connect(url, "/ws/counter") as client:
+            await client.next_event("counter:sync")
+            await client.emit("counter:increment", {"amount": 1})
+            await client.next_event("counter:update")  # count 1: saved
+            # The store breaks under the running room: its document's place is now a
+            # directory, so no save can replace it.
+            path.unlink()
+            path.mkdir()
+            (path / "keep").write_text("x")
+            await client.emit("counter:increment", {"amount": 1})
+            await trio.sleep(0.3)  # the write fails and is retried; its reply stays held
+            proc.send_signal(signal.SIGTERM)
+            with pytest.raises(trio_websocket.ConnectionClosed):
+                while True:
+                    await client.next_event("counter:update")  # count 2 is never shown
+
+    with serving(store) as (proc, url):
+        trio.run(increment_into_a_broken_store, url, proc)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err
+    assert "stopped with 1 room(s) not saved: counter/default:" in err

@@ -33,13 +33,13 @@ async def test_bad_control_requests_are_answered_and_the_server_goes_on(
             status = await control_request(tmp_path, {"op": "status"})
             assert status["rooms"] == {"counter": "/ws/counter"}
             assert status["stats"] == {
-        "connections": 0,
-        "frames_dropped": 0,
-        "http_rejected": 0,
-        "handshakes_dropped": 0,
-        "accept_backoffs": 0,
-        "ping_timeouts": 0,
-    }
+                "connections": 0,
+                "frames_dropped": 0,
+                "http_rejected": 0,
+                "handshakes_dropped": 0,
+                "accept_backoffs": 0,
+                "ping_timeouts": 0,
+            }
             assert (status["store_saves"], status["revive_ms"]) == (0, [])
             async with connect(server.url) as client:
                 await client.next_event("counter:sync")

@@ -11,6 +11,7 @@ import datetime
 import logging
 import re
 import signal
+import ssl
 import sys
 from typing import Any, Literal, NoReturn
 
@@ -19,6 +20,7 @@ import orjson
 import trio
 import trio_websocket
 
+from .client import ClientError, Stream, WebSocketURL, describe_connect_error, open_stream
 from .codec import make_codec
 from .control import control_request
 from .errors import (
@@ -174,6 +176,49 @@ def _compile_pattern(
     "A room's own instance_pattern wins.",
 )
 @click.option(
+    "--max-outbound-bytes",
+    default=_DEFAULTS.max_outbound_bytes,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Bytes pending for one socket (queued, being written, or held until a write is "
+    "durable); a client that reads slower is closed with 1008.",
+)
+@click.option(
+    "--max-fragments",
+    default=_DEFAULTS.max_fragments,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Frames one client message may be cut into; past it, 1008.",
+)
+@click.option(
+    "--max-control-frames",
+    default=_DEFAULTS.max_control_frames,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Control frames (ping, pong, close) one socket may send per second; past it, 1008.",
+)
+@click.option(
+    "--ping-interval",
+    default=_DEFAULTS.ping_interval,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Seconds a socket may stay quiet before the server pings it (0: no pings).",
+)
+@click.option(
+    "--ping-timeout",
+    default=_DEFAULTS.ping_timeout,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds a pinged socket has to answer before it is closed with 1011.",
+)
+@click.option(
+    "--max-handshakes",
+    default=_DEFAULTS.max_handshakes,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Sockets in their HTTP handshake at once; past it the oldest is dropped.",
+)
+@click.option(
     "--log-format",
     default="text",
     show_default=True,
@@ -196,6 +241,12 @@ def serve(
     handshake_timeout: float,
     max_instance_name: int,
     instance_pattern: re.Pattern[str] | None,
+    max_outbound_bytes: int,
+    max_fragments: int,
+    max_control_frames: float,
+    ping_interval: float,
+    ping_timeout: float,
+    max_handshakes: int,
     log_format: str,
 ) -> None:
     """Serve the rooms defined in FILE_OR_DIR... over WebSockets until Ctrl-C.
@@ -226,10 +277,18 @@ def serve(
         handshake_timeout=handshake_timeout,
         max_instance_name=max_instance_name,
         instance_pattern=instance_pattern,
+        max_outbound_bytes=max_outbound_bytes,
+        max_fragments=max_fragments,
+        max_control_frames=max_control_frames,
+        ping_interval=ping_interval,
+        ping_timeout=ping_timeout,
+        max_handshakes=max_handshakes,
     )
     stopped = trio.Event()
     try:
-        trio.run(_serve, rooms, host, port, store, durability, idle_timeout, config, stopped)
+        unsaved = trio.run(
+            _serve, rooms, host, port, store, durability, idle_timeout, config, stopped
+        )
     except (ServeError, StoreError) as exc:
         _fail(str(exc), 2)
     except KeyboardInterrupt:
@@ -237,6 +296,11 @@ def serve(
         # saved and the sockets closed is no reason to report a failure.
         if not stopped.is_set():
             raise
+        return
+    if unsaved:
+        # A stop that lost state must not look like a clean one to a supervisor or a script.
+        rooms_list = "; ".join(f"{room}/{instance}: {why}" for room, instance, why in unsaved)
+        _fail(f"stopped with {len(unsaved)} room(s) not saved: {rooms_list}", 1)
 
 
 async def _serve(
@@ -248,7 +312,7 @@ async def _serve(
     idle_timeout: float,
     config: ServerConfig,
     stopped: trio.Event,
-) -> None:
+) -> list[tuple[str, str, str]]:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with open_server(
             rooms,
@@ -265,6 +329,7 @@ async def _serve(
                 break
         stopped.set()  # still inside the receiver: a signal from here on is caught above
     click.echo("stopped")
+    return server.unsaved
 
 
 def _print_routes(server: Server, store: str) -> None:
@@ -456,40 +521,117 @@ def _print_values(title: str, values: dict[str, Any]) -> None:
     type=click.FloatRange(min=0),
     help="Seconds to print what comes back before disconnecting.",
 )
-def emit(url: str, event: str, data: str | None, wait: float) -> None:
+@click.option(
+    "--timeout",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds allowed to connect: TCP, TLS and the WebSocket handshake together.",
+)
+@click.option(
+    "--cafile",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Trust the CA certificates in this PEM file (instead of the system's) for wss://.",
+)
+def emit(
+    url: str, event: str, data: str | None, wait: float, timeout: float, cafile: str | None
+) -> None:
     """Connect to URL, send EVENT with DATA (JSON), print the frames that come back, disconnect.
 
-    Each received frame is printed as one JSON line. Exit status: 0 sent, 1 the connection
-    failed or was refused (the HTTP status and body are printed), 2 bad usage.
+    Each received frame is printed as one JSON line. A wss:// URL is TLS with certificate
+    verification. Exit status: 0 sent, 1 the connection failed, timed out or was refused (the
+    HTTP status and body are printed), 2 bad usage.
 
     \b
     Example:
       verani emit ws://127.0.0.1:8787/ws/counter?userId=alice counter:increment '{"amount": 2}'
       verani emit ws://127.0.0.1:8787/ws/counter counter:get --wait 0.5
+      verani emit wss://rooms.example.com/ws/counter counter:get --cafile ca.pem --timeout 3
     """
     try:
         payload = None if data is None else orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise click.BadParameter(f"not JSON: {exc}", param_hint="JSON") from None
-    if not url.startswith(("ws://", "wss://")):
-        raise click.BadParameter("must start with ws:// or wss://", param_hint="URL")
     try:
-        trio.run(_emit, url, event, payload, wait)
-    except trio_websocket.ConnectionRejected as exc:
-        body = (exc.body or b"").decode(errors="replace").strip()
-        _fail(f"{url} refused the connection: HTTP {exc.status_code} {body}".rstrip(), 1)
-    except (OSError, trio_websocket.HandshakeError) as exc:
-        _fail(f"cannot connect to {url}: {exc}", 1)
+        address = WebSocketURL.parse(url)
+    except ValueError:
+        raise click.BadParameter("must start with ws:// or wss://", param_hint="URL") from None
+    ssl_context = _emit_ssl_context(address, cafile)
+    try:
+        trio.run(_emit, address, event, payload, wait, timeout, ssl_context)
+    except ClientError as exc:
+        _fail(str(exc), 1)
 
 
-async def _emit(url: str, event: str, data: Any, wait: float) -> None:
-    async with trio_websocket.open_websocket_url(url, message_queue_size=256) as ws:
+def _emit_ssl_context(address: WebSocketURL, cafile: str | None) -> ssl.SSLContext | None:
+    if not address.secure:
+        if cafile is not None:
+            raise click.BadParameter("is for wss:// URLs only", param_hint="--cafile")
+        return None
+    try:
+        return ssl.create_default_context(cafile=cafile)
+    except ssl.SSLError as exc:
+        raise click.BadParameter(
+            f"no CA certificate could be read from {cafile}: {exc}", param_hint="--cafile"
+        ) from None
+
+
+async def _emit(
+    address: WebSocketURL,
+    event: str,
+    data: Any,
+    wait: float,
+    timeout: float,
+    ssl_context: ssl.SSLContext | None,
+) -> None:
+    """Raises :class:`ClientError` saying why, if connecting fails."""
+    stream: Stream | None = None
+    failure: BaseException | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            with trio.fail_after(timeout):
+                stream = await open_stream(address, ssl_context)
+                # A refused handshake is raised by trio-websocket's reader task, in this
+                # nursery: it arrives below as an exception group.
+                ws = await trio_websocket.wrap_client_stream(
+                    nursery,
+                    stream,
+                    address.host_header,
+                    address.resource,
+                    message_queue_size=256,
+                )
+            await _exchange(ws, event, data, wait)
+            nursery.cancel_scope.cancel()
+    except* (OSError, trio.TooSlowError, trio_websocket.HandshakeError, ClientError) as group:
+        failure = group.exceptions[0]
+    finally:
+        if stream is not None:
+            # trio-websocket leaves the socket open when the server refuses the handshake.
+            await trio.aclose_forcefully(stream)
+    if isinstance(failure, trio_websocket.ConnectionRejected):
+        raise ClientError(
+            f"{address.url} refused the connection: {describe_connect_error(failure)}"
+        )
+    if failure is not None:
+        cause = describe_connect_error(failure, timeout)
+        raise ClientError(f"cannot connect to {address.url}: {cause}") from failure
+
+
+async def _exchange(
+    ws: trio_websocket.WebSocketConnection, event: str, data: Any, wait: float
+) -> None:
+    try:
         await ws.send_message(orjson.dumps({"type": event, "data": data}).decode())
-        with trio.move_on_after(wait):
-            while True:
-                try:
-                    message = await ws.get_message()
-                except trio_websocket.ConnectionClosed as closed:
-                    click.echo(f"closed by the server: {closed.reason}", err=True)
-                    return
-                click.echo(message if isinstance(message, str) else repr(message))
+    except trio_websocket.ConnectionClosed as closed:
+        click.echo(f"closed by the server: {closed.reason}", err=True)
+        return
+    with trio.move_on_after(wait):
+        while True:
+            try:
+                message = await ws.get_message()
+            except trio_websocket.ConnectionClosed as closed:
+                click.echo(f"closed by the server: {closed.reason}", err=True)
+                return
+            click.echo(message if isinstance(message, str) else repr(message))
+    with trio.move_on_after(1):  # a polite close; the stream is closed regardless
+        await ws.aclose()

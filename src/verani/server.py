@@ -156,6 +156,8 @@ class Server:
         self._no_connections = trio.Event()
         self._no_connections.set()
         self._accept_scope = trio.CancelScope()
+        #: Room instances whose state could not be saved when the server stopped, with why.
+        self.unsaved: list[tuple[str, str, str]] = []
 
     @property
     def url(self) -> str:
@@ -274,6 +276,7 @@ class Server:
         for room, instance, error in results:
             if error:
                 log.error("room %s/%s: %s", room, instance, error)
+                self.unsaved.append((room, instance, error))
         for conn in list(self._connections):
             conn.close(1001, "server shutting down")
         with trio.move_on_after(self.config.close_timeout + 1):
@@ -932,6 +935,12 @@ async def open_server(
                             log.error(
                                 "shutdown took over %ss; stopping without waiting further",
                                 server.config.shutdown_timeout,
+                            )
+                            why = f"still saving after {server.config.shutdown_timeout}s"
+                            server.unsaved.extend(
+                                (st.room, st.instance, why)
+                                for st in supervisor.status()
+                                if st.awake
                             )
                     nursery.cancel_scope.cancel()
     finally:
