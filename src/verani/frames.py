@@ -90,6 +90,24 @@ class FrameReader:
     ``max_control_per_second`` is both the sustained rate and the burst allowed.
     """
 
+    # One reader per open socket: slots keep an idle socket small.
+    __slots__ = (
+        "_buf",
+        "_bytes",
+        "_control_rate",
+        "_decoder",
+        "_failed",
+        "_fragments",
+        "_frames",
+        "_max",
+        "_max_fragments",
+        "_opcode",
+        "_parts",
+        "_size",
+        "_tokens",
+        "_tokens_at",
+    )
+
     def __init__(
         self,
         *,
