@@ -23,6 +23,7 @@ from wsproto.events import AcceptConnection, CloseConnection, Pong, TextMessage
 
 from verani import RoomContext, ServerConfig, define_room, open_server
 from verani.frames import BUDGET_FRAMES, NEED_DATA, PAUSE, FrameReader
+from verani.server import CLIENT_LOG_BURST, CLIENT_LOG_RATE
 from verani.store import MemoryStore
 
 from helpers import (
@@ -106,6 +107,47 @@ async def test_a_slow_reader_is_closed_at_its_byte_budget_with_a_close_frame(
             while server._connections:
                 await trio.sleep(0.01)
             await assert_served(server.url)
+
+
+async def test_a_socket_closed_for_slowness_leaves_its_room_at_once() -> None:
+    # The write in progress may take up to close_timeout to finish (so the Close frame can
+    # follow whole frames), but the room must stop counting the socket right away.
+    config = ServerConfig(max_outbound_bytes=4 << 20, close_timeout=30)
+    with trio.fail_after(20):
+        async with open_server([blob_room()], store=MemoryStore(), config=config) as server:
+            async with RawSocket.open(server.port, "/ws/blob") as (client, _):
+                client.stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                # 1 MB frames, one per turn: the kernel's buffers fill and the writer waits
+                # in the middle of a frame while the next ones pass the budget.
+                for _ in range(12):
+                    await client.send_json({"type": "blob", "data": {"n": 1, "size": 1_000_000}})
+                with trio.fail_after(5):
+                    while server.supervisor.status()[0].sessions:
+                        await trio.sleep(0.01)
+                # (Reading the rest through a 4 KiB window would take seconds; the Close frame
+                # after whole frames is the slow-reader test's.)
+                assert server.stats.connections == 1 and len(server._connections) == 1
+
+
+async def test_log_lines_caused_by_clients_are_rate_limited(
+    mock_clock: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A client that breaks the protocol and reconnects in a loop must not fill the disk. The
+    # clock stands still (real sockets, mock time), so the limit is exact.
+    caplog.set_level(logging.INFO, logger="verani")
+    async with open_server([blob_room()], store=MemoryStore()) as server:
+        for _ in range(CLIENT_LOG_BURST + 50):
+            async with RawSocket.open(server.port, "/ws/blob") as (client, _):
+                await client.send(frame(0x3))  # a reserved opcode: 1002
+                assert await client.close_code() == 1002
+        mock_clock.jump(1 / CLIENT_LOG_RATE)
+        async with RawSocket.open(server.port, "/ws/blob") as (client, _):
+            await client.send(frame(0x3))
+            assert await client.close_code() == 1002
+        await wait_logged(caplog, "50 log lines about clients left out")
+    violations = [r for r in caplog.records if "broke the WebSocket protocol" in r.message]
+    assert len(violations) == CLIENT_LOG_BURST + 1
+    assert server.stats.frames_dropped == CLIENT_LOG_BURST + 51  # counted, every one
 
 
 async def test_frames_held_by_the_output_gate_count_toward_the_byte_budget(

@@ -41,6 +41,9 @@ log = logging.getLogger("verani.server")
 _ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 #: Seconds the listener waits after such an error.
 ACCEPT_BACKOFF = 0.1
+#: Log lines caused by clients: the burst allowed, and the rate past it (see Server.client_log).
+CLIENT_LOG_BURST = 100
+CLIENT_LOG_RATE = 20
 
 
 class ServeError(VeraniError):
@@ -152,6 +155,9 @@ class Server:
         # that drops it and when it was accepted.
         self._handshakes: dict[trio.CancelScope, float] = {}
         self._warned_at = -math.inf
+        self._log_tokens = float(CLIENT_LOG_BURST)
+        self._log_tokens_at = 0.0
+        self._log_suppressed = 0
         self._per_room: dict[tuple[str, str], int] = {}
         self._no_connections = trio.Event()
         self._no_connections.set()
@@ -242,6 +248,29 @@ class Server:
             )
         return scope
 
+    def client_log(self, level: int, message: str, *args: object) -> None:
+        """Log a line caused by one client (a refusal, a violation, a slow reader): at most
+        ``CLIENT_LOG_BURST`` at once and ``CLIENT_LOG_RATE`` a second, so a client that
+        reconnects and misbehaves in a loop cannot fill the disk; what is left out is counted
+        in the next line that goes through."""
+        now = trio.current_time()
+        self._log_tokens = min(
+            CLIENT_LOG_BURST, self._log_tokens + (now - self._log_tokens_at) * CLIENT_LOG_RATE
+        )
+        self._log_tokens_at = now
+        if self._log_tokens < 1:
+            self._log_suppressed += 1
+            return
+        self._log_tokens -= 1
+        if self._log_suppressed:
+            log.warning(
+                "%d log lines about clients left out (over %d a second)",
+                self._log_suppressed,
+                CLIENT_LOG_RATE,
+            )
+            self._log_suppressed = 0
+        log.log(level, message, *args)
+
     def _warn(self, message: str, *args: object) -> None:
         # At most one line a second: under attack these would otherwise flood the log.
         now = trio.current_time()
@@ -303,7 +332,8 @@ class Server:
         finally:
             self._handshakes.pop(slot, None)
         if slot.cancelled_caught:
-            log.info("connection from %s: handshake dropped to make room for a newer one", remote)
+            # Counted and logged (once a second) where it was dropped; one line each would flood.
+            log.debug("connection from %s: handshake dropped to make room for a newer one", remote)
             return
         if accepted is None:
             return
@@ -352,7 +382,8 @@ class Server:
         with trio.move_on_after(cfg.handshake_timeout) as timeout:
             head = await _read_request_head(stream, cfg.max_request_head)
         if timeout.cancelled_caught:
-            log.info(
+            self.client_log(
+                logging.INFO,
                 "connection from %s: no complete HTTP request within %ss",
                 remote,
                 cfg.handshake_timeout,
@@ -389,7 +420,9 @@ class Server:
                 return None
             await stream.send_all(accept_response(hreq.headers["sec-websocket-key"]))
         if timeout.cancelled_caught:
-            log.info("connection from %s: WebSocket handshake timed out", remote)
+            self.client_log(
+                logging.INFO, "connection from %s: WebSocket handshake timed out", remote
+            )
             return None
         assert isinstance(meta, ConnectionMeta)
         return route, meta, trailing
@@ -402,13 +435,18 @@ class Server:
         # Sockets count from accept: the open WebSockets and the handshakes in progress (this
         # one included; older ones were dropped to make room, so only open ones are left).
         if len(self._connections) + len(self._handshakes) > cfg.max_connections:
-            log.warning("refusing a connection: %d open, the server's limit", cfg.max_connections)
+            self.client_log(
+                logging.WARNING,
+                "refusing a connection: %d open, the server's limit",
+                cfg.max_connections,
+            )
             return _HttpAnswer(
                 503, "the server is at its connection limit; retry later", (("Retry-After", "5"),)
             )
         limit = route.room.max_connections or cfg.max_connections_per_room
         if self._per_room.get((route.room.name, route.instance), 0) >= limit:
-            log.warning(
+            self.client_log(
+                logging.WARNING,
                 "room %s/%s: refusing a connection: %d open, the room's limit",
                 route.room.name,
                 route.instance,
@@ -430,7 +468,9 @@ class Server:
             result = extract(request)
             meta = await result if isinstance(result, Awaitable) else result
         except HandshakeRefused as refusal:
-            log.info("%s: refused connection from %s: %s", where, request.remote, refusal)
+            self.client_log(
+                logging.INFO, "%s: refused connection from %s: %s", where, request.remote, refusal
+            )
             return _HttpAnswer(refusal.status, refusal.reason, verbatim=True)
         except Exception as exc:
             log.error(
@@ -453,8 +493,13 @@ class Server:
     ) -> None:
         self.stats.http_rejected += 1
         if not logged:
-            log.info(
-                "%s %s from %s: %s", answer.status, target or "(bad request)", remote, answer.body
+            self.client_log(
+                logging.INFO,
+                "%s %s from %s: %s",
+                answer.status,
+                target or "(bad request)",
+                remote,
+                answer.body,
             )
         with trio.move_on_after(self.config.close_timeout):
             await stream.send_all(answer.encode())
@@ -655,7 +700,8 @@ class _Connection:
             self.pending_bytes -= size
 
     def _too_slow(self, what: str) -> None:
-        log.warning(
+        self._server.client_log(
+            logging.WARNING,
             "%s: client %s (user %s) reads too slowly (%s, limits: %d frames, %d bytes); "
             "closing with 1008",
             self._where,
@@ -696,7 +742,8 @@ class _Connection:
 
     def close_unresponsive(self, quiet: float) -> None:
         """The peer answered no Ping in time: a dead peer (or network) leaves its room."""
-        log.warning(
+        self._server.client_log(
+            logging.WARNING,
             "%s: client %s (user %s) sent nothing for %.1fs and answered no ping; closing "
             "with 1011",
             self._where,
@@ -721,16 +768,18 @@ class _Connection:
         inst, session = self._instance, self.session
         await inst.submit(Connect(session))
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._writer, nursery.cancel_scope)
+            nursery.start_soon(self._writer)
             with self._read_scope:
                 await self._reader()
+            # The session leaves its room now, while a write in progress may still finish
+            # (bounded by close_timeout): the room must not count a socket it has closed.
+            closed = self._ws.closed
+            code = self._close_code or (closed.code if closed else 1006)
+            reason = self._close_reason if self._close_code else (closed.reason if closed else "")
+            await inst.submit(Disconnect(session, code, reason or None))
             if self._close_code is None:
                 # The peer closed, broke the protocol or went away: nothing more to send.
                 nursery.cancel_scope.cancel()
-        closed = self._ws.closed
-        code = self._close_code or (closed.code if closed else 1006)
-        reason = self._close_reason if self._close_code else (closed.reason if closed else None)
-        await inst.submit(Disconnect(session, code, reason or None))
         with trio.move_on_after(self._server.config.close_timeout):
             await self._ws.aclose(self._close_code or 1000, self._close_reason)
 
@@ -752,7 +801,8 @@ class _Connection:
                 frame = decode_frame(message, max_size=self._max_frame_size)
             except ProtocolError as exc:
                 server.stats.frames_dropped += 1
-                log.warning(
+                self._server.client_log(
+                    logging.WARNING,
                     "%s: dropped a frame from client %s (user %s): %s",
                     self._where,
                     session.meta.client_id,
@@ -782,14 +832,16 @@ class _Connection:
         self._server.stats.frames_dropped += 1
         client = self.session.meta.client_id
         if closed.code == 1009:
-            log.warning(
+            self._server.client_log(
+                logging.WARNING,
                 "%s: client %s sent a frame over %d bytes; closed with 1009",
                 self._where,
                 client,
                 self._max_frame_size,
             )
         else:
-            log.warning(
+            self._server.client_log(
+                logging.WARNING,
                 "%s: client %s broke the WebSocket protocol (%s); closed with %d",
                 self._where,
                 client,
@@ -797,7 +849,7 @@ class _Connection:
                 closed.code,
             )
 
-    async def _writer(self, io_scope: trio.CancelScope) -> None:
+    async def _writer(self) -> None:
         timeout = self._server.config.send_timeout
         ws = self._ws
         # One scope for every send: its deadline is set around each write (cheaper than a
@@ -840,16 +892,16 @@ class _Connection:
             finally:
                 self._send_scope = None
         if send_scope.cancelled_caught and self._close_code is None:
-            log.warning(
+            self._server.client_log(
+                logging.WARNING,
                 "%s: a send to client %s took over %ss; dropping it",
                 self._where,
                 self.session.meta.client_id,
                 timeout,
             )
             self._close_code, self._close_reason = 1008, "a send took too long"
+        # The reader ends too: the room lets go of the session, whatever the reader awaited.
         self._read_scope.cancel()
-        if self._close_code is None:
-            io_scope.cancel()
 
 
 def _take_batch(out: list[bytes]) -> list[bytes]:
