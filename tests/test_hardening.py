@@ -8,6 +8,7 @@ descriptors. Real servers on 127.0.0.1, hand-built frames where the protocol is 
 from __future__ import annotations
 
 import logging
+import pathlib
 import resource
 import socket
 import subprocess
@@ -351,26 +352,19 @@ async def test_half_open_handshakes_yield_their_places_to_new_sockets() -> None:
 
 
 @contextmanager
-def serving_with_fd_limit(limit: int, *args: str) -> Iterator[tuple[subprocess.Popen[str], int]]:
-    """``verani serve rooms/counter.py`` in a child process whose file descriptor limit is
-    ``limit``."""
+def serving(
+    room_file: str, *args: str, fd_limit: int | None = None
+) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    """``verani serve ROOM_FILE`` in a child process (with a file descriptor limit if given);
+    yields the process and its port."""
 
     def lower_limit() -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+        if fd_limit is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (fd_limit, fd_limit))
 
+    command = [sys.executable, "-m", "verani", "serve", str(ROOMS / room_file), "--port", "0"]
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "verani",
-            "serve",
-            str(ROOMS / "counter.py"),
-            "--port",
-            "0",
-            "--durability",
-            "os",
-            *args,
-        ],
+        [*command, "--durability", "os", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -387,6 +381,47 @@ def serving_with_fd_limit(limit: int, *args: str) -> Iterator[tuple[subprocess.P
         proc.communicate(timeout=10)
 
 
+def rss_mib(pid: int) -> float:
+    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_memory_of_slow_readers_returns_once_they_are_gone(tmp_path: Any) -> None:
+    # Four sockets that never read while 1 MB notifications pile up for them: each is closed
+    # at its 4 MiB budget, and once they are gone the server's RSS is back where it started
+    # (glibc used to keep its heap at the high-water mark: +16 MiB here).
+    with serving("notifications.py", "--store", str(tmp_path / "store")) as (proc, port):
+        url = f"ws://127.0.0.1:{port}"
+
+        async def scenario() -> float:
+            async with connect(url, "/ws/notifications", user_id="sender") as sender:
+                await sender.next_event("notifications:unread")
+                before = rss_mib(proc.pid)
+                victims = []
+                for _ in range(4):
+                    stream = await trio.open_tcp_stream("127.0.0.1", port)
+                    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                    await stream.send_all(upgrade_request("/ws/notifications?userId=victim"))
+                    victims.append(stream)
+                await trio.sleep(0.2)
+                body = "x" * 1_000_000
+                for _ in range(30):
+                    await sender.emit("notify", {"to": "victim", "title": "t", "body": body})
+                    await sender.next_event("notify:sent")
+                for stream in victims:
+                    await stream.aclose()
+                await trio.sleep(1)
+                return rss_mib(proc.pid) - before
+
+        grown = trio.run(scenario)
+        proc.terminate()
+        _, err = proc.communicate(timeout=15)
+    assert err.count("reads too slowly") == 4
+    assert grown < 8, f"RSS grew by {grown:.1f} MiB and stayed"
+
+
 async def _legit_increment(port: int) -> int:
     async with connect(f"ws://127.0.0.1:{port}", "/ws/counter") as client:
         await client.next_event("counter:sync")
@@ -399,8 +434,13 @@ def test_three_hundred_half_open_sockets_do_not_lock_out_real_clients(tmp_path: 
     # The reproduction of the report: fd limit 256, --max-connections 20, 300 sockets that
     # connect and say nothing; five real clients must get in within 3 s.
     with (
-        serving_with_fd_limit(
-            256, "--max-connections", "20", "--store", str(tmp_path / "store")
+        serving(
+            "counter.py",
+            "--max-connections",
+            "20",
+            "--store",
+            str(tmp_path / "store"),
+            fd_limit=256,
         ) as (_, port),
         ExitStack() as stack,
     ):
@@ -420,8 +460,8 @@ def test_three_hundred_half_open_sockets_do_not_lock_out_real_clients(tmp_path: 
 def test_out_of_file_descriptors_the_listener_backs_off_and_open_sockets_are_served(
     tmp_path: Any,
 ) -> None:
-    with serving_with_fd_limit(
-        40, "--store", str(tmp_path / "store"), "--handshake-timeout", "1"
+    with serving(
+        "counter.py", "--store", str(tmp_path / "store"), "--handshake-timeout", "1", fd_limit=40
     ) as (proc, port):
 
         async def scenario() -> None:

@@ -7,8 +7,11 @@ save), 2 bad usage or a server that cannot start.
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import logging
+import os
+import platform
 import re
 import signal
 import ssl
@@ -257,6 +260,7 @@ def serve(
       verani serve rooms/ --port 9000 --store /var/lib/verani --idle-timeout 10
       verani serve rooms/counter.py --durability os   # faster; for development
     """
+    _return_freed_memory()
     handler = logging.StreamHandler()
     handler.setFormatter(
         JsonLogFormatter()
@@ -301,6 +305,30 @@ def serve(
         # A stop that lost state must not look like a clean one to a supervisor or a script.
         rooms_list = "; ".join(f"{room}/{instance}: {why}" for room, instance, why in unsaved)
         _fail(f"stopped with {len(unsaved)} room(s) not saved: {rooms_list}", 1)
+
+
+#: glibc's mallopt() parameters (malloc.h) and the values pinned by _return_freed_memory.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_PINNED_THRESHOLD = 128 * 1024
+
+
+def _return_freed_memory() -> None:
+    """Keep glibc from holding on to the memory of big frames once they are freed.
+
+    By default glibc raises its mmap threshold to the size of the largest block freed (up to
+    32 MiB), so after one burst of 1 MB frames every later one comes from the heap, and the
+    heap stays at its high-water mark: a server that once queued megabytes for a slow reader
+    kept them as RSS after the socket was gone. Pinning the thresholds at glibc's own defaults
+    turns that adaptation off: blocks of 128 KiB and more are mapped and unmapped, the heap's
+    free top is trimmed. Nothing is done when the operator tuned malloc through the
+    environment, or where the C library is not glibc.
+    """
+    tuned = ("GLIBC_TUNABLES", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+    if platform.libc_ver()[0] != "glibc" or any(name in os.environ for name in tuned):
+        return
+    mallopt = ctypes.CDLL(None).mallopt
+    mallopt(_M_MMAP_THRESHOLD, _PINNED_THRESHOLD)
+    mallopt(_M_TRIM_THRESHOLD, _PINNED_THRESHOLD)
 
 
 async def _serve(
