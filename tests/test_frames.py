@@ -95,7 +95,7 @@ def _reader_events(data: bytes, cuts: list[int]) -> list[Any]:
     pieces = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
     for piece in pieces:
         reader.receive_data(piece)
-        while (event := reader.next_event(0.0)) is not NEED_DATA:
+        while (event := reader.next_event()) is not NEED_DATA:
             if event is PAUSE:
                 continue
             if isinstance(event, str | bytes):

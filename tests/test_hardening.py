@@ -181,7 +181,7 @@ def test_the_reader_pauses_after_its_budget_of_frames() -> None:
     pongs = b"".join(frame(PONG) for _ in range(10_000))
     reader = FrameReader(max_message_size=1000, max_control_per_second=1e9, data=pongs)
     parsed = 0
-    while (event := reader.next_event(0.0)) is not NEED_DATA:
+    while (event := reader.next_event()) is not NEED_DATA:
         assert event is PAUSE
         parsed += 1
     # One pause per budget: never more than BUDGET_FRAMES frames without yielding.

@@ -7,7 +7,7 @@ sockets needs from each peer, so that no client can make it grow memory or hold 
 - a message is size-checked while its fragments arrive, not after it is buffered whole;
 - a message may be cut into at most ``max_fragments`` frames (empty fragments cost nothing to
   send and would otherwise grow a list forever);
-- control frames are limited per second (a token bucket on the caller's clock);
+- control frames are limited per second (a token bucket on the clock the caller gives);
 - the work of one call is bounded: after a few hundred frames or 64 KiB parsed without the
   caller yielding, :meth:`FrameReader.next_event` returns :data:`PAUSE`, so the caller lets the
   other sockets run before it parses on.
@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import codecs
 import struct
+import time
+from collections.abc import Callable
 from typing import Final
 
 import attrs
@@ -87,13 +89,15 @@ class FrameReader:
     """Parses a client's frames into events; see the module docstring.
 
     ``max_message_size`` counts characters for text and bytes for binary messages.
-    ``max_control_per_second`` is both the sustained rate and the burst allowed.
+    ``max_control_per_second`` is both the sustained rate and the burst allowed, measured on
+    ``clock`` (seconds; asked only when a control frame arrives).
     """
 
     # One reader per open socket: slots keep an idle socket small.
     __slots__ = (
         "_buf",
         "_bytes",
+        "_clock",
         "_control_rate",
         "_decoder",
         "_failed",
@@ -114,9 +118,11 @@ class FrameReader:
         max_message_size: int,
         max_fragments: int = 1024,
         max_control_per_second: float = 100.0,
+        clock: Callable[[], float] = time.monotonic,
         data: bytes = b"",
     ) -> None:
         self._buf = bytearray(data)
+        self._clock = clock
         self._max = max_message_size
         self._max_fragments = max_fragments
         self._control_rate = max_control_per_second
@@ -141,28 +147,52 @@ class FrameReader:
         """Bytes received and not yet parsed (a bound on the reader's memory)."""
         return len(self._buf) + self._size
 
-    def next_event(self, now: float) -> Event:
-        """The next event; ``now`` is the caller's clock in seconds (for the control-frame
-        rate). After a :class:`Violation` every call returns that violation again."""
+    def next_event(self) -> Event:
+        """The next event. After a :class:`Violation` every call returns that violation
+        again."""
         if self._failed is not None:
             return self._failed
         while True:
             if self._frames >= BUDGET_FRAMES or self._bytes >= BUDGET_BYTES:
                 self._frames = self._bytes = 0
                 return PAUSE
-            event = self._next_frame(now)
+            raw = self._buf
+            # The frame nearly every message is — final, masked, text, under 126 bytes, no
+            # message in progress — read here without the general path's calls and checks
+            # (_next_frame makes exactly the same decisions for it).
+            if len(raw) > 6 and raw[0] == 0x81 and raw[1] > 0x80 and raw[1] < 0xFE:
+                size = raw[1] & 0x7F
+                end = 6 + size
+                if not self._opcode and len(raw) >= end:
+                    mask = int.from_bytes((raw[2:6] * (size // 4 + 1))[:size], "little")
+                    data = int.from_bytes(raw[6:end], "little") ^ mask
+                    del raw[:end]
+                    self._frames += 1
+                    self._bytes += end
+                    try:
+                        text = data.to_bytes(size, "little").decode()
+                    except UnicodeDecodeError as exc:
+                        return self._fail(1007, f"invalid UTF-8 in a text message: {exc}")
+                    if len(text) > self._max:
+                        return self._fail(1009, f"message over {self._max} characters")
+                    return text
+            event = self._next_frame()
             if event is None:
                 continue  # a frame that needs no event (a pong, a fragment)
             if isinstance(event, Violation):
-                self._failed = event
-                self._parts.clear()
-                self._buf.clear()
-            elif event is NEED_DATA:
+                return self._fail(event.code, event.reason)
+            if event is NEED_DATA:
                 # The caller is about to wait for the socket, which yields: a fresh budget.
                 self._frames = self._bytes = 0
             return event
 
-    def _next_frame(self, now: float) -> Event | None:
+    def _fail(self, code: int, reason: str) -> Violation:
+        self._failed = Violation(code, reason)
+        self._parts.clear()
+        self._buf.clear()
+        return self._failed
+
+    def _next_frame(self) -> Event | None:
         raw = self._buf
         have = len(raw)
         if have < 2:
@@ -219,7 +249,7 @@ class FrameReader:
         self._frames += 1
         self._bytes += end
         if opcode >= CLOSE:
-            return self._control(opcode, payload, now)
+            return self._control(opcode, payload)
         if fin and not self._opcode:
             # The common case: a whole message in one frame.
             if opcode == TEXT:
@@ -262,9 +292,9 @@ class FrameReader:
             return "".join(parts)  # type: ignore[arg-type]
         return b"".join(parts)  # type: ignore[arg-type]
 
-    def _control(self, opcode: int, payload: bytes, now: float) -> Event | None:
+    def _control(self, opcode: int, payload: bytes) -> Event | None:
         # Token bucket: ``max_control_per_second`` as both rate and burst.
-        rate = self._control_rate
+        rate, now = self._control_rate, self._clock()
         if self._tokens_at is not None:
             self._tokens = min(rate, self._tokens + (now - self._tokens_at) * rate)
         self._tokens_at = now

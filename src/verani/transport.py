@@ -95,6 +95,7 @@ class WebSocket:
             max_message_size=max_message_size,
             max_fragments=max_fragments,
             max_control_per_second=max_control_per_second,
+            clock=trio.current_time,
             data=trailing,
         )
         self._send_lock = trio.Lock()
@@ -114,7 +115,7 @@ class WebSocket:
         while True:
             if self.closed is not None:
                 raise self.closed
-            event = reader.next_event(trio.current_time())
+            event = reader.next_event()
             if isinstance(event, str | bytes):
                 return event
             if event is NEED_DATA:
@@ -165,7 +166,7 @@ class WebSocket:
     async def _await_peer_close(self) -> None:
         # Messages still arriving are dropped: the application has said goodbye.
         while True:
-            event = self._reader.next_event(trio.current_time())
+            event = self._reader.next_event()
             if event is NEED_DATA:
                 await self._feed()
             elif event is PAUSE:
