@@ -188,11 +188,13 @@ class Actor:
         # A list, released in slices: an awake room's empty deque would cost 600+ bytes.
         self._held: list[tuple[int, list[tuple[Sequence[Session], bytes]], Any]] = []
         self._turn_outputs: list[tuple[Sequence[Session], bytes]] | None = None
-        # Frames held per socket. Past ``max_held_per_socket`` the actor takes no new event until
-        # writes catch up, so a burst of releases never overflows a socket's outbound queue and a
-        # failing store cannot make the held frames grow without bound.
-        self._held_per_session: dict[Session, int] = {}
+        # Frames held per socket (counted on each Session: no dict operation per target). Past
+        # ``max_held_per_socket`` the actor takes no new event until writes catch up, so a burst
+        # of releases never overflows a socket's outbound queue and a failing store cannot make
+        # the held frames grow without bound; held bytes count toward the socket's outbound
+        # byte budget. ``_over_limit`` counts the sessions past the frame limit.
         self._max_held = max_held_per_socket
+        self._over_limit = 0
         self._gate_full = False
         # Turns and the user hooks that report failed writes exclude each other: user code
         # always runs one piece at a time, as in a turn.
@@ -334,9 +336,9 @@ class Actor:
         """The actor is gone before its held outputs were durable: their frames are dropped
         (their sockets are being closed), and every call waiting on them gets an error."""
         for _, outputs, event in self._held:
-            for targets, frame in outputs:
+            for targets, _ in outputs:
                 for session in targets:
-                    session.sink.unhold(len(frame))
+                    session.held_frames = session.held_bytes = 0
             if isinstance(event, Call):
                 event.fail(
                     RoomCrashedError(
@@ -344,6 +346,8 @@ class Actor:
                     )
                 )
         self._held.clear()
+        self._over_limit = 0
+        self._gate_full = False
         if self.hibernating is not None:
             self.hibernating.finish(f"{self._where}: {reason} while saving its state")
 
@@ -650,17 +654,21 @@ class Actor:
         self._held.append((self._write_seq, outputs or [], event))
         if not outputs:
             return
-        counts, limit = self._held_per_session, self._max_held
+        limit = self._max_held
         for targets, frame in outputs:
             size = len(frame)
             for session in targets:
-                session.sink.hold(size)
-                count = counts[session] = counts.get(session, 0) + 1
-                if count > limit:
-                    self._gate_full = True
+                held = session.held_frames = session.held_frames + 1
+                if held == limit + 1:
+                    self._over_limit += 1
+                held_bytes = session.held_bytes = session.held_bytes + size
+                sink = session.sink
+                if held_bytes + sink.pending_bytes > sink.max_pending_bytes:
+                    sink.over_budget()
+        self._gate_full = self._over_limit > 0
 
     def _release_durable(self) -> None:
-        counts, held = self._held_per_session, self._held
+        held, limit = self._held, self._max_held
         ready = 0
         while ready < len(held) and held[ready][0] <= self._durable_seq:
             ready += 1
@@ -671,16 +679,12 @@ class Actor:
             for targets, frame in outputs:
                 size = len(frame)
                 for session in targets:
-                    session.sink.unhold(size)
+                    left = session.held_frames = session.held_frames - 1
+                    if left == limit:
+                        self._over_limit -= 1
+                    session.held_bytes -= size
                 send_to(targets, frame)
-                for session in targets:
-                    left = counts[session] - 1
-                    if left:
-                        counts[session] = left
-                    else:
-                        del counts[session]
-        if self._gate_full:
-            self._gate_full = any(count > self._max_held for count in counts.values())
+        self._gate_full = self._over_limit > 0
 
 
 def _released(event: Any) -> None:

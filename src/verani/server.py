@@ -642,8 +642,9 @@ class _Connection:
     """One accepted socket: its session, bounded outbound queue, reader and writer.
 
     The outbound budget counts frames and bytes: frames queued, the batch being written, and
-    frames the room's output gate holds for this socket (:meth:`hold`). Past either limit the
-    socket is closed with 1008: what is queued is dropped and the Close frame goes next.
+    frames the room's output gate holds for this socket (``session.held_bytes``). Past either
+    limit the socket is closed with 1008: what is queued is dropped and the Close frame goes
+    next.
     """
 
     def __init__(
@@ -657,8 +658,9 @@ class _Connection:
         # a deque is over 600 (memory per idle socket).
         self._out: list[bytes] = []
         self._out_limit = server.config.outbound_queue
-        #: Bytes queued, being written, or held by the output gate for this socket.
+        #: Bytes queued or being written (the output gate's are on the session: held_bytes).
         self.pending_bytes = 0
+        self.max_pending_bytes = server.config.max_outbound_bytes
         self._out_ready = trio.Event()
         self._draining = False
         self._read_scope = trio.CancelScope()
@@ -677,39 +679,32 @@ class _Connection:
     def send_frame(self, frame: bytes) -> None:
         if self._close_code is not None:
             return
-        size = len(frame)
-        if len(self._out) >= self._out_limit:
-            self._too_slow(f"{self._out_limit} frames queued")
+        pending = self.pending_bytes + len(frame)
+        if (
+            len(self._out) >= self._out_limit
+            or pending + self.session.held_bytes > self.max_pending_bytes
+        ):
+            self._too_slow(pending + self.session.held_bytes)
             return
-        if self.pending_bytes + size > self._server.config.max_outbound_bytes:
-            self._too_slow(f"{self.pending_bytes + size} bytes pending")
-            return
-        self.pending_bytes += size
+        self.pending_bytes = pending
         self._out.append(frame)
         self._out_ready.set()
 
-    def hold(self, size: int) -> None:
-        if self._close_code is not None:
-            return
-        self.pending_bytes += size
-        if self.pending_bytes > self._server.config.max_outbound_bytes:
-            self._too_slow(f"{self.pending_bytes} bytes pending")
+    def over_budget(self) -> None:
+        self._too_slow(self.pending_bytes + self.session.held_bytes)
 
-    def unhold(self, size: int) -> None:
-        if self._close_code is None:
-            self.pending_bytes -= size
-
-    def _too_slow(self, what: str) -> None:
+    def _too_slow(self, pending: int) -> None:
         self._server.client_log(
             logging.WARNING,
-            "%s: client %s (user %s) reads too slowly (%s, limits: %d frames, %d bytes); "
-            "closing with 1008",
+            "%s: client %s (user %s) reads too slowly (%d frames queued, %d bytes pending; "
+            "limits: %d frames, %d bytes); closing with 1008",
             self._where,
             self.session.meta.client_id,
             self.session.meta.user_id,
-            what,
+            len(self._out),
+            pending,
             self._out_limit,
-            self._server.config.max_outbound_bytes,
+            self.max_pending_bytes,
         )
         self.close(1008, "outbound budget exceeded: the client reads too slowly")
 

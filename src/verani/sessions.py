@@ -33,13 +33,15 @@ class FrameSink(Protocol):
     def close(self, code: int, reason: str) -> None:
         """Ask for the socket to be closed with ``code``; returns at once."""
 
-    def hold(self, size: int) -> None:
-        """The room's output gate holds a frame of ``size`` bytes for this socket: it counts
-        toward the socket's outbound budget (past it the socket is closed) until :meth:`unhold`."""
+    #: Bytes queued for the socket or being written; with the session's ``held_bytes``, they
+    #: count toward ``max_pending_bytes``.
+    pending_bytes: int
+    #: The socket's outbound byte budget.
+    max_pending_bytes: int
 
-    def unhold(self, size: int) -> None:
-        """A held frame of ``size`` bytes left the gate (sent with :meth:`send_frame`, or
-        dropped)."""
+    def over_budget(self) -> None:
+        """The frames held for this socket by the room's output gate took it past its byte
+        budget: close it (1008) as a reader too slow for what it is sent."""
 
     def message_done(self) -> None:
         """One message of this socket has been handled and its turn's frames have left the gate.
@@ -55,6 +57,10 @@ class Session:
 
     meta: ConnectionMeta
     sink: FrameSink
+    #: Frames and bytes the room's output gate holds for this socket until the writes they
+    #: depend on are durable (kept by the room's actor).
+    held_frames: int = 0
+    held_bytes: int = 0
 
     @property
     def first_channel(self) -> str:
