@@ -34,7 +34,7 @@ import orjson
 import trio
 import trio_websocket
 
-from .errors import VeraniError, _leaves, single_error
+from .errors import VeraniError, leaf_exceptions, single_error
 
 log = logging.getLogger("verani.client")
 
@@ -151,7 +151,9 @@ def describe_connect_error(exc: BaseException, timeout: float | None = None) -> 
     its type name.
     """
     if isinstance(exc, BaseExceptionGroup):
-        return "; ".join(dict.fromkeys(describe_connect_error(e, timeout) for e in _leaves(exc)))
+        return "; ".join(
+            dict.fromkeys(describe_connect_error(e, timeout) for e in leaf_exceptions(exc))
+        )
     if isinstance(exc, trio_websocket.ConnectionRejected):
         body = (exc.body or b"").decode(errors="replace").strip()
         return f"HTTP {exc.status_code} {body}".rstrip()

@@ -121,15 +121,16 @@ def single_error() -> Iterator[None]:
     try:
         yield
     except BaseExceptionGroup as group:
-        leaves = list(_leaves(group))
+        leaves = list(leaf_exceptions(group))
         if len(leaves) == 1:
             raise leaves[0] from None
         raise
 
 
-def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
+def leaf_exceptions(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
+    """The exceptions inside ``group`` and its nested groups, in order."""
     for exc in group.exceptions:
         if isinstance(exc, BaseExceptionGroup):
-            yield from _leaves(exc)
+            yield from leaf_exceptions(exc)
         else:
             yield exc
