@@ -142,11 +142,6 @@ class FrameReader:
         """Bytes from the peer, in order."""
         self._buf += data
 
-    @property
-    def buffered(self) -> int:
-        """Bytes received and not yet parsed (a bound on the reader's memory)."""
-        return len(self._buf) + self._size
-
     def next_event(self) -> Event:
         """The next event. After a :class:`Violation` every call returns that violation
         again."""

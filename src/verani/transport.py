@@ -206,8 +206,7 @@ class WebSocket:
 
     async def _send_close(self, code: int | None, reason: str) -> None:
         self._close_sent = True
-        frame = close_frame(code, reason) if code is not None else close_frame(None)
-        await self._send_data(frame, closing=True)
+        await self._send_data(close_frame(code, reason), closing=True)
 
     async def _send_control(self, data: bytes) -> None:
         if self._close_sent:
