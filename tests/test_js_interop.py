@@ -110,3 +110,39 @@ def test_js_client_against_served_counter(tmp_path: pathlib.Path) -> None:
     assert "SIGTERM: saving every room and stopping" in out
     document = json.loads((tmp_path / "rooms" / "counter" / "default.json").read_text())
     assert document["state"] == {"count": 0, "last_updated_by": "alice"}
+
+
+def test_a_quiet_js_client_answers_the_servers_pings(tmp_path: pathlib.Path) -> None:
+    # The server pings a socket quiet for 0.25 s and closes it (1011) if nothing comes back
+    # within 0.5 s; Node's WebSocket, like a browser's, answers Pings by itself, so a client
+    # that says nothing for 3 s is still there.
+    problem = _node_websocket_problem()
+    assert problem is None, problem
+    args = ["--ping-interval", "0.25", "--ping-timeout", "0.5", "--store", str(tmp_path)]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "verani", "serve", COUNTER, "--port", "0", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        assert server.stdout is not None
+        match = re.search(r"serving on (ws://\S+)", server.stdout.readline())
+        assert match
+        client = subprocess.run(
+            [*NODE_WS, str(ROOT / "tests" / "js" / "quiet_client.mjs"), match.group(1), "3000"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=ROOT,
+        )
+        assert client.returncode == 0, client.stderr
+        assert json.loads(client.stdout) == {"ok": True, "count": 1}
+        server.send_signal(signal.SIGTERM)
+        _, err = server.communicate(timeout=20)
+    finally:
+        if server.poll() is None:
+            server.kill()
+        server.communicate(timeout=10)
+    assert "answered no ping" not in err, err
