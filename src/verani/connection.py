@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING
 import trio
 
 from .actor import Connect, Disconnect, Message
-from .errors import FrameTooLargeError, ProtocolError
+from .errors import FrameTooLargeError, ProtocolError, WebSocketClosed
 from .protocol import ERROR_EVENT, PING, PONG_FRAME, decode_frame, encode_event
 from .sessions import ConnectionMeta, Session
 from .supervisor import RoomInstance
-from .transport import MAX_BATCH_BYTES, Closed, WebSocket
+from .transport import MAX_BATCH_BYTES, WebSocket
 
 if TYPE_CHECKING:
     from .server import Server
@@ -181,7 +181,7 @@ class Connection:
                 await self._may_read.wait()
             try:
                 message = await ws.receive()
-            except Closed as closed:
+            except WebSocketClosed as closed:
                 if closed.violation:
                     self._log_violation(closed)
                 return
@@ -216,7 +216,7 @@ class Connection:
             if not await self._instance.submit(Message(session, frame)):
                 self._in_flight -= 1
 
-    def _log_violation(self, closed: Closed) -> None:
+    def _log_violation(self, closed: WebSocketClosed) -> None:
         self._server.stats.frames_dropped += 1
         client = self.session.meta.client_id
         if closed.code == 1009:
@@ -273,7 +273,7 @@ class Connection:
                     # An idle socket keeps no reference to what it last sent.
                     del batch
                     self._may_read.set()
-            except Closed:
+            except WebSocketClosed:
                 # The peer is gone: end the connection now, or a reader parked on flow
                 # control would wait forever for a writer that will never drain its queue.
                 pass

@@ -41,6 +41,18 @@ class FrameEncodeError(VeraniError, TypeError):
     """A room emitted data that cannot be encoded as a JSON frame."""
 
 
+class WebSocketClosed(VeraniError):
+    """A server-side WebSocket is closed: ``code`` and ``reason`` as the close handshake (or
+    its absence, 1006) left them; ``violation`` when the peer broke the protocol and was closed
+    for it."""
+
+    def __init__(self, code: int, reason: str = "", *, violation: bool = False) -> None:
+        super().__init__(code, reason)
+        self.code = code
+        self.reason = reason
+        self.violation = violation
+
+
 class HandshakeRefused(VeraniError):
     """Raised by ``extract_meta`` to refuse a connection before the WebSocket upgrade.
 
@@ -83,6 +95,17 @@ class StoreError(VeraniError):
     """The store could not be read or written."""
 
 
+@contextlib.contextmanager
+def store_errors(what: str) -> Iterator[None]:
+    """At the file system's edge: an :class:`OSError` raised inside becomes a
+    :class:`StoreError` saying ``what`` could not be done, and why (httpcore's
+    ``map_exceptions`` is the model)."""
+    try:
+        yield
+    except OSError as exc:
+        raise StoreError(f"{what}: {exc}") from exc
+
+
 class CorruptDocumentError(StoreError):
     """A stored document cannot be read; it has been moved aside and the room starts afresh."""
 
@@ -104,6 +127,18 @@ class NoServerError(ControlError):
 
 class RoomNotFoundError(ControlError, LookupError):
     """No room (or room instance) has the given name."""
+
+
+class ServeError(VeraniError):
+    """The server could not start (address in use, store locked or unusable)."""
+
+
+class CallCycleError(VeraniError, RuntimeError):
+    """A room called (directly or through other rooms) itself from inside its own turn.
+
+    The call would wait for the turn that is waiting for it; use ``ctx.actor`` for the room
+    you are in.
+    """
 
 
 class RoomCrashedError(VeraniError):

@@ -13,6 +13,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from .actor import Call, current_room
 from .context import RoomActor
+
+# CallCycleError is raised here; it is defined with the rest of the family.
+from .errors import CallCycleError as CallCycleError
 from .errors import RoomNotFoundError, VeraniError
 from .routing import DEFAULT_INSTANCE
 
@@ -20,14 +23,6 @@ if TYPE_CHECKING:
     from .supervisor import Supervisor
 
 T = TypeVar("T")
-
-
-class CallCycleError(VeraniError, RuntimeError):
-    """A room called (directly or through other rooms) itself from inside its own turn.
-
-    The call would wait for the turn that is waiting for it; use ``ctx.actor`` for the room
-    you are in.
-    """
 
 
 class Runtime:

@@ -22,7 +22,7 @@ import h11
 import trio
 
 from .connection import Connection
-from .errors import VeraniError, single_error
+from .errors import ServeError, single_error
 from .handshake import (
     HttpAnswer,
     RequestHead,
@@ -61,10 +61,6 @@ ACCEPT_BACKOFF = 0.1
 #: Log lines caused by clients: the burst allowed, and the rate past it (see Server.client_log).
 CLIENT_LOG_BURST = 100
 CLIENT_LOG_RATE = 20
-
-
-class ServeError(VeraniError):
-    """The server could not start (address in use, store locked or unusable)."""
 
 
 @attrs.frozen

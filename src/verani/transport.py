@@ -23,6 +23,7 @@ from collections.abc import Iterable
 
 import trio
 
+from .errors import WebSocketClosed
 from .frames import (
     NEED_DATA,
     PAUSE,
@@ -38,7 +39,7 @@ from .frames import (
     text_frame_header,
 )
 
-__all__ = ["Closed", "WebSocket", "encode_text_frame", "text_frame_header"]
+__all__ = ["WebSocket", "encode_text_frame", "text_frame_header"]
 
 #: Bytes asked of the socket per read; big enough that a pipelining client's burst is one read.
 RECEIVE_SIZE = 64 * 1024
@@ -48,17 +49,6 @@ RECEIVE_SIZE = 64 * 1024
 MAX_BATCH_BYTES = 256 * 1024
 
 _PING_FRAME = control_frame(PING, b"verani")
-
-
-class Closed(Exception):
-    """The WebSocket is closed: ``code`` and ``reason`` as the close handshake (or its absence,
-    1006) left them; ``violation`` when the peer broke the protocol and we closed it."""
-
-    def __init__(self, code: int, reason: str = "", *, violation: bool = False) -> None:
-        super().__init__(code, reason)
-        self.code = code
-        self.reason = reason
-        self.violation = violation
 
 
 class WebSocket:
@@ -88,7 +78,7 @@ class WebSocket:
         )
         self._send_lock = trio.Lock()
         #: Set once the connection is closed: what the close handshake (or its absence) said.
-        self.closed: Closed | None = None
+        self.closed: WebSocketClosed | None = None
         #: When bytes last arrived from the peer (Trio's clock): liveness.
         self.last_received = trio.current_time()
         self._close_sent = False
@@ -98,7 +88,7 @@ class WebSocket:
         self._broken = False
 
     async def receive(self) -> str | bytes:
-        """The next whole message; raises :class:`Closed` once the connection is closed."""
+        """The next whole message; raises :class:`WebSocketClosed` once the connection is closed."""
         reader = self._reader
         while True:
             if self.closed is not None:
@@ -119,8 +109,8 @@ class WebSocket:
                 await self._refuse(event.code, event.reason)
 
     async def send_frames(self, payloads: Iterable[bytes]) -> None:
-        """Send text messages (UTF-8 ``payloads``) in one write; raises :class:`Closed` if the
-        socket is closed."""
+        """Send text messages (UTF-8 ``payloads``) in one write; raises
+        :class:`~verani.errors.WebSocketClosed` if the socket is closed."""
         parts: list[bytes] = []
         for payload in payloads:
             # Header and payload side by side: the payload, shared by every socket of a
@@ -140,13 +130,13 @@ class WebSocket:
             if not self._broken and not self._close_sent and not self._close_received:
                 await self._send_close(code, reason)
                 if self.closed is None:
-                    self.closed = Closed(code, reason)
+                    self.closed = WebSocketClosed(code, reason)
                 await self._await_peer_close()
-        except (Closed, trio.BrokenResourceError, trio.ClosedResourceError):
+        except (WebSocketClosed, trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
             if self.closed is None:
-                self.closed = Closed(code, reason)
+                self.closed = WebSocketClosed(code, reason)
             await trio.aclose_forcefully(self._stream)
 
     # --- internals ---------------------------------------------------------------------------
@@ -173,23 +163,23 @@ class WebSocket:
             return
         # The peer went away without a close handshake.
         self._broken = True
-        self.closed = self.closed or Closed(1006, "connection lost")
+        self.closed = self.closed or WebSocketClosed(1006, "connection lost")
         raise self.closed
 
     async def _on_close(self, event: CloseReceived) -> None:
         self._close_received = True
-        self.closed = self.closed or Closed(event.code, event.reason)
+        self.closed = self.closed or WebSocketClosed(event.code, event.reason)
         if not self._close_sent:
             # The peer's closing handshake: answer with its code and let it go.
-            with contextlib.suppress(Closed):
+            with contextlib.suppress(WebSocketClosed):
                 await self._send_close(event.code if event.code != 1005 else None, "")
 
     async def _refuse(self, code: int, reason: str) -> None:
         # Close for the peer's fault: say why in a Close frame, then drop the connection
         # without waiting for an answer from a peer that does not follow the protocol.
-        self.closed = Closed(code, reason, violation=True)
+        self.closed = WebSocketClosed(code, reason, violation=True)
         if not self._close_sent:
-            with contextlib.suppress(Closed):
+            with contextlib.suppress(WebSocketClosed):
                 await self._send_close(code, reason)
 
     async def _send_close(self, code: int | None, reason: str) -> None:
@@ -199,12 +189,12 @@ class WebSocket:
     async def _send_control(self, data: bytes) -> None:
         if self._close_sent:
             return  # nothing but the Close frame may follow it
-        with contextlib.suppress(Closed):
+        with contextlib.suppress(WebSocketClosed):
             await self._send_data(data)
 
     async def _send_data(self, data: bytes, *, closing: bool = False) -> None:
         if self._broken or (self._close_sent and not closing):
-            raise self.closed or Closed(1006, "connection lost")
+            raise self.closed or WebSocketClosed(1006, "connection lost")
         # The lock is almost never contended (only a pong or a close frame races the writer);
         # taking it without a scheduling point saves one per write.
         try:
@@ -221,13 +211,13 @@ class WebSocket:
         if self._close_sent and not closing:
             # A Close frame went out while this send waited for the lock: nothing may follow.
             self._send_lock.release()
-            raise self.closed or Closed(1006, "connection closed")
+            raise self.closed or WebSocketClosed(1006, "connection closed")
         done = False
         try:
             await self._stream.send_all(data)
             done = True
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            self.closed = self.closed or Closed(1006, "connection lost")
+            self.closed = self.closed or WebSocketClosed(1006, "connection lost")
             raise self.closed from None
         finally:
             self._send_lock.release()

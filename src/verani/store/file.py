@@ -14,7 +14,7 @@ from typing import Any, Literal
 import orjson
 import trio
 
-from verani.errors import CorruptDocumentError, StoreError
+from verani.errors import CorruptDocumentError, StoreError, store_errors
 from verani.store.base import (
     DOCUMENT_FORMAT,
     FORMAT_VERSION,
@@ -153,12 +153,9 @@ class FileStore(Store):
     def _peek_sync(
         self, path: pathlib.Path, room: str, instance: str
     ) -> tuple[StoredDocument, int] | None:
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
+        data = _read(path, room, instance)
+        if data is None:
             return None
-        except OSError as exc:
-            raise StoreError(f"cannot read {_name(room, instance)} from {path}: {exc}") from exc
         try:
             return _parse(data, room, instance, self.migrate), len(data)
         except _Unreadable as exc:
@@ -210,32 +207,32 @@ class FileStore(Store):
 
     def _save_sync(self, path: pathlib.Path, room: str, instance: str, data: bytes) -> None:
         tmp: str | None = None
-        try:
-            self._make_dirs(path.parent)
-            # Starts with "." and ends with ".tmp" so listing skips it; mkstemp makes it 0600.
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            with open(fd, "wb") as f:
-                f.write(data)
-                f.flush()
+        with store_errors(f"cannot save {_name(room, instance)} to {path}"):
+            try:
+                self._make_dirs(path.parent)
+                # Starts with "." and ends with ".tmp" so listing skips it; mkstemp makes it 0600.
+                fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+                with open(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    if self._fsync:
+                        os.fsync(f.fileno())
+                os.replace(tmp, path)
+                tmp = None
                 if self._fsync:
-                    os.fsync(f.fileno())
-            os.replace(tmp, path)
-            tmp = None
-            if self._fsync:
-                _fsync_dir(path.parent)
-        except OSError as exc:
-            if tmp is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-            raise StoreError(f"cannot save {_name(room, instance)} to {path}: {exc}") from exc
+                    _fsync_dir(path.parent)
+            except OSError:
+                if tmp is not None:  # the write failed midway: no half-written file is left
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp)
+                raise
 
     def _delete_sync(self, path: pathlib.Path, room: str, instance: str) -> bool:
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            return False
-        except OSError as exc:
-            raise StoreError(f"cannot delete {_name(room, instance)} at {path}: {exc}") from exc
+        with store_errors(f"cannot delete {_name(room, instance)} at {path}"):
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                return False
         if self._fsync:
             _fsync_dir(path.parent)
         return True
@@ -254,12 +251,9 @@ class FileStore(Store):
             _fsync_dir(directory.parent)
 
     def _load_sync(self, path: pathlib.Path, room: str, instance: str) -> StoredDocument | None:
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
+        data = _read(path, room, instance)
+        if data is None:
             return None
-        except OSError as exc:
-            raise StoreError(f"cannot read {_name(room, instance)} from {path}: {exc}") from exc
         try:
             return _parse(data, room, instance, self.migrate)
         except _Unreadable as exc:
@@ -280,7 +274,7 @@ class FileStore(Store):
     def _list_sync(self, only_room: str | None) -> list[tuple[str, str]]:
         rooms_dir = self._directory / "rooms"
         found: list[tuple[str, str]] = []
-        try:
+        with store_errors(f"cannot list the rooms in {rooms_dir}"):
             if only_room is not None:
                 rooms = [only_room]
             elif rooms_dir.is_dir():
@@ -295,9 +289,16 @@ class FileStore(Store):
                 with os.scandir(room_dir) as entries:
                     names = [_instance_of(e) for e in entries]
                 found.extend((room, name) for name in names if name is not None)
-        except OSError as exc:
-            raise StoreError(f"cannot list the rooms in {rooms_dir}: {exc}") from exc
         return sorted(found)
+
+
+def _read(path: pathlib.Path, room: str, instance: str) -> bytes | None:
+    """The document's bytes, or None when there is none."""
+    with store_errors(f"cannot read {_name(room, instance)} from {path}"):
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            return None
 
 
 def _name(room: str, instance: str) -> str:
