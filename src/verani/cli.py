@@ -36,6 +36,7 @@ from .errors import (
 )
 from .inspection import inspect_instance, list_instances
 from .loader import load_rooms
+from .protocol import encode_client_event
 from .render import render
 from .room import DEFAULT_IDLE_TIMEOUT, RoomDefinition
 from .server import ServeError, Server, ServerConfig, open_server
@@ -649,7 +650,7 @@ async def _exchange(
     ws: trio_websocket.WebSocketConnection, event: str, data: Any, wait: float
 ) -> None:
     try:
-        await ws.send_message(orjson.dumps({"type": event, "data": data}).decode())
+        await ws.send_message(encode_client_event(event, data))
     except trio_websocket.ConnectionClosed as closed:
         click.echo(f"closed by the server: {closed.reason}", err=True)
         return
