@@ -62,20 +62,22 @@ class JsonLogFormatter(logging.Formatter):
         return orjson.dumps(entry).decode()
 
 
-class CommandFailed(click.ClickException):
-    """The request failed (no server, no such room, a room could not save): exit status 1.
-
-    Shown on standard error as ``verani: error: MESSAGE``.
-    """
-
-    exit_code = 1
+class VeraniCommandError(click.ClickException):
+    """An error the ``verani`` command reports as ``verani: error: MESSAGE`` on standard error,
+    exiting with the subclass's ``exit_code``."""
 
     def show(self, file: IO[Any] | None = None) -> None:
         """Write ``verani: error: MESSAGE`` to ``file`` (standard error by default)."""
         click.echo(f"verani: error: {self.format_message()}", file=file, err=file is None)
 
 
-class CannotStart(CommandFailed):
+class CommandFailed(VeraniCommandError):
+    """The request failed (no server, no such room, a room could not save): exit status 1."""
+
+    exit_code = 1
+
+
+class CannotStart(VeraniCommandError):
     """The server cannot start (a room file, the address, the store): exit status 2, the status
     of bad usage, since the command as given can never work."""
 
