@@ -1,4 +1,4 @@
-"""The ``verani`` command: ``serve``, ``inspect``, ``hibernate``, ``emit``.
+"""Internal: the ``verani`` command (``serve``, ``inspect``, ``hibernate``, ``emit``).
 
 Commands parse options, call into the library and print. The project's errors are turned into
 exit codes here only: 0 done, 1 the request failed (no server, no such room, a room could not

@@ -42,6 +42,8 @@ from .protocol import (
     server_event,
 )
 
+__all__ = ["ClientError", "ReconnectOptions", "VeraniClient", "open_client"]
+
 log = logging.getLogger("verani.client")
 
 State = Literal["connecting", "connected", "disconnected", "reconnecting", "error"]

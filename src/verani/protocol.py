@@ -1,4 +1,4 @@
-"""The wire protocol, shared with Verani's JavaScript client: pure encoding and decoding.
+"""Internal: the wire protocol, shared with Verani's JavaScript client: pure encoding and decoding.
 
 Client → server: ``{"type": EVENT, "data": PAYLOAD, "channel"?: CHANNEL}``; ``{"type": "ping"}`` is
 answered with ``{"type": "pong"}``.

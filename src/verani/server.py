@@ -1,4 +1,4 @@
-"""The WebSocket server: HTTP routing, handshakes, and one reader and one writer per socket.
+"""Internal: the WebSocket server: HTTP routing, handshakes, one reader and one writer per socket.
 
 Each connection runs in its own guarded scope: whatever goes wrong with one socket ends that
 socket only, never the listener or the other connections. The HTTP request head is read here
