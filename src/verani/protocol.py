@@ -6,11 +6,12 @@ answered with ``{"type": "pong"}``.
 Server → client: ``{"type": "event", "channel": CHANNEL, "data": {"type": EVENT, ...PAYLOAD}}``.
 Verani's client unwraps ``data.type`` as the event name and hands ``data`` to its listeners.
 
-Both directions live here, and nowhere else. The server's side: :func:`decode_frame` reads what a
-client sends, :func:`encode_event` and :func:`encode_frame` write what it sends back. The client's
-side (:mod:`verani.client`, :mod:`verani.testing`, ``verani emit``): :func:`encode_client_event`
-and :data:`PING_MESSAGE` write what a client sends, :func:`decode_server_frame`,
-:func:`server_event` and :func:`is_pong` read what the server sends back.
+Both directions live here, and the rest of verani encodes and decodes through them. The server's
+side: :func:`decode_frame` reads what a client sends, :func:`encode_event` and :func:`encode_frame`
+write what it sends back. The client's side (:mod:`verani.client`, :mod:`verani.testing`,
+``verani emit``): :func:`encode_client_event` and :data:`PING_MESSAGE` write what a client sends,
+:func:`decode_server_frame`, :func:`server_event` and :func:`is_pong` read what the server sends
+back.
 """
 
 from __future__ import annotations
