@@ -9,6 +9,7 @@ from __future__ import annotations
 import pathlib
 from typing import Any
 
+import h11
 import orjson
 import trio
 import trio.testing
@@ -19,8 +20,9 @@ from wsproto.events import CloseConnection, TextMessage
 from wsproto.frame_protocol import FrameProtocol
 
 from verani import RoomDefinition, define_room, open_server
+from verani.handshake import accept_response
 from verani.store import MemoryStore
-from verani.transport import WebSocket, accept_response, encode_text_frame
+from verani.transport import WebSocket, encode_text_frame
 
 from helpers import connect, upgrade_request
 
@@ -64,7 +66,10 @@ def test_encoded_frames_read_back_as_the_same_messages(
 
 def test_accept_response_carries_the_rfc_example_token() -> None:
     # RFC 6455 §1.3: key "dGhlIHNhbXBsZSBub25jZQ==" → accept "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=".
-    response = accept_response("dGhlIHNhbXBsZSBub25jZQ==")
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(upgrade_request("/ws/counter"))
+    assert isinstance(conn.next_event(), h11.Request)
+    response = accept_response(conn, "dGhlIHNhbXBsZSBub25jZQ==")
     assert response.startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
     assert b"\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n" in response
     assert response.endswith(b"\r\n\r\n")

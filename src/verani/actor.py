@@ -35,6 +35,7 @@ from .errors import (
     RoomCrashedError,
     StoreError,
 )
+from .gate import OutputGate, Outputs
 from .protocol import ERROR_EVENT, ClientFrame
 from .room import RoomDefinition
 from .sessions import Session, Sessions, send_to
@@ -183,19 +184,10 @@ class Actor:
         self._unsaved: set[str] = set()  # persisted keys changed since the last durable write
         self._flush_needed = trio.Event()
         self._durable_changed = trio.Event()
-        # Output gate: turns' frames waiting for write ``seq`` to be durable, with the session
-        # whose message caused the turn (told when its outputs leave: per-socket flow control).
-        # A list, released in slices: an awake room's empty deque would cost 600+ bytes.
-        self._held: list[tuple[int, list[tuple[Sequence[Session], bytes]], Any]] = []
-        self._turn_outputs: list[tuple[Sequence[Session], bytes]] | None = None
-        # Frames held per socket (counted on each Session: no dict operation per target). Past
-        # ``max_held_per_socket`` the actor takes no new event until writes catch up, so a burst
-        # of releases never overflows a socket's outbound queue and a failing store cannot make
-        # the held frames grow without bound; held bytes count toward the socket's outbound
-        # byte budget. ``_over_limit`` counts the sessions past the frame limit.
-        self._max_held = max_held_per_socket
-        self._over_limit = 0
-        self._gate_full = False
+        # Output gate: turns' frames wait for their writes to be durable; the session whose
+        # message caused a turn is told when its outputs leave (per-socket flow control).
+        self._gate = OutputGate(max_held_per_socket=max_held_per_socket, released=_released)
+        self._turn_outputs: Outputs | None = None
         # Turns and the user hooks that report failed writes exclude each other: user code
         # always runs one piece at a time, as in a turn.
         self._turn_lock = trio.Lock()
@@ -223,7 +215,7 @@ class Actor:
 
     async def _turn_loop(self) -> Hibernate | None:
         while True:
-            while self._gate_full:
+            while self._gate.full:
                 await self._durable_changed.wait()
             event: InboxEvent | None = None
             # Queued events run back to back, with a scheduling point every few turns so a
@@ -335,19 +327,13 @@ class Actor:
     def abandon(self, reason: str) -> None:
         """The actor is gone before its held outputs were durable: their frames are dropped
         (their sockets are being closed), and every call waiting on them gets an error."""
-        for _, outputs, event in self._held:
-            for targets, _ in outputs:
-                for session in targets:
-                    session.held_frames = session.held_bytes = 0
+        for event in self._gate.abandon():
             if isinstance(event, Call):
                 event.fail(
                     RoomCrashedError(
                         f"{self._where}: {reason} before the call's changes were saved"
                     )
                 )
-        self._held.clear()
-        self._over_limit = 0
-        self._gate_full = False
         if self.hibernating is not None:
             self.hibernating.finish(f"{self._where}: {reason} while saving its state")
 
@@ -400,7 +386,7 @@ class Actor:
                 elif isinstance(arg, Connect):
                     arg.session.sink.close(1011, "the room failed; reconnect to revive it")
                 arg = None
-            self._settle(outputs, arg)
+            self._gate.settle(outputs, arg, seq=self._write_seq, durable=self._durable_seq)
             self.last_turn = trio.current_time()
 
     async def _restore(self, hook: Callable[..., Any]) -> None:
@@ -495,6 +481,21 @@ class Actor:
         self, what: str, ctx: RoomContext[Any] | None, fn: Callable[..., Any], *args: Any
     ) -> bool:
         """Run a user handler or hook; an error is logged and goes to ``on_error``, never up."""
+        error = await self._run_user_code(what, fn, *args)
+        if error is not None:
+            await self._on_error(error, ctx)
+        return error is None
+
+    async def _on_error(self, error: BaseException, ctx: RoomContext[Any] | None) -> None:
+        hook = self.definition.hooks.on_error
+        if hook is not None:
+            await self._run_user_code("on_error", hook, error, ctx)
+
+    async def _run_user_code(
+        self, what: str, fn: Callable[..., Any], *args: Any
+    ) -> Exception | None:
+        """Call the room author's ``fn`` (sync or async); what it raises is logged with the room
+        and ``what`` it was, and returned, never raised."""
         try:
             result = fn(*args)
             if inspect.isawaitable(result):
@@ -503,22 +504,8 @@ class Actor:
             log.error(
                 "%s: %s raised %s: %s", self._where, what, type(exc).__name__, exc, exc_info=exc
             )
-            await self._on_error(exc, ctx)
-            return False
-        return True
-
-    async def _on_error(self, error: BaseException, ctx: RoomContext[Any] | None) -> None:
-        hook = self.definition.hooks.on_error
-        if hook is None:
-            return
-        try:
-            result = hook(error, ctx)
-            if inspect.isawaitable(result):
-                await result
-        except Exception as exc:
-            log.error(
-                "%s: on_error raised %s: %s", self._where, type(exc).__name__, exc, exc_info=exc
-            )
+            return exc
+        return None
 
     # --- persistence ------------------------------------------------------------------------
 
@@ -562,18 +549,7 @@ class Actor:
         log.error("%s: %s", self._where, failure)
         hook = self.definition.hooks.on_persist_error
         if hook is not None:
-            try:
-                result = hook(key, failure)
-                if inspect.isawaitable(result):
-                    await result
-            except Exception as exc:
-                log.error(
-                    "%s: on_persist_error raised %s: %s",
-                    self._where,
-                    type(exc).__name__,
-                    exc,
-                    exc_info=exc,
-                )
+            await self._run_user_code("on_persist_error", hook, key, failure)
         if self.definition.persist_options.throw_on_error:
             await self._on_error(failure, ctx)
 
@@ -612,7 +588,7 @@ class Actor:
             self._durable_seq = seq
             if seq == self._write_seq:
                 self._unsaved.clear()
-            self._release_durable()
+            self._gate.release(self._durable_seq)
             self._notify_durable()
 
     def _notify_durable(self) -> None:
@@ -642,49 +618,6 @@ class Actor:
         # changed persisted state (an early frame may precede the change within the same turn).
         outputs.append((targets, frame))
         return len(targets)
-
-    def _settle(self, outputs: list[tuple[Sequence[Session], bytes]] | None, event: Any) -> None:
-        """Send the turn's frames now, or hold them until the writes before them are durable;
-        then tell whoever waits on the turn's ``event`` (a socket's flow control, a caller)."""
-        if not self._held and self._durable_seq == self._write_seq:
-            for targets, frame in outputs or ():
-                send_to(targets, frame)
-            _released(event)
-            return
-        self._held.append((self._write_seq, outputs or [], event))
-        if not outputs:
-            return
-        limit = self._max_held
-        for targets, frame in outputs:
-            size = len(frame)
-            for session in targets:
-                held = session.held_frames = session.held_frames + 1
-                if held == limit + 1:
-                    self._over_limit += 1
-                held_bytes = session.held_bytes = session.held_bytes + size
-                sink = session.sink
-                if held_bytes + sink.pending_bytes > sink.max_pending_bytes:
-                    sink.over_budget()
-        self._gate_full = self._over_limit > 0
-
-    def _release_durable(self) -> None:
-        held, limit = self._held, self._max_held
-        ready = 0
-        while ready < len(held) and held[ready][0] <= self._durable_seq:
-            ready += 1
-        released = held[:ready]
-        del held[:ready]
-        for _, outputs, event in released:
-            _released(event)
-            for targets, frame in outputs:
-                size = len(frame)
-                for session in targets:
-                    left = session.held_frames = session.held_frames - 1
-                    if left == limit:
-                        self._over_limit -= 1
-                    session.held_bytes -= size
-                send_to(targets, frame)
-        self._gate_full = self._over_limit > 0
 
 
 def _released(event: Any) -> None:

@@ -23,8 +23,7 @@ from .state import StateSpec, build_state_spec
 if TYPE_CHECKING:
     from .context import RoomActor, RoomContext
     from .protocol import ClientFrame
-    from .server import HandshakeRequest
-    from .sessions import ConnectionMeta
+    from .sessions import ConnectionMeta, HandshakeRequest
 
 S = TypeVar("S")
 F = TypeVar("F", bound=Callable[..., Any])

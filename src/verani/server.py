@@ -1,22 +1,19 @@
-"""Internal: the WebSocket server: HTTP routing, handshakes, one reader and one writer per socket.
+"""Internal: the server's life: its limits, listener, admitted handshakes, liveness, shutdown.
 
-Each connection runs in its own guarded scope: whatever goes wrong with one socket ends that
-socket only, never the listener or the other connections. The HTTP request head is read here
-first, so a plain HTTP request to a room path gets ``426 Upgrade Required``, an unknown path
-``404``, a bad instance name ``400``; only a well-formed upgrade to a room path is answered with
-``101`` and handed to the WebSocket transport (:mod:`verani.transport`).
+Each socket runs in its own guarded scope: whatever goes wrong with one socket ends that socket
+only, never the listener or the other connections. The server decides (limits, capacity, what
+to log); :mod:`verani.handshake` speaks HTTP (a plain request to a room path gets ``426``, an
+unknown path ``404``, a bad instance name ``400``, a well-formed upgrade ``101``);
+:mod:`verani.connection` runs each upgraded socket.
 """
 
 from __future__ import annotations
 
-import base64
 import errno
-import http
 import logging
 import math
 import re
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Literal
 
@@ -24,16 +21,36 @@ import attrs
 import h11
 import trio
 
-from .actor import Connect, Disconnect, Message
-from .errors import FrameTooLargeError, HandshakeRefused, ProtocolError, VeraniError, single_error
-from .protocol import ERROR_EVENT, MAX_FRAME_SIZE, PING, PONG_FRAME, decode_frame, encode_event
-from .room import DEFAULT_IDLE_TIMEOUT, RoomDefinition, normalize_origin
+from .connection import Connection
+from .errors import VeraniError, single_error
+from .handshake import (
+    HttpAnswer,
+    RequestHead,
+    accept_response,
+    check_origin,
+    check_upgrade,
+    extract_meta,
+    headers_of,
+    read_request_head,
+)
+from .protocol import MAX_FRAME_SIZE
+from .room import DEFAULT_IDLE_TIMEOUT, RoomDefinition
 from .routing import MAX_INSTANCE_NAME, InstanceRules, Route, Router, split_target
 from .runtime import RoomHandle, Runtime
-from .sessions import ConnectionMeta, Session
+from .sessions import ConnectionMeta, HandshakeRequest, default_meta
 from .store import FileStore, Store
-from .supervisor import RoomInstance, Supervisor
-from .transport import MAX_BATCH_BYTES, Closed, WebSocket, accept_response
+from .supervisor import Supervisor
+from .transport import WebSocket
+
+__all__ = [
+    "HandshakeRequest",
+    "ServeError",
+    "Server",
+    "ServerConfig",
+    "ServerStats",
+    "default_meta",
+    "open_server",
+]
 
 log = logging.getLogger("verani.server")
 
@@ -102,29 +119,6 @@ class ServerConfig:
     max_handshakes: int = 256
 
 
-@attrs.frozen
-class HandshakeRequest:
-    """The HTTP upgrade request, as ``extract_meta`` sees it."""
-
-    path: str
-    query: dict[str, str]
-    #: Header names lower-cased; repeated headers joined with ``", "``.
-    headers: dict[str, str]
-    remote: str
-    room: str
-    instance: str
-
-
-def default_meta(request: HandshakeRequest) -> ConnectionMeta:
-    """Verani's default: ``userId`` from the query string (else ``anonymous``), a random client id,
-    channel ``default``."""
-    return ConnectionMeta(
-        user_id=request.query.get("userId") or "anonymous",
-        client_id=str(uuid.uuid4()),
-        channels=["default"],
-    )
-
-
 @attrs.define
 class ServerStats:
     """Counters a running server keeps (for logs, ``verani inspect`` and tests)."""
@@ -150,7 +144,7 @@ class Server:
         self.stats = ServerStats()
         self.host = ""
         self.port = 0
-        self._connections: set[_Connection] = set()
+        self._connections: set[Connection] = set()
         # Sockets accepted and in their handshake, oldest first, each with the cancel scope
         # that drops it and when it was accepted.
         self._handshakes: dict[trio.CancelScope, float] = {}
@@ -354,7 +348,7 @@ class Server:
                 await ws.aclose(1001, "server shutting down")
             return
         inst = self.supervisor.instance(route.room.name, route.instance)
-        conn = _Connection(self, ws, inst, meta)
+        conn = Connection(self, ws, inst, meta)
         self._connections.add(conn)
         key = (route.room.name, route.instance)
         self._per_room[key] = self._per_room.get(key, 0) + 1
@@ -380,7 +374,7 @@ class Server:
         refusal and return None."""
         cfg = self.config
         with trio.move_on_after(cfg.handshake_timeout) as timeout:
-            head = await _read_request_head(stream, cfg.max_request_head)
+            head = await read_request_head(stream, cfg.max_request_head)
         if timeout.cancelled_caught:
             self.client_log(
                 logging.INFO,
@@ -389,45 +383,48 @@ class Server:
                 cfg.handshake_timeout,
             )
             return None
-        if isinstance(head, _HttpAnswer):
-            await self._answer(stream, head, remote, "")
+        if not isinstance(head, RequestHead):
+            await self._answer(stream, *head, remote, "")
             return None
-        request, trailing = head
+        conn, request = head.connection, head.request
         target = request.target.decode("ascii", "replace")
         path, query = split_target(target)
         route = self.router.route(path)
         answer = (
-            _check_upgrade(request, route, path)
-            or _check_origin(request, route)
+            check_upgrade(request, route, path)
+            or check_origin(request, route)
             or self._check_capacity(route)
         )
         if answer is not None:
-            await self._answer(stream, answer, remote, target)
+            await self._answer(stream, conn, answer, remote, target)
             return None
         assert route is not None
         hreq = HandshakeRequest(
             path=path,
             query=query,
-            headers=_headers(request.headers),
+            headers=headers_of(request.headers),
             remote=remote,
             room=route.room.name,
             instance=route.instance,
         )
         with trio.move_on_after(cfg.handshake_timeout) as timeout:
-            meta = await self._extract_meta(route.room, hreq)
-            if isinstance(meta, _HttpAnswer):
-                await self._answer(stream, meta, remote, target, logged=True)
+            meta = await extract_meta(route.room, hreq, self._log_refusal, _log_room_error)
+            if isinstance(meta, HttpAnswer):
+                await self._answer(stream, conn, meta, remote, target, logged=True)
                 return None
-            await stream.send_all(accept_response(hreq.headers["sec-websocket-key"]))
+            await stream.send_all(accept_response(conn, hreq.headers["sec-websocket-key"]))
         if timeout.cancelled_caught:
             self.client_log(
                 logging.INFO, "connection from %s: WebSocket handshake timed out", remote
             )
             return None
         assert isinstance(meta, ConnectionMeta)
-        return route, meta, trailing
+        return route, meta, head.trailing
 
-    def _check_capacity(self, route: Route | None) -> _HttpAnswer | None:
+    def _log_refusal(self, line: str) -> None:
+        self.client_log(logging.INFO, "%s", line)
+
+    def _check_capacity(self, route: Route | None) -> HttpAnswer | None:
         # Counted before the upgrade, so a refused client costs no room code and no socket.
         if route is None:
             return None
@@ -440,7 +437,7 @@ class Server:
                 "refusing a connection: %d open, the server's limit",
                 cfg.max_connections,
             )
-            return _HttpAnswer(
+            return HttpAnswer(
                 503, "the server is at its connection limit; retry later", (("Retry-After", "5"),)
             )
         limit = route.room.max_connections or cfg.max_connections_per_room
@@ -452,40 +449,18 @@ class Server:
                 route.instance,
                 limit,
             )
-            return _HttpAnswer(
+            return HttpAnswer(
                 503,
                 f"room {route.room.name}/{route.instance} is full; retry later",
                 (("Retry-After", "5"),),
             )
         return None
 
-    async def _extract_meta(
-        self, room: RoomDefinition[Any], request: HandshakeRequest
-    ) -> ConnectionMeta | _HttpAnswer:
-        extract = room.hooks.extract_meta or default_meta
-        where = f"room {room.name}/{request.instance}"
-        try:
-            result = extract(request)
-            meta = await result if isinstance(result, Awaitable) else result
-        except HandshakeRefused as refusal:
-            self.client_log(
-                logging.INFO, "%s: refused connection from %s: %s", where, request.remote, refusal
-            )
-            return _HttpAnswer(refusal.status, refusal.reason, verbatim=True)
-        except Exception as exc:
-            log.error(
-                "%s: extract_meta raised %s: %s", where, type(exc).__name__, exc, exc_info=exc
-            )
-            return _HttpAnswer(500, "the room could not accept the connection")
-        if not isinstance(meta, ConnectionMeta):
-            log.error("%s: extract_meta returned %r, not a ConnectionMeta", where, meta)
-            return _HttpAnswer(500, "the room could not accept the connection")
-        return meta
-
     async def _answer(
         self,
         stream: trio.SocketStream,
-        answer: _HttpAnswer,
+        conn: h11.Connection,
+        answer: HttpAnswer,
         remote: str,
         target: str,
         *,
@@ -502,128 +477,12 @@ class Server:
                 answer.body,
             )
         with trio.move_on_after(self.config.close_timeout):
-            await stream.send_all(answer.encode())
+            await stream.send_all(answer.encode(conn))
 
 
-@attrs.frozen
-class _HttpAnswer:
-    status: int
-    body: str
-    headers: tuple[tuple[str, str], ...] = ()
-    #: Send ``body`` byte for byte (a room's own refusal reason), without our trailing newline.
-    verbatim: bool = False
-
-    def encode(self) -> bytes:
-        body = self.body.encode() if self.verbatim else (self.body + "\n").encode()
-        try:
-            phrase = http.HTTPStatus(self.status).phrase
-        except ValueError:  # a status the standard library does not name (e.g. 499)
-            phrase = ""
-        lines = [
-            f"HTTP/1.1 {self.status} {phrase}",
-            "Content-Type: text/plain; charset=utf-8",
-            f"Content-Length: {len(body)}",
-            "Connection: close",
-            *(f"{k}: {v}" for k, v in self.headers),
-        ]
-        return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
-
-
-async def _read_request_head(
-    stream: trio.SocketStream, limit: int
-) -> tuple[h11.Request, bytes] | _HttpAnswer:
-    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limit)
-    raw = bytearray()
-    while True:
-        try:
-            event = conn.next_event()
-        except h11.RemoteProtocolError as exc:
-            return _HttpAnswer(exc.error_status_hint, f"bad HTTP request: {exc}")
-        if event is h11.NEED_DATA:
-            data = await stream.receive_some(4096)
-            raw += data
-            conn.receive_data(data)
-            if not data:
-                return _HttpAnswer(400, "the connection closed before a complete request")
-            continue
-        if isinstance(event, h11.Request):
-            # What h11 read past the head (a client may send its first frame at once). h11
-            # knows where the head ended, whatever line endings it used.
-            trailing = conn.trailing_data[0]
-            # h11 bounds only a head still incomplete; a complete one may have come in a read
-            # that crossed the limit.
-            if len(raw) - len(trailing) > limit:
-                return _HttpAnswer(431, f"the request head is over {limit} bytes")
-            return event, bytes(trailing)
-        return _HttpAnswer(400, "bad HTTP request")
-
-
-def _check_upgrade(request: h11.Request, route: Route | None, path: str) -> _HttpAnswer | None:
-    headers = _headers(request.headers)
-    wants_ws = "websocket" in headers.get("upgrade", "").lower()
-    if route is None:
-        return _HttpAnswer(404, f"no room is served at {path}")
-    if not wants_ws:
-        return _HttpAnswer(
-            426,
-            f"{path} is a WebSocket endpoint of room {route.room.name!r}; connect with a "
-            f"WebSocket client",
-            (("Upgrade", "websocket"), ("Connection", "Upgrade")),
-        )
-    if route.error is not None:
-        return _HttpAnswer(400, f"bad room instance name: {route.error}")
-    if request.method != b"GET":
-        return _HttpAnswer(405, "a WebSocket upgrade must use GET", (("Allow", "GET"),))
-    problem = _upgrade_problem(request, headers)
-    if problem is not None:
-        return _HttpAnswer(400, problem)
-    if headers.get("sec-websocket-version") != "13":
-        return _HttpAnswer(
-            426, "unsupported WebSocket version; use 13", (("Sec-WebSocket-Version", "13"),)
-        )
-    return None
-
-
-def _upgrade_problem(request: h11.Request, headers: dict[str, str]) -> str | None:
-    """Why a GET is not a well-formed RFC 6455 upgrade, checked here so that every refusal is
-    ours (logged, with a reason) rather than wsproto's bare 400."""
-    if request.http_version != b"1.1":
-        return "a WebSocket upgrade needs HTTP/1.1"
-    if headers.get("upgrade", "").strip().lower() != "websocket":
-        return "the Upgrade header must be exactly 'websocket'"
-    if "upgrade" not in [t.strip() for t in headers.get("connection", "").lower().split(",")]:
-        return "the Connection header must include 'Upgrade'"
-    if "content-length" in headers and headers["content-length"].strip() != "0":
-        return "a WebSocket upgrade carries no body (Content-Length)"
-    if "transfer-encoding" in headers:
-        return "a WebSocket upgrade carries no body (Transfer-Encoding)"
-    try:
-        key = base64.b64decode(headers.get("sec-websocket-key", ""), validate=True)
-    except ValueError:
-        key = b""
-    if len(key) != 16:
-        return "Sec-WebSocket-Key must be 16 bytes in base64"
-    return None
-
-
-def _check_origin(request: h11.Request, route: Route | None) -> _HttpAnswer | None:
-    allowed = route.room.allowed_origins if route is not None else None
-    if route is None or allowed is None:
-        return None
-    origin = _headers(request.headers).get("origin")
-    # Browsers always send Origin on a WebSocket upgrade; a request without one is not a
-    # browser's, so it cannot be a cross-site attempt riding on a user's cookies.
-    if origin is None or normalize_origin(origin) in allowed:
-        return None
-    return _HttpAnswer(403, f"origin {origin} is not allowed for room {route.room.name!r}")
-
-
-def _headers(raw: Sequence[tuple[bytes, bytes]]) -> dict[str, str]:
-    headers: dict[str, str] = {}
-    for name, value in raw:
-        key, text = name.decode("latin-1").lower(), value.decode("latin-1")
-        headers[key] = f"{headers[key]}, {text}" if key in headers else text
-    return headers
+def _log_room_error(line: str, exc: BaseException | None) -> None:
+    # A room's extract_meta failing is the room's bug, not the client's: always logged.
+    log.error("%s", line, exc_info=exc)
 
 
 def _peer(stream: trio.SocketStream) -> str:
@@ -632,284 +491,6 @@ def _peer(stream: trio.SocketStream) -> str:
     except (OSError, ValueError):
         return "unknown"
     return f"{host}:{port}"
-
-
-#: Close codes after which queued frames are still sent before the close frame.
-_DRAINING_CODES = frozenset({1000, 1001})
-
-
-class _Connection:
-    """One accepted socket: its session, bounded outbound queue, reader and writer.
-
-    The outbound budget counts frames and bytes: frames queued, the batch being written, and
-    frames the room's output gate holds for this socket (``session.held_bytes``). Past either
-    limit the socket is closed with 1008: what is queued is dropped and the Close frame goes
-    next.
-    """
-
-    def __init__(
-        self, server: Server, ws: WebSocket, instance: RoomInstance, meta: ConnectionMeta
-    ) -> None:
-        self._server = server
-        self._ws = ws
-        self._instance = instance
-        self.session = Session(meta, self)
-        # A list, not a deque: the writer takes it whole, and an empty list is 56 bytes where
-        # a deque is over 600 (memory per idle socket).
-        self._out: list[bytes] = []
-        self._out_limit = server.config.outbound_queue
-        #: Bytes queued or being written (the output gate's are on the session: held_bytes).
-        self.pending_bytes = 0
-        self.max_pending_bytes = server.config.max_outbound_bytes
-        self._out_ready = trio.Event()
-        self._draining = False
-        self._read_scope = trio.CancelScope()
-        self._send_scope: trio.CancelScope | None = None
-        self._ping_due = False
-        #: When the last liveness Ping was sent (None: no answer awaited).
-        self.ping_sent: float | None = None
-        self._in_flight = 0
-        self._may_read = trio.Event()
-        self._close_code: int | None = None
-        self._close_reason = ""
-        self._where = f"room {instance.definition.name}/{instance.name}"
-        self._max_frame_size = instance.definition.max_frame_size or server.config.max_frame_size
-
-    # FrameSink
-    def send_frame(self, frame: bytes) -> None:
-        if self._close_code is not None:
-            return
-        pending = self.pending_bytes + len(frame)
-        if (
-            len(self._out) >= self._out_limit
-            or pending + self.session.held_bytes > self.max_pending_bytes
-        ):
-            self._too_slow(pending + self.session.held_bytes)
-            return
-        self.pending_bytes = pending
-        self._out.append(frame)
-        self._out_ready.set()
-
-    def over_budget(self) -> None:
-        self._too_slow(self.pending_bytes + self.session.held_bytes)
-
-    def _too_slow(self, pending: int) -> None:
-        self._server.client_log(
-            logging.WARNING,
-            "%s: client %s (user %s) reads too slowly (%d frames queued, %d bytes pending; "
-            "limits: %d frames, %d bytes); closing with 1008",
-            self._where,
-            self.session.meta.client_id,
-            self.session.meta.user_id,
-            len(self._out),
-            pending,
-            self._out_limit,
-            self.max_pending_bytes,
-        )
-        self.close(1008, "outbound budget exceeded: the client reads too slowly")
-
-    def message_done(self) -> None:
-        self._in_flight -= 1
-        self._may_read.set()
-
-    def _backlog(self) -> int:
-        # This socket's messages still in the room plus its frames not yet sent: a client that
-        # floods faster than it reads its replies is slowed here, at its own socket.
-        return self._in_flight + len(self._out)
-
-    def close(self, code: int, reason: str) -> None:
-        if self._close_code is not None:
-            return
-        self._close_code, self._close_reason = code, reason
-        if code in _DRAINING_CODES:
-            # The writer sends what is queued, then ends the socket.
-            self._draining = True
-        else:
-            # Nothing queued goes out: the Close frame is next. A write in progress may finish
-            # (a frame cut in half would leave no way to send the Close), but not for long.
-            self._out = []
-            self.pending_bytes = 0
-            self._read_scope.cancel()
-            if self._send_scope is not None:
-                deadline = trio.current_time() + self._server.config.close_timeout
-                self._send_scope.deadline = min(self._send_scope.deadline, deadline)
-        self._out_ready.set()
-
-    def close_unresponsive(self, quiet: float) -> None:
-        """The peer answered no Ping in time: a dead peer (or network) leaves its room."""
-        self._server.client_log(
-            logging.WARNING,
-            "%s: client %s (user %s) sent nothing for %.1fs and answered no ping; closing "
-            "with 1011",
-            self._where,
-            self.session.meta.client_id,
-            self.session.meta.user_id,
-            quiet,
-        )
-        self.close(1011, "no answer to ping")
-
-    def ping(self, now: float) -> None:
-        """Have the writer send a liveness Ping; the answer is awaited from ``now``."""
-        self.ping_sent = now
-        self._ping_due = True
-        self._out_ready.set()
-
-    @property
-    def last_received(self) -> float:
-        """When bytes last came from the peer (Trio's clock)."""
-        return self._ws.last_received
-
-    async def run(self) -> None:
-        inst, session = self._instance, self.session
-        await inst.submit(Connect(session))
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._writer)
-            with self._read_scope:
-                await self._reader()
-            # The session leaves its room now, while a write in progress may still finish
-            # (bounded by close_timeout): the room must not count a socket it has closed.
-            closed = self._ws.closed
-            code = self._close_code or (closed.code if closed else 1006)
-            reason = self._close_reason if self._close_code else (closed.reason if closed else "")
-            await inst.submit(Disconnect(session, code, reason or None))
-            if self._close_code is None:
-                # The peer closed, broke the protocol or went away: nothing more to send.
-                nursery.cancel_scope.cancel()
-        with trio.move_on_after(self._server.config.close_timeout):
-            await self._ws.aclose(self._close_code or 1000, self._close_reason)
-
-    async def _reader(self) -> None:
-        ws, session, server = self._ws, self.session, self._server
-        while True:
-            # Flow control before any frame is handled: pongs and error answers fill the
-            # outbound queue too, and a burst of them must wait for the writer, not overflow it.
-            while self._backlog() >= server.config.max_in_flight:
-                self._may_read = trio.Event()
-                await self._may_read.wait()
-            try:
-                message = await ws.receive()
-            except Closed as closed:
-                if closed.violation:
-                    self._log_violation(closed)
-                return
-            try:
-                frame = decode_frame(message, max_size=self._max_frame_size)
-            except ProtocolError as exc:
-                server.stats.frames_dropped += 1
-                self._server.client_log(
-                    logging.WARNING,
-                    "%s: dropped a frame from client %s (user %s): %s",
-                    self._where,
-                    session.meta.client_id,
-                    session.meta.user_id,
-                    exc,
-                )
-                if isinstance(exc, FrameTooLargeError):
-                    self.close(1009, "frame too large")
-                    return
-                self.send_frame(
-                    encode_event(
-                        session.first_channel,
-                        ERROR_EVENT,
-                        {"code": "bad_frame", "message": str(exc)},
-                    )
-                )
-                continue
-            if frame.type == PING:
-                # Answered here, so keepalive never wakes a hibernated room.
-                self.send_frame(PONG_FRAME)
-                continue
-            self._in_flight += 1
-            if not await self._instance.submit(Message(session, frame)):
-                self._in_flight -= 1
-
-    def _log_violation(self, closed: Closed) -> None:
-        self._server.stats.frames_dropped += 1
-        client = self.session.meta.client_id
-        if closed.code == 1009:
-            self._server.client_log(
-                logging.WARNING,
-                "%s: client %s sent a frame over %d bytes; closed with 1009",
-                self._where,
-                client,
-                self._max_frame_size,
-            )
-        else:
-            self._server.client_log(
-                logging.WARNING,
-                "%s: client %s broke the WebSocket protocol (%s); closed with %d",
-                self._where,
-                client,
-                closed.reason,
-                closed.code,
-            )
-
-    async def _writer(self) -> None:
-        timeout = self._server.config.send_timeout
-        ws = self._ws
-        # One scope for every send: its deadline is set around each write (cheaper than a
-        # new cancel scope per write); only a write that overruns it is cancelled.
-        with trio.CancelScope() as send_scope:
-            self._send_scope = send_scope
-            try:
-                while True:
-                    if self._close_code is not None and not self._draining:
-                        break
-                    if self._ping_due:
-                        self._ping_due = False
-                        send_scope.deadline = trio.current_time() + timeout
-                        await ws.send_ping()
-                        send_scope.deadline = math.inf
-                        continue
-                    if not self._out:
-                        if self._draining:
-                            break
-                        self._out_ready = trio.Event()
-                        await self._out_ready.wait()
-                        continue
-                    # Everything queued goes out in one write (bounded), so a burst of events
-                    # costs one syscall, not one per frame.
-                    batch = _take_batch(self._out)
-                    if batch is self._out:
-                        self._out = []
-                    send_scope.deadline = trio.current_time() + timeout
-                    await ws.send_frames(batch)
-                    send_scope.deadline = math.inf
-                    if self._close_code is None or self._draining:
-                        self.pending_bytes -= sum(map(len, batch))
-                    # An idle socket keeps no reference to what it last sent.
-                    del batch
-                    self._may_read.set()
-            except Closed:
-                # The peer is gone: end the connection now, or a reader parked on flow
-                # control would wait forever for a writer that will never drain its queue.
-                pass
-            finally:
-                self._send_scope = None
-        if send_scope.cancelled_caught and self._close_code is None:
-            self._server.client_log(
-                logging.WARNING,
-                "%s: a send to client %s took over %ss; dropping it",
-                self._where,
-                self.session.meta.client_id,
-                timeout,
-            )
-            self._close_code, self._close_reason = 1008, "a send took too long"
-        # The reader ends too: the room lets go of the session, whatever the reader awaited.
-        self._read_scope.cancel()
-
-
-def _take_batch(out: list[bytes]) -> list[bytes]:
-    """The frames of ``out`` for one write: all of them (``out`` itself) when they fit in
-    MAX_BATCH_BYTES, else as many as fit (at least one), removed from ``out``."""
-    size = 0
-    for i, frame in enumerate(out):
-        size += len(frame)
-        if size > MAX_BATCH_BYTES and i:
-            batch = out[:i]
-            del out[:i]
-            return batch
-    return out
 
 
 @asynccontextmanager

@@ -6,6 +6,7 @@ stays with the socket, and the room finds its sessions again when it is revived.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterable, Iterator
 from typing import Protocol
 
@@ -22,6 +23,29 @@ class ConnectionMeta:
     user_id: str
     client_id: str
     channels: list[str] = attrs.field(factory=lambda: ["default"])
+
+
+@attrs.frozen
+class HandshakeRequest:
+    """The HTTP upgrade request, as ``extract_meta`` sees it."""
+
+    path: str
+    query: dict[str, str]
+    #: Header names lower-cased; repeated headers joined with ``", "``.
+    headers: dict[str, str]
+    remote: str
+    room: str
+    instance: str
+
+
+def default_meta(request: HandshakeRequest) -> ConnectionMeta:
+    """Verani's default: ``userId`` from the query string (else ``anonymous``), a random client id,
+    channel ``default``."""
+    return ConnectionMeta(
+        user_id=request.query.get("userId") or "anonymous",
+        client_id=str(uuid.uuid4()),
+        channels=["default"],
+    )
 
 
 class FrameSink(Protocol):

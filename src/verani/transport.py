@@ -12,8 +12,8 @@ frame RFC 6455 asks for. This transport reads with a sans-IO :class:`~verani.fra
 - the reader yields to the scheduler every few hundred frames, so one peer's flood of tiny
   frames cannot hold the event loop.
 
-The opening handshake is answered here too (:func:`accept_response`): the request head was already
-parsed and checked by the server with h11.
+The opening handshake was answered before (:mod:`verani.handshake`); this module starts with the
+bytes that follow it.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import contextlib
 from collections.abc import Iterable
 
 import trio
-from wsproto.utilities import generate_accept_token
 
 from .frames import (
     NEED_DATA,
@@ -39,7 +38,7 @@ from .frames import (
     text_frame_header,
 )
 
-__all__ = ["Closed", "WebSocket", "accept_response", "encode_text_frame", "text_frame_header"]
+__all__ = ["Closed", "WebSocket", "encode_text_frame", "text_frame_header"]
 
 #: Bytes asked of the socket per read; big enough that a pipelining client's burst is one read.
 RECEIVE_SIZE = 64 * 1024
@@ -49,17 +48,6 @@ RECEIVE_SIZE = 64 * 1024
 MAX_BATCH_BYTES = 256 * 1024
 
 _PING_FRAME = control_frame(PING, b"verani")
-
-
-def accept_response(key: str) -> bytes:
-    """The ``101 Switching Protocols`` answer to an upgrade request with ``Sec-WebSocket-Key``."""
-    token = generate_accept_token(key.encode("ascii")).decode("ascii")
-    return (
-        "HTTP/1.1 101 Switching Protocols\r\n"
-        "Upgrade: websocket\r\n"
-        "Connection: Upgrade\r\n"
-        f"Sec-WebSocket-Accept: {token}\r\n\r\n"
-    ).encode("ascii")
 
 
 class Closed(Exception):

@@ -1,0 +1,305 @@
+"""Internal: one accepted WebSocket — its session, reader, writer, outbound budget and close.
+
+A connection outlives its room's hibernation. Its reader hands client frames to the room (or
+answers keepalive itself, so a ping never wakes a hibernated room); its writer sends what the
+room queued, in as few writes as it can; its budget bounds what waits for a slow reader, in
+frames and in bytes. Whatever goes wrong ends this socket only.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import TYPE_CHECKING
+
+import trio
+
+from .actor import Connect, Disconnect, Message
+from .errors import FrameTooLargeError, ProtocolError
+from .protocol import ERROR_EVENT, PING, PONG_FRAME, decode_frame, encode_event
+from .sessions import ConnectionMeta, Session
+from .supervisor import RoomInstance
+from .transport import MAX_BATCH_BYTES, Closed, WebSocket
+
+if TYPE_CHECKING:
+    from .server import Server
+
+log = logging.getLogger("verani.server")
+
+
+#: Close codes after which queued frames are still sent before the close frame.
+_DRAINING_CODES = frozenset({1000, 1001})
+
+
+class Connection:
+    """One accepted socket: its session, bounded outbound queue, reader and writer.
+
+    The outbound budget counts frames and bytes: frames queued, the batch being written, and
+    frames the room's output gate holds for this socket (``session.held_bytes``). Past either
+    limit the socket is closed with 1008: what is queued is dropped and the Close frame goes
+    next.
+    """
+
+    def __init__(
+        self, server: Server, ws: WebSocket, instance: RoomInstance, meta: ConnectionMeta
+    ) -> None:
+        self._server = server
+        self._ws = ws
+        self._instance = instance
+        self.session = Session(meta, self)
+        # A list, not a deque: the writer takes it whole, and an empty list is 56 bytes where
+        # a deque is over 600 (memory per idle socket).
+        self._out: list[bytes] = []
+        self._out_limit = server.config.outbound_queue
+        #: Bytes queued or being written (the output gate's are on the session: held_bytes).
+        self.pending_bytes = 0
+        self.max_pending_bytes = server.config.max_outbound_bytes
+        self._out_ready = trio.Event()
+        self._draining = False
+        self._read_scope = trio.CancelScope()
+        self._send_scope: trio.CancelScope | None = None
+        self._ping_due = False
+        #: When the last liveness Ping was sent (None: no answer awaited).
+        self.ping_sent: float | None = None
+        self._in_flight = 0
+        self._may_read = trio.Event()
+        self._close_code: int | None = None
+        self._close_reason = ""
+        self._where = f"room {instance.definition.name}/{instance.name}"
+        self._max_frame_size = instance.definition.max_frame_size or server.config.max_frame_size
+
+    # FrameSink
+    def send_frame(self, frame: bytes) -> None:
+        if self._close_code is not None:
+            return
+        pending = self.pending_bytes + len(frame)
+        if (
+            len(self._out) >= self._out_limit
+            or pending + self.session.held_bytes > self.max_pending_bytes
+        ):
+            self._too_slow(pending + self.session.held_bytes)
+            return
+        self.pending_bytes = pending
+        self._out.append(frame)
+        self._out_ready.set()
+
+    def over_budget(self) -> None:
+        self._too_slow(self.pending_bytes + self.session.held_bytes)
+
+    def _too_slow(self, pending: int) -> None:
+        self._server.client_log(
+            logging.WARNING,
+            "%s: client %s (user %s) reads too slowly (%d frames queued, %d bytes pending; "
+            "limits: %d frames, %d bytes); closing with 1008",
+            self._where,
+            self.session.meta.client_id,
+            self.session.meta.user_id,
+            len(self._out),
+            pending,
+            self._out_limit,
+            self.max_pending_bytes,
+        )
+        self.close(1008, "outbound budget exceeded: the client reads too slowly")
+
+    def message_done(self) -> None:
+        self._in_flight -= 1
+        self._may_read.set()
+
+    def _backlog(self) -> int:
+        # This socket's messages still in the room plus its frames not yet sent: a client that
+        # floods faster than it reads its replies is slowed here, at its own socket.
+        return self._in_flight + len(self._out)
+
+    def close(self, code: int, reason: str) -> None:
+        if self._close_code is not None:
+            return
+        self._close_code, self._close_reason = code, reason
+        if code in _DRAINING_CODES:
+            # The writer sends what is queued, then ends the socket.
+            self._draining = True
+        else:
+            # Nothing queued goes out: the Close frame is next. A write in progress may finish
+            # (a frame cut in half would leave no way to send the Close), but not for long.
+            self._out = []
+            self.pending_bytes = 0
+            self._read_scope.cancel()
+            if self._send_scope is not None:
+                deadline = trio.current_time() + self._server.config.close_timeout
+                self._send_scope.deadline = min(self._send_scope.deadline, deadline)
+        self._out_ready.set()
+
+    def close_unresponsive(self, quiet: float) -> None:
+        """The peer answered no Ping in time: a dead peer (or network) leaves its room."""
+        self._server.client_log(
+            logging.WARNING,
+            "%s: client %s (user %s) sent nothing for %.1fs and answered no ping; closing "
+            "with 1011",
+            self._where,
+            self.session.meta.client_id,
+            self.session.meta.user_id,
+            quiet,
+        )
+        self.close(1011, "no answer to ping")
+
+    def ping(self, now: float) -> None:
+        """Have the writer send a liveness Ping; the answer is awaited from ``now``."""
+        self.ping_sent = now
+        self._ping_due = True
+        self._out_ready.set()
+
+    @property
+    def last_received(self) -> float:
+        """When bytes last came from the peer (Trio's clock)."""
+        return self._ws.last_received
+
+    async def run(self) -> None:
+        inst, session = self._instance, self.session
+        await inst.submit(Connect(session))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._writer)
+            with self._read_scope:
+                await self._reader()
+            # The session leaves its room now, while a write in progress may still finish
+            # (bounded by close_timeout): the room must not count a socket it has closed.
+            closed = self._ws.closed
+            code = self._close_code or (closed.code if closed else 1006)
+            reason = self._close_reason if self._close_code else (closed.reason if closed else "")
+            await inst.submit(Disconnect(session, code, reason or None))
+            if self._close_code is None:
+                # The peer closed, broke the protocol or went away: nothing more to send.
+                nursery.cancel_scope.cancel()
+        with trio.move_on_after(self._server.config.close_timeout):
+            await self._ws.aclose(self._close_code or 1000, self._close_reason)
+
+    async def _reader(self) -> None:
+        ws, session, server = self._ws, self.session, self._server
+        while True:
+            # Flow control before any frame is handled: pongs and error answers fill the
+            # outbound queue too, and a burst of them must wait for the writer, not overflow it.
+            while self._backlog() >= server.config.max_in_flight:
+                self._may_read = trio.Event()
+                await self._may_read.wait()
+            try:
+                message = await ws.receive()
+            except Closed as closed:
+                if closed.violation:
+                    self._log_violation(closed)
+                return
+            try:
+                frame = decode_frame(message, max_size=self._max_frame_size)
+            except ProtocolError as exc:
+                server.stats.frames_dropped += 1
+                self._server.client_log(
+                    logging.WARNING,
+                    "%s: dropped a frame from client %s (user %s): %s",
+                    self._where,
+                    session.meta.client_id,
+                    session.meta.user_id,
+                    exc,
+                )
+                if isinstance(exc, FrameTooLargeError):
+                    self.close(1009, "frame too large")
+                    return
+                self.send_frame(
+                    encode_event(
+                        session.first_channel,
+                        ERROR_EVENT,
+                        {"code": "bad_frame", "message": str(exc)},
+                    )
+                )
+                continue
+            if frame.type == PING:
+                # Answered here, so keepalive never wakes a hibernated room.
+                self.send_frame(PONG_FRAME)
+                continue
+            self._in_flight += 1
+            if not await self._instance.submit(Message(session, frame)):
+                self._in_flight -= 1
+
+    def _log_violation(self, closed: Closed) -> None:
+        self._server.stats.frames_dropped += 1
+        client = self.session.meta.client_id
+        if closed.code == 1009:
+            self._server.client_log(
+                logging.WARNING,
+                "%s: client %s sent a frame over %d bytes; closed with 1009",
+                self._where,
+                client,
+                self._max_frame_size,
+            )
+        else:
+            self._server.client_log(
+                logging.WARNING,
+                "%s: client %s broke the WebSocket protocol (%s); closed with %d",
+                self._where,
+                client,
+                closed.reason,
+                closed.code,
+            )
+
+    async def _writer(self) -> None:
+        timeout = self._server.config.send_timeout
+        ws = self._ws
+        # One scope for every send: its deadline is set around each write (cheaper than a
+        # new cancel scope per write); only a write that overruns it is cancelled.
+        with trio.CancelScope() as send_scope:
+            self._send_scope = send_scope
+            try:
+                while True:
+                    if self._close_code is not None and not self._draining:
+                        break
+                    if self._ping_due:
+                        self._ping_due = False
+                        send_scope.deadline = trio.current_time() + timeout
+                        await ws.send_ping()
+                        send_scope.deadline = math.inf
+                        continue
+                    if not self._out:
+                        if self._draining:
+                            break
+                        self._out_ready = trio.Event()
+                        await self._out_ready.wait()
+                        continue
+                    # Everything queued goes out in one write (bounded), so a burst of events
+                    # costs one syscall, not one per frame.
+                    batch = _take_batch(self._out)
+                    if batch is self._out:
+                        self._out = []
+                    send_scope.deadline = trio.current_time() + timeout
+                    await ws.send_frames(batch)
+                    send_scope.deadline = math.inf
+                    if self._close_code is None or self._draining:
+                        self.pending_bytes -= sum(map(len, batch))
+                    # An idle socket keeps no reference to what it last sent.
+                    del batch
+                    self._may_read.set()
+            except Closed:
+                # The peer is gone: end the connection now, or a reader parked on flow
+                # control would wait forever for a writer that will never drain its queue.
+                pass
+            finally:
+                self._send_scope = None
+        if send_scope.cancelled_caught and self._close_code is None:
+            self._server.client_log(
+                logging.WARNING,
+                "%s: a send to client %s took over %ss; dropping it",
+                self._where,
+                self.session.meta.client_id,
+                timeout,
+            )
+            self._close_code, self._close_reason = 1008, "a send took too long"
+        # The reader ends too: the room lets go of the session, whatever the reader awaited.
+        self._read_scope.cancel()
+
+
+def _take_batch(out: list[bytes]) -> list[bytes]:
+    """The frames of ``out`` for one write: all of them (``out`` itself) when they fit in
+    MAX_BATCH_BYTES, else as many as fit (at least one), removed from ``out``."""
+    size = 0
+    for i, frame in enumerate(out):
+        size += len(frame)
+        if size > MAX_BATCH_BYTES and i:
+            batch = out[:i]
+            del out[:i]
+            return batch
+    return out
