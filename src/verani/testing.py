@@ -167,7 +167,7 @@ class TestServer:
 
     @property
     def server(self) -> Server:
-        """The running :class:`~verani.server.Server`."""
+        """The running :class:`~verani.Server`."""
         if self._server is None:
             raise VeraniError("the test server is not running")
         return self._server
