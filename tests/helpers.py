@@ -1,7 +1,10 @@
 """Test helpers: a minimal WebSocket client speaking the wire protocol, and raw HTTP requests.
 
-The client is written from the protocol (DESIGN.md §5), not from verani's server code, so the
-tests check the server against the protocol rather than against itself.
+The client writes and reads frames with the client's half of :mod:`verani.protocol`, never with
+the server's code: the server decodes with ``decode_frame`` and encodes with ``encode_event``,
+while this client encodes with ``encode_client_event`` and decodes with ``server_event``, and
+test_protocol.py pins those byte for byte to the protocol (DESIGN.md §5). So the tests still check
+the server against the protocol rather than against itself.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import CloseConnection, Event, Pong, Request, TextMessage
 
 from verani import StoreError
+from verani.protocol import decode_server_frame, encode_client_event, server_event
 from verani.store import FileStore, JSONValue, StoredDocument
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -39,23 +43,18 @@ class Client:
 
     async def emit(self, event: str, data: Any = None) -> None:
         """Send ``{"type": event, "data": data}``."""
-        await self.send({"type": event, "data": data})
+        await self.send(encode_client_event(event, data))
 
     async def recv(self) -> dict[str, Any]:
         """The next frame, decoded."""
-        frame = orjson.loads(await self.ws.get_message())
-        assert isinstance(frame, dict), frame
-        return frame
+        return decode_server_frame(await self.ws.get_message())
 
     async def next_event(self, name: str | None = None) -> tuple[str, dict[str, Any]]:
         """The next event frame (of ``name`` if given), as ``(event, data)``; skips others."""
         while True:
-            frame = await self.recv()
-            if frame.get("type") != "event":
-                continue
-            data = frame["data"]
-            if name is None or data["type"] == name:
-                return data["type"], data
+            event = server_event(await self.recv())
+            if event is not None and (name is None or event[0] == name):
+                return event
 
 
 @asynccontextmanager
@@ -181,9 +180,7 @@ class RawSocket:
         while True:
             event = await self.event()
             if isinstance(event, TextMessage):
-                decoded = orjson.loads(event.data)
-                assert isinstance(decoded, dict)
-                return decoded
+                return decode_server_frame(event.data)
             assert isinstance(event, Pong), event
 
     async def close_code(self) -> int:

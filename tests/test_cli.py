@@ -12,12 +12,14 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import attrs
 import orjson
 import pytest
 import trio
 import trio.lowlevel
 import trio_websocket
 
+from verani import ServerConfig
 from verani.store import FileStore
 
 from helpers import connect, http_request, upgrade_request
@@ -316,6 +318,46 @@ def test_argument_errors_with_click_runner(tmp_path: pathlib.Path) -> None:
     for command in ("serve", "inspect", "hibernate", "emit"):
         help_text = runner.invoke(main, [command, "--help"]).output
         assert "Example:" in help_text, command
+
+
+def test_serve_options_for_limits_are_one_table_of_server_config_fields() -> None:
+    from verani.cli import CONFIG_OPTIONS, config_from_options, serve
+
+    defaults = ServerConfig()
+    params = {param.name: param for param in serve.params}
+    for option in CONFIG_OPTIONS:
+        param = params[option.field]
+        assert param.opts == [option.flag], option
+        assert param.default == getattr(defaults, option.field), option
+    # Every option reaches its field: give each a value that is not its default.
+    args, expected = [COUNTER], {}
+    for option in CONFIG_OPTIONS:
+        default = getattr(defaults, option.field)
+        value = "[a-z]+" if default is None else str(default + 1)
+        args += [option.flag, value]
+        expected[option.field] = re.compile(value) if default is None else type(default)(value)
+    with serve.make_context("serve", args) as ctx:
+        config = config_from_options(ctx.params)
+    assert config == attrs.evolve(defaults, **expected)
+    assert all(getattr(config, name) != getattr(defaults, name) for name in expected)
+
+
+def test_errors_are_shown_as_verani_errors_with_their_exit_status(tmp_path: pathlib.Path) -> None:
+    from click.testing import CliRunner
+
+    from verani.cli import main
+
+    runner = CliRunner()
+    missing = runner.invoke(main, ["serve", str(tmp_path / "nope.py")])
+    assert (missing.exit_code, missing.output) == (
+        2,
+        f"verani: error: room file {tmp_path / 'nope.py'} does not exist\n",
+    )
+    ghost = runner.invoke(main, ["inspect", "counter/ghost", "--store", str(tmp_path)])
+    assert (ghost.exit_code, ghost.output) == (
+        1,
+        "verani: error: room 'counter' has no instance 'ghost' (nothing stored, not live)\n",
+    )
 
 
 def test_serve_json_logs_and_unusable_store(tmp_path: pathlib.Path) -> None:

@@ -188,12 +188,3 @@ def test_counter_room_file_loads() -> None:
         "counter:reset",
         "counter:get",
     }
-
-
-def test_the_public_api_is_exported_once_and_importable() -> None:
-    import verani
-
-    assert len(verani.__all__) == len(set(verani.__all__))
-    assert sorted(verani.__all__) == list(verani.__all__)
-    for name in verani.__all__:
-        assert getattr(verani, name) is not None, name

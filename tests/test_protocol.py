@@ -18,7 +18,18 @@ from verani import (
     RoomDefinitionError,
     define_room,
 )
-from verani.protocol import decode_frame, encode_event
+from verani.protocol import (
+    PING_MESSAGE,
+    PONG_FRAME,
+    decode_frame,
+    decode_server_frame,
+    encode_client_event,
+    encode_event,
+    encode_frame,
+    event_data,
+    is_pong,
+    server_event,
+)
 from verani.routing import MAX_INSTANCE_NAME, InstanceRules, Router, split_target
 
 
@@ -76,6 +87,73 @@ def test_encode_event_spreads_dict_payload_and_event_name_wins() -> None:
 def test_encode_unserialisable_data_names_the_event() -> None:
     with pytest.raises(FrameEncodeError, match="cannot send event 'e'"):
         encode_event("c", "e", {"x": object()})
+
+
+def test_the_wire_bytes_both_ways() -> None:
+    # Written from DESIGN.md §5, not from the encoders: Verani's JavaScript client depends on
+    # these bytes, and every Python speaker of the protocol encodes through these functions.
+    assert encode_client_event("counter:increment", {"amount": 2}) == (
+        '{"type":"counter:increment","data":{"amount":2}}'
+    )
+    assert encode_client_event("counter:get") == '{"type":"counter:get","data":null}'
+    assert encode_client_event("chat", [1], channel="lobby") == (
+        '{"type":"chat","data":[1],"channel":"lobby"}'
+    )
+    assert PING_MESSAGE == '{"type":"ping"}'
+    assert PONG_FRAME == b'{"type":"pong"}'
+    assert encode_event("default", "counter:update", {"count": 1}) == (
+        b'{"type":"event","channel":"default","data":{"count":1,"type":"counter:update"}}'
+    )
+    assert encode_event("c", "e", None) == b'{"type":"event","channel":"c","data":{"type":"e"}}'
+    assert encode_frame("c", {"x": 1}) == b'{"type":"event","channel":"c","data":{"x":1}}'
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@given(st.text(min_size=1), json_values, st.none() | st.text())
+def test_a_client_frame_reaches_the_server_as_sent(
+    event: str, data: Any, channel: str | None
+) -> None:
+    assert decode_frame(encode_client_event(event, data, channel=channel)) == ClientFrame(
+        event, data, channel
+    )
+
+
+@given(st.text(), st.text(), st.dictionaries(st.text(), json_values, max_size=3))
+def test_a_server_event_reaches_the_client_as_sent(
+    channel: str, event: str, payload: dict[str, Any]
+) -> None:
+    frame = decode_server_frame(encode_event(channel, event, payload))
+    assert server_event(frame) == (event, {**payload, "type": event})
+    assert not is_pong(frame)
+
+
+def test_client_side_reading_of_server_frames() -> None:
+    assert is_pong(decode_server_frame(PONG_FRAME))
+    assert server_event(decode_server_frame(PONG_FRAME)) is None
+    # Frames a client cannot dispatch are passed over, not errors: a newer server may send more.
+    assert server_event({"type": "ack", "id": 1, "data": {"type": "x"}}) is None
+    assert server_event({"type": "event", "channel": "c", "data": [1]}) is None
+    typeless = {"type": "event", "channel": "c", "data": {"text": "hi"}}
+    assert server_event(typeless) is None
+    assert event_data(typeless) == {"text": "hi"}  # still an event, for a test to look at
+    with pytest.raises(ProtocolError, match="not JSON"):
+        decode_server_frame("nope")
+    with pytest.raises(ProtocolError, match=r"not a JSON object: '\[1\]'"):
+        decode_server_frame("[1]")
+
+
+def test_client_encoding_refuses_what_the_server_could_not_read_as_sent() -> None:
+    with pytest.raises(FrameEncodeError, match="cannot send event 'e'"):
+        encode_client_event("e", {"x": object()})
+    # The server would read it as a float: refused rather than silently changed.
+    with pytest.raises(TypeError, match=r"cannot send event 'big'.*64-bit"):
+        encode_client_event("big", 2**70)
 
 
 def test_split_target_first_value_wins() -> None:

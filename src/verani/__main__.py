@@ -1,4 +1,4 @@
-"""``python -m verani`` runs the CLI."""
+"""Internal: ``python -m verani`` runs the CLI."""
 
 from .cli import main
 

@@ -1,4 +1,4 @@
-"""One awake room instance: its turns, its persistence and its output gate.
+"""Internal: one awake room instance: its turns, its persistence and its output gate.
 
 An :class:`Actor` lives from revival to hibernation. It takes events from the instance's inbox one
 at a time (a *turn*), so a handler never sees another handler's half-done change. After each turn

@@ -1,4 +1,4 @@
-"""The ``verani`` command: ``serve``, ``inspect``, ``hibernate``, ``emit``.
+"""Internal: the ``verani`` command (``serve``, ``inspect``, ``hibernate``, ``emit``).
 
 Commands parse options, call into the library and print. The project's errors are turned into
 exit codes here only: 0 done, 1 the request failed (no server, no such room, a room could not
@@ -15,9 +15,10 @@ import platform
 import re
 import signal
 import ssl
-import sys
-from typing import Any, Literal, NoReturn
+from collections.abc import Callable, Mapping
+from typing import IO, Any, Literal
 
+import attrs
 import click
 import orjson
 import trio
@@ -36,6 +37,7 @@ from .errors import (
 )
 from .inspection import inspect_instance, list_instances
 from .loader import load_rooms
+from .protocol import encode_client_event
 from .render import render
 from .room import DEFAULT_IDLE_TIMEOUT, RoomDefinition
 from .server import ServeError, Server, ServerConfig, open_server
@@ -60,15 +62,51 @@ class JsonLogFormatter(logging.Formatter):
         return orjson.dumps(entry).decode()
 
 
-def _fail(message: str, code: int) -> NoReturn:
-    click.echo(f"verani: error: {message}", err=True)
-    sys.exit(code)
+class VeraniCommandError(click.ClickException):
+    """An error the ``verani`` command reports as ``verani: error: MESSAGE`` on standard error,
+    exiting with the subclass's ``exit_code``."""
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        """Write ``verani: error: MESSAGE`` to ``file`` (standard error by default)."""
+        click.echo(f"verani: error: {self.format_message()}", file=file, err=file is None)
+
+
+class CommandFailed(VeraniCommandError):
+    """The request failed (no server, no such room, a room could not save): exit status 1."""
+
+    exit_code = 1
+
+
+class CannotStart(VeraniCommandError):
+    """The server cannot start (a room file, the address, the store): exit status 2, the status
+    of bad usage, since the command as given can never work."""
+
+    exit_code = 2
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="verani")
 def main() -> None:
     """Realtime rooms with persisted state and hibernation, on Trio."""
+
+
+@attrs.frozen
+class ConfigOption:
+    """One ``verani serve`` option that sets the :class:`ServerConfig` field of the same name
+    (``--max-frame-size`` sets ``max_frame_size``); its default is always that field's."""
+
+    field: str
+    #: None: text (click's default).
+    type: click.ParamType[Any, Any] | None
+    help: str
+    metavar: str | None = None
+    #: Turns the text into the field's value, when ``type`` alone cannot.
+    callback: Callable[[click.Context, click.Parameter, Any], Any] | None = None
+
+    @property
+    def flag(self) -> str:
+        """The option as typed: ``--`` and the field's name with dashes."""
+        return "--" + self.field.replace("_", "-")
 
 
 def _compile_pattern(
@@ -80,6 +118,111 @@ def _compile_pattern(
         return re.compile(value)
     except re.error as exc:
         raise click.BadParameter(f"{value!r} is not a regular expression: {exc}") from None
+
+
+_POSITIVE_INT = click.IntRange(min=1)
+_POSITIVE_SECONDS = click.FloatRange(min=0, min_open=True)
+
+#: The limits ``verani serve`` takes, in the order ``--help`` lists them (cli.md explains each).
+CONFIG_OPTIONS: tuple[ConfigOption, ...] = (
+    ConfigOption(
+        "max_frame_size",
+        _POSITIVE_INT,
+        "Largest client frame (characters); over it the socket is closed with 1009.",
+    ),
+    ConfigOption(
+        "max_connections",
+        _POSITIVE_INT,
+        "Open WebSockets on the server; past it new ones get HTTP 503.",
+    ),
+    ConfigOption(
+        "max_connections_per_room",
+        _POSITIVE_INT,
+        "Open WebSockets on one room instance; past it new ones get HTTP 503.",
+    ),
+    ConfigOption(
+        "max_awake_rooms",
+        _POSITIVE_INT,
+        "Room instances awake at once; past it the least recently used hibernate.",
+    ),
+    ConfigOption(
+        "outbound_queue",
+        _POSITIVE_INT,
+        "Frames queued for one socket; a client that reads slower is closed with 1008.",
+    ),
+    ConfigOption(
+        "handshake_timeout",
+        _POSITIVE_SECONDS,
+        "Seconds a client gets to complete the HTTP upgrade.",
+    ),
+    ConfigOption(
+        "max_instance_name",
+        _POSITIVE_INT,
+        "Longest room instance name (characters); longer ones get HTTP 400.",
+    ),
+    ConfigOption(
+        "instance_pattern",
+        None,
+        "Instance names must match REGEX in full (e.g. '[a-z0-9-]+'); others get HTTP 400. "
+        "A room's own instance_pattern wins.",
+        metavar="REGEX",
+        callback=_compile_pattern,
+    ),
+    ConfigOption(
+        "max_outbound_bytes",
+        _POSITIVE_INT,
+        "Bytes pending for one socket (queued, being written, or held until a write is "
+        "durable); a client that reads slower is closed with 1008.",
+    ),
+    ConfigOption(
+        "max_fragments",
+        _POSITIVE_INT,
+        "Frames one client message may be cut into; past it, 1008.",
+    ),
+    ConfigOption(
+        "max_control_frames",
+        _POSITIVE_SECONDS,
+        "Control frames (ping, pong, close) one socket may send per second; past it, 1008.",
+    ),
+    ConfigOption(
+        "ping_interval",
+        click.FloatRange(min=0),
+        "Seconds a socket may stay quiet before the server pings it (0: no pings).",
+    ),
+    ConfigOption(
+        "ping_timeout",
+        _POSITIVE_SECONDS,
+        "Seconds a pinged socket has to answer before it is closed with 1011.",
+    ),
+    ConfigOption(
+        "max_handshakes",
+        _POSITIVE_INT,
+        "Sockets in their HTTP handshake at once; past it the oldest is dropped.",
+    ),
+)
+
+
+def _config_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Add a click option for each of :data:`CONFIG_OPTIONS`, in the table's order."""
+    # click lists options in the reverse order of decoration: the first applied is the last shown.
+    for option in reversed(CONFIG_OPTIONS):
+        default = getattr(_DEFAULTS, option.field)
+        command = click.option(
+            option.flag,
+            option.field,
+            default=default,
+            show_default=default is not None,
+            type=option.type,
+            metavar=option.metavar,
+            callback=option.callback,
+            help=option.help,
+        )(command)
+    return command
+
+
+def config_from_options(values: Mapping[str, Any]) -> ServerConfig:
+    """The :class:`ServerConfig` that the parsed :data:`CONFIG_OPTIONS` in ``values`` describe."""
+    return ServerConfig(**{option.field: values[option.field] for option in CONFIG_OPTIONS})
 
 
 @main.command()
@@ -111,7 +254,7 @@ def _compile_pattern(
     "--idle-timeout",
     default=DEFAULT_IDLE_TIMEOUT,
     show_default=True,
-    type=click.FloatRange(min=0, min_open=True),
+    type=_POSITIVE_SECONDS,
     help="Seconds without events before a room hibernates (rooms may set their own).",
 )
 @click.option(
@@ -121,106 +264,7 @@ def _compile_pattern(
     type=click.Choice(LOG_LEVELS),
     help="Least severe log messages shown.",
 )
-@click.option(
-    "--max-frame-size",
-    default=_DEFAULTS.max_frame_size,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Largest client frame (characters); over it the socket is closed with 1009.",
-)
-@click.option(
-    "--max-connections",
-    default=_DEFAULTS.max_connections,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Open WebSockets on the server; past it new ones get HTTP 503.",
-)
-@click.option(
-    "--max-connections-per-room",
-    default=_DEFAULTS.max_connections_per_room,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Open WebSockets on one room instance; past it new ones get HTTP 503.",
-)
-@click.option(
-    "--max-awake-rooms",
-    default=_DEFAULTS.max_awake_rooms,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Room instances awake at once; past it the least recently used hibernate.",
-)
-@click.option(
-    "--outbound-queue",
-    default=_DEFAULTS.outbound_queue,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Frames queued for one socket; a client that reads slower is closed with 1008.",
-)
-@click.option(
-    "--handshake-timeout",
-    default=_DEFAULTS.handshake_timeout,
-    show_default=True,
-    type=click.FloatRange(min=0, min_open=True),
-    help="Seconds a client gets to complete the HTTP upgrade.",
-)
-@click.option(
-    "--max-instance-name",
-    default=_DEFAULTS.max_instance_name,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Longest room instance name (characters); longer ones get HTTP 400.",
-)
-@click.option(
-    "--instance-pattern",
-    default=None,
-    metavar="REGEX",
-    callback=_compile_pattern,
-    help="Instance names must match REGEX in full (e.g. '[a-z0-9-]+'); others get HTTP 400. "
-    "A room's own instance_pattern wins.",
-)
-@click.option(
-    "--max-outbound-bytes",
-    default=_DEFAULTS.max_outbound_bytes,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Bytes pending for one socket (queued, being written, or held until a write is "
-    "durable); a client that reads slower is closed with 1008.",
-)
-@click.option(
-    "--max-fragments",
-    default=_DEFAULTS.max_fragments,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Frames one client message may be cut into; past it, 1008.",
-)
-@click.option(
-    "--max-control-frames",
-    default=_DEFAULTS.max_control_frames,
-    show_default=True,
-    type=click.FloatRange(min=0, min_open=True),
-    help="Control frames (ping, pong, close) one socket may send per second; past it, 1008.",
-)
-@click.option(
-    "--ping-interval",
-    default=_DEFAULTS.ping_interval,
-    show_default=True,
-    type=click.FloatRange(min=0),
-    help="Seconds a socket may stay quiet before the server pings it (0: no pings).",
-)
-@click.option(
-    "--ping-timeout",
-    default=_DEFAULTS.ping_timeout,
-    show_default=True,
-    type=click.FloatRange(min=0, min_open=True),
-    help="Seconds a pinged socket has to answer before it is closed with 1011.",
-)
-@click.option(
-    "--max-handshakes",
-    default=_DEFAULTS.max_handshakes,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Sockets in their HTTP handshake at once; past it the oldest is dropped.",
-)
+@_config_options
 @click.option(
     "--log-format",
     default="text",
@@ -236,21 +280,8 @@ def serve(
     durability: Literal["fsync", "os"],
     idle_timeout: float,
     log_level: str,
-    max_frame_size: int,
-    max_connections: int,
-    max_connections_per_room: int,
-    max_awake_rooms: int,
-    outbound_queue: int,
-    handshake_timeout: float,
-    max_instance_name: int,
-    instance_pattern: re.Pattern[str] | None,
-    max_outbound_bytes: int,
-    max_fragments: int,
-    max_control_frames: float,
-    ping_interval: float,
-    ping_timeout: float,
-    max_handshakes: int,
     log_format: str,
+    **limits: Any,
 ) -> None:
     """Serve the rooms defined in FILE_OR_DIR... over WebSockets until Ctrl-C.
 
@@ -271,30 +302,15 @@ def serve(
     try:
         rooms = load_rooms(paths)
     except (RoomLoadError, RoomDefinitionError) as exc:
-        _fail(str(exc), 2)
-    config = ServerConfig(
-        max_frame_size=max_frame_size,
-        max_connections=max_connections,
-        max_connections_per_room=max_connections_per_room,
-        max_awake_rooms=max_awake_rooms,
-        outbound_queue=outbound_queue,
-        handshake_timeout=handshake_timeout,
-        max_instance_name=max_instance_name,
-        instance_pattern=instance_pattern,
-        max_outbound_bytes=max_outbound_bytes,
-        max_fragments=max_fragments,
-        max_control_frames=max_control_frames,
-        ping_interval=ping_interval,
-        ping_timeout=ping_timeout,
-        max_handshakes=max_handshakes,
-    )
+        raise CannotStart(str(exc)) from None
+    config = config_from_options(limits)
     stopped = trio.Event()
     try:
         unsaved = trio.run(
             _serve, rooms, host, port, store, durability, idle_timeout, config, stopped
         )
     except (ServeError, StoreError) as exc:
-        _fail(str(exc), 2)
+        raise CannotStart(str(exc)) from None
     except KeyboardInterrupt:
         # A second Ctrl-C (or a supervisor repeating its signal) that lands after the rooms were
         # saved and the sockets closed is no reason to report a failure.
@@ -304,7 +320,7 @@ def serve(
     if unsaved:
         # A stop that lost state must not look like a clean one to a supervisor or a script.
         rooms_list = "; ".join(f"{room}/{instance}: {why}" for room, instance, why in unsaved)
-        _fail(f"stopped with {len(unsaved)} room(s) not saved: {rooms_list}", 1)
+        raise CommandFailed(f"stopped with {len(unsaved)} room(s) not saved: {rooms_list}")
 
 
 #: glibc's mallopt() parameters (malloc.h) and the values pinned by _return_freed_memory.
@@ -403,7 +419,7 @@ def hibernate(target: str | None, all_: bool, store: str) -> None:
             control_request, store, {"op": "hibernate", "room": room, "instance": instance}
         )
     except (ControlError, VeraniError) as exc:
-        _fail(str(exc), 1)
+        raise CommandFailed(str(exc)) from None
     results = reply.get("hibernated", [])
     if not results:
         click.echo(
@@ -416,7 +432,8 @@ def hibernate(target: str | None, all_: bool, store: str) -> None:
         else:
             click.echo(f"hibernated {name}")
     if not reply.get("ok"):
-        sys.exit(1)
+        # Each failure is printed above, beside the rooms that did hibernate: nothing to add.
+        raise click.exceptions.Exit(CommandFailed.exit_code)
 
 
 def _split_target(target: str) -> tuple[str, str | None]:
@@ -463,7 +480,7 @@ def inspect(target: str | None, store: str, as_json: bool) -> None:
             else:
                 _print_report(report)
     except (VeraniError, ValueError) as exc:
-        _fail(str(exc), 1)
+        raise CommandFailed(str(exc)) from None
 
 
 def _print_rows(rows: list[dict[str, Any]], as_json: bool, store: str) -> None:
@@ -588,7 +605,7 @@ def emit(
     try:
         trio.run(_emit, address, event, payload, wait, timeout, ssl_context)
     except ClientError as exc:
-        _fail(str(exc), 1)
+        raise CommandFailed(str(exc)) from None
 
 
 def _emit_ssl_context(address: WebSocketURL, cafile: str | None) -> ssl.SSLContext | None:
@@ -649,7 +666,7 @@ async def _exchange(
     ws: trio_websocket.WebSocketConnection, event: str, data: Any, wait: float
 ) -> None:
     try:
-        await ws.send_message(orjson.dumps({"type": event, "data": data}).decode())
+        await ws.send_message(encode_client_event(event, data))
     except trio_websocket.ConnectionClosed as closed:
         click.echo(f"closed by the server: {closed.reason}", err=True)
         return

@@ -30,11 +30,19 @@ from contextlib import asynccontextmanager
 from typing import Any, Literal
 
 import attrs
-import orjson
 import trio
 import trio_websocket
 
-from .errors import VeraniError, leaf_exceptions, single_error
+from .errors import ProtocolError, VeraniError, leaf_exceptions, single_error
+from .protocol import (
+    PING_MESSAGE,
+    decode_server_frame,
+    encode_client_event,
+    is_pong,
+    server_event,
+)
+
+__all__ = ["ClientError", "ReconnectOptions", "VeraniClient", "open_client"]
 
 log = logging.getLogger("verani.client")
 
@@ -295,7 +303,7 @@ class VeraniClient:
         """
         if self._closed:
             raise ClientError("the client is closed")
-        frame = orjson.dumps({"type": event, "data": data}).decode()
+        frame = encode_client_event(event, data)
         if len(self._queue) == self._queue.maxlen:
             log.warning(
                 "%s: send queue full (%d); dropping the oldest frame", self.url, len(self._queue)
@@ -481,21 +489,16 @@ class VeraniClient:
             except trio_websocket.ConnectionClosed:
                 return
             try:
-                frame = orjson.loads(message)
-            except orjson.JSONDecodeError:
-                log.warning("%s: the server sent a frame that is not JSON; ignored", self.url)
+                frame = decode_server_frame(message)
+            except ProtocolError as exc:
+                log.warning("%s: %s; ignored", self.url, exc)
                 continue
-            if not isinstance(frame, dict):
-                continue
-            if frame.get("type") == "pong":
+            if is_pong(frame):
                 self._last_pong = trio.current_time()
                 continue
-            data = frame.get("data")
-            if frame.get("type") != "event" or not isinstance(data, dict):
-                continue
-            name = data.get("type")
-            if isinstance(name, str):
-                self._dispatch(name, data)
+            event = server_event(frame)
+            if event is not None:
+                self._dispatch(*event)
 
     def _dispatch(self, name: str, data: dict[str, Any]) -> None:
         listeners = self._listeners.get(name, [])
@@ -550,7 +553,7 @@ class VeraniClient:
             if now >= next_ping:
                 next_ping = now + self.ping_interval
                 try:
-                    await ws.send_message('{"type":"ping"}')
+                    await ws.send_message(PING_MESSAGE)
                 except trio_websocket.ConnectionClosed:
                     return
 

@@ -1,4 +1,4 @@
-"""Turns persisted room-state values into JSON trees and back, losslessly.
+"""Internal: turns persisted room-state values into JSON trees and back, losslessly.
 
 A value is written by its *declared* type (a field type of the state class) where it has one and
 by its runtime type everywhere else (``Any``). Plain JSON values stay plain; any other value

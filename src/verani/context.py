@@ -1,4 +1,4 @@
-"""What handlers see: ``ctx.actor``, ``ctx.meta``, ``ctx.emit``, ``ctx.frame``. Pure.
+"""Internal: what handlers see: ``ctx.actor``, ``ctx.meta``, ``ctx.emit``, ``ctx.frame``. Pure.
 
 Every emit is synchronous: it encodes the frame once and hands it, with its targets, to the
 actor's ``deliver`` function, which queues it on each socket (or holds it until the turn's state

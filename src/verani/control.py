@@ -1,4 +1,4 @@
-"""The local control endpoint the CLI uses to reach a running server, and the store lock.
+"""Internal: the local control endpoint the CLI uses to reach a running server, and the store lock.
 
 One server per store: the server holds an exclusive ``flock`` on ``STORE/server.lock`` for its
 lifetime. It listens for control requests on a Unix socket (mode 0600) in a private temporary

@@ -1,4 +1,4 @@
-"""The exceptions verani raises, as one family under :class:`VeraniError`.
+"""Internal: the exceptions verani raises, as one family under :class:`VeraniError`.
 
 Each error a user can cause has its own type, and its message names the thing at fault and says
 what to do. Transport and OS errors are translated into these at the I/O edge, so callers catch

@@ -1,4 +1,4 @@
-"""WebSocket frames (RFC 6455 §5), sans-IO: bytes in, events out; no sockets, no Trio.
+"""Internal: WebSocket frames (RFC 6455 §5), sans-IO: bytes in, events out; no sockets, no Trio.
 
 :class:`FrameReader` reads what a client sends. It is the whole receive side of the protocol —
 framing, masking, fragmentation, UTF-8, control frames — and it enforces what a server of many

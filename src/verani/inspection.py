@@ -1,4 +1,4 @@
-"""What ``verani inspect`` reports: the store, read without writing, plus a running server's view.
+"""Internal: what ``verani inspect`` reports: the store, read without writing, and a server's view.
 
 The store is read with :meth:`FileStore.peek` (never moves or rewrites a file, safe beside a
 server: writes are atomic renames). If a server serves the store, its control endpoint adds

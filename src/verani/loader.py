@@ -1,4 +1,4 @@
-"""Load room definitions from Python files and directories (``verani serve rooms/counter.py``)."""
+"""Internal: load room definitions from Python files and directories (``verani serve DIR``)."""
 
 from __future__ import annotations
 

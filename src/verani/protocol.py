@@ -1,10 +1,17 @@
-"""The wire protocol, shared with Verani's JavaScript client: pure encoding and decoding.
+"""Internal: the wire protocol, shared with Verani's JavaScript client: pure encoding and decoding.
 
 Client → server: ``{"type": EVENT, "data": PAYLOAD, "channel"?: CHANNEL}``; ``{"type": "ping"}`` is
 answered with ``{"type": "pong"}``.
 
 Server → client: ``{"type": "event", "channel": CHANNEL, "data": {"type": EVENT, ...PAYLOAD}}``.
 Verani's client unwraps ``data.type`` as the event name and hands ``data`` to its listeners.
+
+Both directions live here, and the rest of verani encodes and decodes through them. The server's
+side: :func:`decode_frame` reads what a client sends, :func:`encode_event` and :func:`encode_frame`
+write what it sends back. The client's side (:mod:`verani.client`, :mod:`verani.testing`,
+``verani emit``): :func:`encode_client_event` and :data:`PING_MESSAGE` write what a client sends,
+:func:`decode_server_frame`, :func:`server_event` and :func:`is_pong` read what the server sends
+back.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import uuid
+from collections.abc import Mapping
 from typing import Any, Final
 
 import attrs
@@ -30,6 +38,16 @@ PONG_FRAME: Final = b'{"type":"pong"}'
 
 #: Event sent to a client whose frame was dropped, so a developer sees why nothing happened.
 ERROR_EVENT: Final = "verani:error"
+
+#: A client's keepalive, as the text of one WebSocket message (a text frame, never binary: the
+#: server refuses binary frames).
+PING_MESSAGE: Final = '{"type":"ping"}'
+
+#: The ``type`` of a server frame that carries an event; the event's own name is in ``data.type``.
+EVENT_FRAME: Final = "event"
+
+#: The ``type`` of the server's answer to :data:`PING_MESSAGE`.
+PONG: Final = "pong"
 
 
 @attrs.frozen
@@ -82,13 +100,77 @@ def event_payload(event: str, data: Any) -> dict[str, Any]:
 def encode_event(channel: str, event: str, data: Any) -> bytes:
     """Encode one server → client event frame (UTF-8 JSON), once, ready to be sent to any number
     of sockets."""
-    return _dumps({"type": "event", "channel": channel, "data": event_payload(event, data)}, event)
+    return _dumps(
+        {"type": EVENT_FRAME, "channel": channel, "data": event_payload(event, data)}, event
+    )
 
 
 def encode_frame(channel: str, data: Any) -> bytes:
     """Encode ``{"type": "event", "channel": channel, "data": data}`` with ``data`` as given
     (Verani's ``broadcast`` and ``sendToUser``)."""
-    return _dumps({"type": "event", "channel": channel, "data": data}, None)
+    return _dumps({"type": EVENT_FRAME, "channel": channel, "data": data}, None)
+
+
+def encode_client_event(event: str, data: Any = None, *, channel: str | None = None) -> str:
+    """Encode one client → server event, ``{"type": event, "data": data}`` (``"data": null``
+    when there is none, as Verani's client sends it), with ``"channel"`` only when given.
+
+    Returns text: it must go out as a text frame. Raises :class:`FrameEncodeError` (a
+    :class:`TypeError`) naming the event when ``data`` is not JSON-serialisable.
+    """
+    frame: dict[str, Any] = {"type": event, "data": data}
+    if channel is not None:
+        frame["channel"] = channel
+    try:
+        return orjson.dumps(frame).decode()
+    except TypeError as exc:
+        # No big-integer fallback here, unlike the server's encoder: the server reads integers
+        # past 64 bits as floats, so sending one would change its value on the way.
+        raise FrameEncodeError(
+            f"cannot send event {event!r}: its data is not JSON-serialisable ({exc})"
+        ) from None
+
+
+def decode_server_frame(message: str | bytes) -> dict[str, Any]:
+    """Decode one server → client message into its JSON object, or raise
+    :class:`ProtocolError` saying why it is not one.
+
+    Any object is returned, whatever its ``type``: the client reads the ones it knows with
+    :func:`server_event` and :func:`is_pong`, and passes over the others, so a newer server's
+    frames do not break an older client.
+    """
+    try:
+        frame = orjson.loads(message)
+    except orjson.JSONDecodeError as exc:
+        raise ProtocolError(f"the server sent a frame that is not JSON ({exc})") from None
+    if not isinstance(frame, dict):
+        raise ProtocolError(f"the server sent a frame that is not a JSON object: {message!r}")
+    return frame
+
+
+def is_pong(frame: Mapping[str, Any]) -> bool:
+    """Whether a decoded server frame is the answer to a client's ping."""
+    return frame.get("type") == PONG
+
+
+def event_data(frame: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The ``data`` object of a decoded server event frame, as listeners get it; ``None`` for a
+    frame that is not an event, or whose ``data`` is not an object."""
+    data = frame.get("data")
+    if frame.get("type") != EVENT_FRAME or not isinstance(data, dict):
+        return None
+    return data
+
+
+def server_event(frame: Mapping[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """``(event, data)`` of a decoded server event frame, as Verani's client dispatches it: the
+    name is ``data.type``. ``None`` for any other frame, and for an event whose ``data`` has no
+    string ``type`` (no listener could be named by it)."""
+    data = event_data(frame)
+    if data is None:
+        return None
+    name = data.get("type")
+    return (name, data) if isinstance(name, str) else None
 
 
 def _dumps(frame: dict[str, Any], event: str | None) -> bytes:

@@ -1,4 +1,4 @@
-"""Readable text for persisted values, for ``verani inspect``. Pure.
+"""Internal: readable text for persisted values, for ``verani inspect``. Pure.
 
 Values are shown close to how Python writes them, except where the JavaScript twin is clearer:
 datetimes as ISO text, ``set{...}``, ``Map{key => value}`` for dicts with non-str keys, and

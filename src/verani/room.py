@@ -1,4 +1,4 @@
-"""``define_room``: a room's options, hooks and event handlers. Pure.
+"""Internal: ``define_room``: a room's options, hooks and event handlers. Pure.
 
 A room definition is data: the runtime reads it to route connections, build state and dispatch
 events. Hooks can be passed to :func:`define_room` or attached with decorators::

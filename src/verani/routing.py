@@ -1,4 +1,4 @@
-"""Which room instance an HTTP request target names. Pure.
+"""Internal: which room instance an HTTP request target names. Pure.
 
 ``/ws/counter`` is instance ``default`` of the room whose ``websocket_path`` is ``/ws/counter``;
 ``/ws/counter/NAME`` is instance ``NAME`` (percent-decoded). Anything else is not a room path.

@@ -1,4 +1,4 @@
-"""Reaching a room instance from outside it: Verani's actor stubs (``emitToChannel`` and co).
+"""Internal: reaching a room from outside it: Verani's actor stubs (``emitToChannel`` and co).
 
 Other Python code in the same process — a timer, an HTTP endpoint, another room's handler —
 gets a :class:`RoomHandle` from ``server.runtime.room(name, instance)`` (or ``ctx.runtime`` in a

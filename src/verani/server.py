@@ -1,4 +1,4 @@
-"""The server's life: its limits, the listener, the handshakes it admits, liveness, shutdown.
+"""Internal: the server's life: its limits, listener, admitted handshakes, liveness, shutdown.
 
 Each socket runs in its own guarded scope: whatever goes wrong with one socket ends that socket
 only, never the listener or the other connections. The server decides (limits, capacity, what

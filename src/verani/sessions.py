@@ -1,4 +1,4 @@
-"""Sessions (one per connected socket) and emit targeting: pure bookkeeping, no I/O.
+"""Internal: sessions (one per connected socket) and emit targeting: pure bookkeeping, no I/O.
 
 A session outlives its room's hibernation, as a Durable Object's socket attachment does: the meta
 stays with the socket, and the room finds its sessions again when it is revived.

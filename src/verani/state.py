@@ -1,4 +1,4 @@
-"""Room state: the typed state object, its declared key types, and assignment tracking. Pure.
+"""Internal: room state: the typed state object, its declared key types, assignment tracking. Pure.
 
 A room's state is an instance of the user's attrs class or dataclass (or of an attrs class built
 from a dict of initial values). The runtime uses a subclass of it that records which keys were

@@ -1,4 +1,4 @@
-"""``ctx.actor.storage``: a room instance's own key-value space, Verani's ``getStorage()`` twin.
+"""Internal: ``ctx.actor.storage``, a room instance's own key-value space (``getStorage()``'s twin).
 
 Values are kept encoded (the same codec as persisted state), so ``put`` takes a snapshot of the
 value, as Durable Object storage's structured clone does, and ``get`` returns a fresh copy. The

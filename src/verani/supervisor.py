@@ -1,4 +1,4 @@
-"""Room instances and the supervisor that wakes, hibernates and isolates their actors.
+"""Internal: room instances and the supervisor that wakes, hibernates and isolates their actors.
 
 A :class:`RoomInstance` outlives its actor: it keeps the sessions (sockets stay open while the room
 sleeps) and the inbox. When an event arrives for a sleeping instance, the supervisor starts an

@@ -32,6 +32,7 @@ import trio_websocket
 
 from .errors import VeraniError, single_error
 from .loader import load_rooms
+from .protocol import decode_server_frame, encode_client_event, event_data
 from .room import DEFAULT_IDLE_TIMEOUT, RoomDefinition
 from .runtime import RoomHandle
 from .server import Server, ServerConfig, open_server
@@ -60,7 +61,7 @@ class TestClient:
 
     async def emit(self, event: str, data: Any = None) -> None:
         """Send ``{"type": event, "data": data}``."""
-        await self.send({"type": event, "data": data})
+        await self.send(encode_client_event(event, data))
 
     async def send(self, frame: Any) -> None:
         """Send a raw frame: a str or bytes as is, anything else as JSON."""
@@ -77,28 +78,28 @@ class TestClient:
         ``receive`` calls need not match the order of arrival. Raises :class:`ClientClosed`
         when the server closes the socket first.
         """
-        for i, frame in enumerate(self._pending):
-            if event is None or frame["type"] == event:
+        for i, pending in enumerate(self._pending):
+            if event is None or pending.get("type") == event:
                 return self._pending.pop(i)
         while True:
-            frame = await self.recv()
-            if frame.get("type") != "event" or not isinstance(frame.get("data"), dict):
+            data = event_data(await self.recv())
+            if data is None:
                 continue
-            data: dict[str, Any] = frame["data"]
             if event is None or data.get("type") == event:
                 return data
             self._pending.append(data)
 
     async def recv(self) -> dict[str, Any]:
-        """The next raw frame, decoded (events, pongs), bypassing :meth:`receive`'s buffer."""
+        """The next raw frame, decoded (events, pongs), bypassing :meth:`receive`'s buffer.
+
+        Raises :class:`~verani.ProtocolError` if the server sent something that is not a JSON
+        object.
+        """
         try:
             message = await self.ws.get_message()
         except trio_websocket.ConnectionClosed as exc:
             raise _closed(exc) from None
-        frame = orjson.loads(message)
-        if not isinstance(frame, dict):
-            raise VeraniError(f"the server sent a frame that is not a JSON object: {message!r}")
-        return frame
+        return decode_server_frame(message)
 
     async def close(self, code: int = 1000, reason: str | None = None) -> None:
         """Close the socket (the room's ``on_disconnect`` sees ``code`` and ``reason``)."""
@@ -166,7 +167,7 @@ class TestServer:
 
     @property
     def server(self) -> Server:
-        """The running :class:`~verani.server.Server`."""
+        """The running :class:`~verani.Server`."""
         if self._server is None:
             raise VeraniError("the test server is not running")
         return self._server

@@ -1,4 +1,4 @@
-"""The server side of one WebSocket, on a Trio stream: frames parsed by :mod:`verani.frames`,
+"""Internal: one WebSocket's server side, on a Trio stream: frames parsed by :mod:`verani.frames`,
 writes batched.
 
 trio-websocket (our client, and the reference the server was first built on) sends one write per

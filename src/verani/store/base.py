@@ -1,4 +1,4 @@
-"""The store interface and the pieces every store shares.
+"""Internal: the store interface and the pieces every store shares.
 
 A store keeps one document per room instance: the instance's persisted keys, each value already
 encoded to JSON by the caller. This module does no I/O, so it can be used by any store.

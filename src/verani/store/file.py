@@ -1,4 +1,4 @@
-"""The file store: one JSON document per room instance under a directory."""
+"""Internal: the file store: one JSON document per room instance under a directory."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A store that keeps documents in memory: for tests and throw-away development servers.
+"""Internal: a store that keeps documents in memory: for tests and throw-away development servers.
 
 It behaves like the file store as far as a room can tell — each save replaces the whole document
 atomically, values go through JSON (so a test sees exactly what a file would hold) — but nothing
