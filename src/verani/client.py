@@ -33,7 +33,7 @@ import attrs
 import trio
 import trio_websocket
 
-from .errors import ProtocolError, VeraniError, leaf_exceptions, single_error
+from .errors import ClientError, ProtocolError, leaf_exceptions, single_error
 from .protocol import (
     PING_MESSAGE,
     decode_server_frame,
@@ -50,10 +50,6 @@ State = Literal["connecting", "connected", "disconnected", "reconnecting", "erro
 Callback = Callable[[Any], object]
 #: What :func:`open_stream` returns: TCP for ``ws://``, TLS over TCP for ``wss://``.
 Stream = trio.SocketStream | trio.SSLStream[trio.SocketStream]
-
-
-class ClientError(VeraniError):
-    """The client could not do what was asked (not connected in time, gave up, closed)."""
 
 
 @attrs.frozen

@@ -141,6 +141,22 @@ class CallCycleError(VeraniError, RuntimeError):
     """
 
 
+# --- clients ---------------------------------------------------------------------------------
+
+
+class ClientError(VeraniError):
+    """The client could not do what was asked (not connected in time, gave up, closed)."""
+
+
+class ClientClosed(VeraniError):
+    """The server closed a test client's socket; ``code`` and ``reason`` say how."""
+
+    def __init__(self, code: int | None, reason: str | None) -> None:
+        super().__init__(f"the server closed the socket: {code} {reason or ''}".rstrip())
+        self.code = code
+        self.reason = reason
+
+
 class RoomCrashedError(VeraniError):
     """The room's machinery failed while a call to it was pending; its sockets got 1011."""
 

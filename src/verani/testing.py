@@ -30,7 +30,7 @@ import orjson
 import trio
 import trio_websocket
 
-from .errors import VeraniError, single_error
+from .errors import ClientClosed, VeraniError, single_error
 from .loader import load_rooms
 from .protocol import decode_server_frame, encode_client_event, event_data
 from .room import DEFAULT_IDLE_TIMEOUT, RoomDefinition
@@ -39,15 +39,6 @@ from .server import Server, ServerConfig, open_server
 from .store import MemoryStore, Store
 
 __all__ = ["ClientClosed", "TestClient", "TestServer", "open_test_server"]
-
-
-class ClientClosed(VeraniError):
-    """The server closed a test client's socket; ``code`` and ``reason`` say how."""
-
-    def __init__(self, code: int | None, reason: str | None) -> None:
-        super().__init__(f"the server closed the socket: {code} {reason or ''}".rstrip())
-        self.code = code
-        self.reason = reason
 
 
 class TestClient:
