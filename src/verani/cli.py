@@ -24,7 +24,14 @@ import orjson
 import trio
 import trio_websocket
 
-from .client import ClientError, Stream, WebSocketURL, describe_connect_error, open_stream
+from .client import (
+    ClientError,
+    Stream,
+    WebSocketURL,
+    describe_connect_error,
+    open_stream,
+    websocket_over,
+)
 from .codec import make_codec
 from .control import control_request
 from .errors import (
@@ -636,15 +643,7 @@ async def _emit(
         async with trio.open_nursery() as nursery:
             with trio.fail_after(timeout):
                 stream = await open_stream(address, ssl_context)
-                # A refused handshake is raised by trio-websocket's reader task, in this
-                # nursery: it arrives below as an exception group.
-                ws = await trio_websocket.wrap_client_stream(
-                    nursery,
-                    stream,
-                    address.host_header,
-                    address.resource,
-                    message_queue_size=256,
-                )
+                ws = await websocket_over(nursery, stream, address)
             await _exchange(ws, event, data, wait)
             nursery.cancel_scope.cancel()
     except* (OSError, trio.TooSlowError, trio_websocket.HandshakeError, ClientError) as group:

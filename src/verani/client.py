@@ -147,6 +147,20 @@ async def open_stream(url: WebSocketURL, ssl_context: ssl.SSLContext | None = No
     return tls
 
 
+async def websocket_over(
+    nursery: trio.Nursery, stream: Stream, url: WebSocketURL
+) -> trio_websocket.WebSocketConnection:
+    """The WebSocket handshake for ``url`` over ``stream`` (from :func:`open_stream`).
+
+    trio-websocket raises a refused handshake from its reader task, which runs in ``nursery``:
+    it reaches the caller as an exception group out of that nursery. The stream stays the
+    caller's to close (trio-websocket leaves it open when the server refuses).
+    """
+    return await trio_websocket.wrap_client_stream(
+        nursery, stream, url.host_header, url.resource, message_queue_size=256
+    )
+
+
 def describe_connect_error(exc: BaseException, timeout: float | None = None) -> str:
     """Why connecting failed, in a few words that are never empty.
 
@@ -421,15 +435,7 @@ class VeraniClient:
                 async with trio.open_nursery() as nursery:
                     with trio.fail_after(self.connection_timeout):
                         stream = await open_stream(address, self.ssl_context)
-                        # A refused handshake is raised by trio-websocket's reader task, in
-                        # this nursery: it arrives below as an exception group.
-                        ws = await trio_websocket.wrap_client_stream(
-                            nursery,
-                            stream,
-                            address.host_header,
-                            address.resource,
-                            message_queue_size=256,
-                        )
+                        ws = await websocket_over(nursery, stream, address)
                     self._ws = ws
                     self.reconnect_attempts = 0
                     self._set_state("connected")
