@@ -8,6 +8,7 @@ import attrs
 import pytest
 import trio
 
+from faults import FaultyStore
 from verani import (
     ConnectionMeta,
     HandshakeRequest,
@@ -360,9 +361,7 @@ async def test_a_task_started_from_a_turn_may_call_its_room(tmp_path: Any) -> No
 
 
 async def test_a_call_result_waits_for_durability_like_frames(tmp_path: Any) -> None:
-    from test_persistence import GatedStore
-
-    store = GatedStore(tmp_path)
+    store = FaultyStore(tmp_path, hold_saves=True)
     room = define_room(name="gated", state={"n": 0}, persisted_keys=["n"])
 
     def bump(actor: Any) -> int:
@@ -375,7 +374,8 @@ async def test_a_call_result_waits_for_durability_like_frames(tmp_path: Any) -> 
             with trio.move_on_after(0.3):
                 await handle.call(bump)
                 pytest.fail("the call returned before its change was durable")
-            store.gate.set()
+            assert store.save_reached.is_set()  # the call's turn ran; its write was held
+            store.release_saves()
             assert await handle.call(bump) == 2
 
 
