@@ -8,6 +8,7 @@ import attrs
 import pytest
 import trio
 
+from faults import FaultyStore, settle
 from verani import (
     ConnectionMeta,
     HandshakeRequest,
@@ -249,11 +250,13 @@ async def test_origin_allow_list(tmp_path: Any) -> None:
 async def test_runtime_handle_reaches_rooms_as_turns_and_wakes_them(tmp_path: Any) -> None:
     order: list[str] = []
     room = define_room(name="hub", state={"n": 0}, persisted_keys=["n"])
+    slow_started, slow_gate = trio.Event(), trio.Event()
 
     @room.on("slow")
     async def slow(ctx: RoomContext[Any], data: Any) -> None:
         order.append("slow:start")
-        await trio.sleep(0.2)
+        slow_started.set()
+        await slow_gate.wait()
         order.append("slow:end")
 
     @room.on("call-self")
@@ -273,11 +276,17 @@ async def test_runtime_handle_reaches_rooms_as_turns_and_wakes_them(tmp_path: An
             hub = server.room("hub")
             async with connect(server.url, "/ws/hub", user_id="ann") as ann:
                 await ann.emit("slow")
-                while not order:
-                    await trio.sleep(0.01)
+                await slow_started.wait()
+
+                async def call() -> None:
+                    assert await hub.emit_to_channel("default", "news", {"x": 1}) == 1
+                    order.append("call")
+
                 # The call waits for the running turn: handlers never interleave.
-                assert await hub.emit_to_channel("default", "news", {"x": 1}) == 1
-                order.append("call")
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(call)
+                    await settle(server.supervisor.instances[("hub", "default")].has_pending)
+                    slow_gate.set()
                 assert order == ["slow:start", "slow:end", "call"]
                 assert (await ann.next_event("news"))[1]["x"] == 1
                 await ann.emit("call-self")
@@ -305,12 +314,16 @@ async def test_runtime_handle_reaches_rooms_as_turns_and_wakes_them(tmp_path: An
             assert await server.room("hub", "fresh").get_session_count() == 0
 
 
-def calling_room(name: str, other: str) -> Any:
+def calling_room(name: str, other: str, inside: list[str], both_inside: trio.Event) -> Any:
     room = define_room(name=name)
 
     @room.on("go")
     async def go(ctx: RoomContext[Any], data: Any) -> None:
-        await trio.sleep(0.05)  # both rooms are inside their turns before either calls
+        # Both rooms are inside their turns before either calls.
+        inside.append(name)
+        if len(inside) == 2:
+            both_inside.set()
+        await both_inside.wait()
         assert ctx.runtime is not None
         try:
             count = await ctx.runtime.room(other).get_session_count()
@@ -323,10 +336,14 @@ def calling_room(name: str, other: str) -> Any:
 
 
 async def test_rooms_calling_each_other_get_a_cycle_error_not_a_deadlock(tmp_path: Any) -> None:
+    inside: list[str] = []
+    both_inside = trio.Event()
+    rooms = [
+        calling_room("a", "b", inside, both_inside),
+        calling_room("b", "a", inside, both_inside),
+    ]
     with trio.fail_after(10):
-        async with open_server(
-            [calling_room("a", "b"), calling_room("b", "a")], store=str(tmp_path)
-        ) as server:
+        async with open_server(rooms, store=str(tmp_path)) as server:
             async with connect(server.url, "/ws/a") as a, connect(server.url, "/ws/b") as b:
                 await a.emit("go")
                 await b.emit("go")
@@ -360,9 +377,7 @@ async def test_a_task_started_from_a_turn_may_call_its_room(tmp_path: Any) -> No
 
 
 async def test_a_call_result_waits_for_durability_like_frames(tmp_path: Any) -> None:
-    from test_persistence import GatedStore
-
-    store = GatedStore(tmp_path)
+    store = FaultyStore(tmp_path, hold_saves=True)
     room = define_room(name="gated", state={"n": 0}, persisted_keys=["n"])
 
     def bump(actor: Any) -> int:
@@ -375,7 +390,8 @@ async def test_a_call_result_waits_for_durability_like_frames(tmp_path: Any) -> 
             with trio.move_on_after(0.3):
                 await handle.call(bump)
                 pytest.fail("the call returned before its change was durable")
-            store.gate.set()
+            assert store.save_reached.is_set()  # the call's turn ran; its write was held
+            store.release_saves()
             assert await handle.call(bump) == 2
 
 

@@ -20,6 +20,7 @@ import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
+from faults import FaultyStore
 from verani.errors import CorruptDocumentError, StoreError
 from verani.store import (
     FORMAT_VERSION,
@@ -299,16 +300,16 @@ async def test_save_into_an_unusable_directory_is_a_store_error(tmp_path: pathli
     assert not_a_dir.read_text() == "in the way"
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
-async def test_save_into_a_read_only_directory_is_a_store_error(store: FileStore) -> None:
+async def test_save_into_a_read_only_directory_is_a_store_error(tmp_path: pathlib.Path) -> None:
+    # The EACCES a read-only directory gives is injected (root would write there anyway), at
+    # the file work, so FileStore's own handling turns it into the StoreError.
+    store = FaultyStore(tmp_path / "store")
     await store.save("chat", "lobby", {"count": 1})
     room_dir = store.path_for("chat", "lobby").parent
-    room_dir.chmod(0o500)
-    try:
-        with pytest.raises(StoreError, match="Permission denied"):
-            await store.save("chat", "lobby", {"count": 2})
-    finally:
-        room_dir.chmod(0o700)
+    store.fail_writes(PermissionError(errno.EACCES, "Permission denied", str(room_dir)))
+    with pytest.raises(StoreError, match="Permission denied"):
+        await store.save("chat", "lobby", {"count": 2})
+    store.heal()
     loaded = await store.load("chat", "lobby")
     assert loaded is not None
     assert loaded.state == {"count": 1}
@@ -454,16 +455,14 @@ async def test_read_error_is_not_corruption(store: FileStore) -> None:
     assert list(path.parent.iterdir()) == [path]
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root can read files whatever their mode")
-async def test_unreadable_file_is_not_corruption(store: FileStore) -> None:
+async def test_unreadable_file_is_not_corruption(tmp_path: pathlib.Path) -> None:
+    # As above: the EACCES of an unreadable file is injected where the read would raise it.
+    store = FaultyStore(tmp_path / "store")
     await store.save("chat", "lobby", {"count": 1})
     path = store.path_for("chat", "lobby")
-    path.chmod(0)
-    try:
-        with pytest.raises(StoreError, match="Permission denied") as caught:
-            await store.load("chat", "lobby")
-    finally:
-        path.chmod(0o600)
+    store.fail_reads(PermissionError(errno.EACCES, "Permission denied", str(path)), times=1)
+    with pytest.raises(StoreError, match="Permission denied") as caught:
+        await store.load("chat", "lobby")
     assert not isinstance(caught.value, CorruptDocumentError)
     assert list(path.parent.iterdir()) == [path]
 

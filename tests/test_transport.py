@@ -7,6 +7,7 @@ the socket tests drive a real server over loopback.
 from __future__ import annotations
 
 import pathlib
+import socket
 from typing import Any
 
 import h11
@@ -132,20 +133,35 @@ async def test_a_burst_of_frames_arrives_whole_and_in_order() -> None:
         assert (await client.next_event("item"))[1] == {"type": "item", "i": 0, "pad": ""}
 
 
-async def test_websocket_pings_are_answered_and_a_clean_close_is_echoed(
-    counter_rooms: list[RoomDefinition[Any]],
-) -> None:
-    async with open_server(counter_rooms, store=MemoryStore()) as server:
-        async with connect(server.url) as client:
-            await client.next_event("counter:sync")
+async def test_websocket_pings_are_answered_and_a_clean_close_is_echoed() -> None:
+    room = define_room(name="bye", websocket_path="/ws/bye")
+    seen: list[tuple[int | None, str | None]] = []
+    left = trio.Event()
+
+    @room.on_connect
+    def hello(ctx: Any) -> None:
+        ctx.emit.emit("hello")
+
+    @room.on_disconnect
+    def bye(ctx: Any) -> None:
+        seen.append((ctx.close_code, ctx.close_reason))
+        left.set()
+
+    async with open_server([room], store=MemoryStore()) as server:
+        async with connect(server.url, "/ws/bye") as client:
+            await client.next_event("hello")
             with trio.fail_after(5):
+                # trio-websocket's ping returns only once the Pong with this payload is back.
                 await client.ws.ping(b"are you there")
             await client.ws.aclose(4000, "bye")
+            # aclose() waits for the server's Close; `closed` holds the code that frame carried.
             assert client.ws.closed is not None
             assert client.ws.closed.code == 4000
         # The room saw the close with the client's code.
-        while server.supervisor.status()[0].sessions:
-            await trio.sleep(0.01)
+        with trio.fail_after(5):
+            await left.wait()
+        assert seen == [(4000, "bye")]
+        assert server.supervisor.status()[0].sessions == 0
 
 
 async def test_a_server_close_is_a_close_handshake(
@@ -174,10 +190,21 @@ async def test_a_server_close_is_a_close_handshake(
                 close = next((e for e in client.events() if isinstance(e, CloseConnection)), None)
             assert (close.code, close.reason) == (1001, "server shutting down")
             # Our answer completes the handshake, and only then does the server drop TCP.
+            await trio.testing.wait_all_tasks_blocked()
+            assert _still_open(stream)
             await stream.send_all(client.send(close.response()))
             with trio.fail_after(5):
                 while await stream.receive_some(65536):
                     pass
+
+
+def _still_open(stream: trio.SocketStream) -> bool:
+    """Whether the peer has not closed the connection (nothing read, nothing waiting)."""
+    with socket.fromfd(stream.socket.fileno(), socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+        except BlockingIOError:
+            return True
 
 
 # One client message, as the test sends it: ("text", str, fragments) or ("ping", bytes).
