@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import pathlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -21,9 +21,7 @@ import trio_websocket
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import CloseConnection, Event, Pong, Request, TextMessage
 
-from verani import StoreError
 from verani.protocol import decode_server_frame, encode_client_event, server_event
-from verani.store import FileStore, JSONValue, StoredDocument
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 ROOMS = ROOT / "rooms"
@@ -189,32 +187,3 @@ class RawSocket:
             event = await self.event()
             if isinstance(event, CloseConnection):
                 return int(event.code)
-
-
-class HeldStore(FileStore):
-    """A file store whose next save (or load) waits at a gate the test opens."""
-
-    def __init__(self, directory: pathlib.Path) -> None:
-        super().__init__(directory, durability="os")
-        self.hold_saves = False
-        self.save_reached = trio.Event()
-        self.save_gate = trio.Event()
-        self.fail_loads = 0
-
-    async def save(
-        self,
-        room: str,
-        instance: str,
-        state: Mapping[str, JSONValue],
-        storage: Mapping[str, JSONValue] | None = None,
-    ) -> None:
-        if self.hold_saves:
-            self.save_reached.set()
-            await self.save_gate.wait()
-        await super().save(room, instance, state, storage)
-
-    async def load(self, room: str, instance: str) -> StoredDocument | None:
-        if self.fail_loads:
-            self.fail_loads -= 1
-            raise StoreError(f"cannot read {room}/{instance}: Input/output error")
-        return await super().load(room, instance)

@@ -22,6 +22,7 @@ import trio
 import trio_websocket
 from wsproto.events import AcceptConnection, CloseConnection, Pong, TextMessage
 
+from faults import FaultyStore
 from verani import RoomContext, ServerConfig, define_room, open_server
 from verani.frames import BUDGET_FRAMES, NEED_DATA, PAUSE, FrameReader
 from verani.server import CLIENT_LOG_BURST, CLIENT_LOG_RATE
@@ -32,7 +33,6 @@ from helpers import (
     PING,
     ROOMS,
     TEXT,
-    HeldStore,
     RawSocket,
     connect,
     frame,
@@ -155,7 +155,7 @@ async def test_frames_held_by_the_output_gate_count_toward_the_byte_budget(
     tmp_path: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="verani")
-    store = HeldStore(tmp_path)
+    store = FaultyStore(tmp_path, durability="os")
     config = ServerConfig(max_outbound_bytes=1 << 20)
     with trio.fail_after(20):
         async with open_server([blob_room()], store=store, config=config) as server:
@@ -169,8 +169,7 @@ async def test_frames_held_by_the_output_gate_count_toward_the_byte_budget(
                 with pytest.raises(trio_websocket.ConnectionClosed) as closed:
                     await client.recv()
                 assert closed.value.reason.code == 1008
-            store.hold_saves = False
-            store.save_gate.set()
+            store.release_saves()
             await assert_served(server.url)
 
 
