@@ -59,6 +59,35 @@ _I64 = 2**63
 _NoneType = type(None)
 _MISSING = object()
 
+#: The types a JSON document holds as themselves. Reading takes any value of these as itself;
+#: writing does only where :func:`_as_themselves` says so.
+_JSON_SCALARS: frozenset[type] = frozenset({str, int, float, bool, _NoneType})
+
+
+def _as_themselves(values: Any) -> bool:
+    """The codec's one rule for scalars: whether every value is written as itself.
+
+    That is a JSON scalar that orjson writes and reads back exactly: a bool, None, an int within
+    64 bits, a finite float, or an ASCII str. Any other str is written as itself too, but only
+    after the check for lone surrogates that this rule leaves to :func:`_encode_str` (it is the
+    slow part); any other value is tagged or refused. Takes an iterable so that a list of
+    scalars costs one call, not one per element.
+    """
+    for value in values:
+        kind = type(value)
+        if kind is str:
+            if not value.isascii():
+                return False
+        elif kind is int:
+            if not -_I64 <= value < _I64:
+                return False
+        elif kind is float:
+            if not math.isfinite(value):
+                return False
+        elif kind is not bool and value is not None:
+            return False
+    return True
+
 
 @attrs.frozen(eq=False)
 class _Hook:
@@ -135,6 +164,8 @@ def _is_plain(raw: Any) -> bool:
 
 
 def _encode_any(value: Any, path: str, depth: int, active: set[int]) -> JSONValue:
+    if _as_themselves((value,)):
+        return value  # type: ignore[no-any-return]
     scalar = _SCALARS.get(type(value))
     if scalar is not None:
         return scalar[1](value, path)
@@ -145,7 +176,7 @@ def _encode_any(value: Any, path: str, depth: int, active: set[int]) -> JSONValu
 
 
 def _decode_any(raw: Any, path: str, depth: int) -> Any:
-    if raw is None or type(raw) in (bool, int, float, str):
+    if type(raw) in _JSON_SCALARS:
         return raw
     if type(raw) is list or _is_plain(raw):
         return _ANY_CONTAINERS[type(raw)].decode(raw, path, depth)
@@ -203,8 +234,7 @@ def _why_not(value: object) -> str:
 
 
 def _encode_int(value: int, path: str) -> JSONValue:
-    if -_I64 <= value < _I64:
-        return value
+    # Past 64 bits (_as_themselves wrote the others): orjson refuses such ints.
     try:
         text = str(value)
     except ValueError:  # past Python's int-to-decimal digit limit; int(text, 0) reads hex too
@@ -213,13 +243,12 @@ def _encode_int(value: int, path: str) -> JSONValue:
 
 
 def _encode_float(value: float, path: str) -> JSONValue:
-    if math.isfinite(value):
-        return value
+    # NaN or ±inf (_as_themselves wrote the others): orjson would write them as null.
     return {"$t": "float", "v": "nan" if math.isnan(value) else "inf" if value > 0 else "-inf"}
 
 
 def _encode_str(value: str, path: str) -> str:
-    if not value.isascii():
+    if not value.isascii():  # ASCII cannot hold a surrogate; dict keys come here as they are
         try:
             value.encode()
         except UnicodeEncodeError:
@@ -251,7 +280,9 @@ def _as_text(tag: str, text: Callable[[Any], str]) -> tuple[str, Callable[[Any, 
     return tag, lambda value, path: {"$t": tag, "v": text(value)}
 
 
-# The tag each scalar type is stored under (None: stored as itself) and its encoder.
+# The tag each scalar type is stored under (None: stored as itself) and its encoder, for the
+# values _as_themselves does not write: a str that is not ASCII, an int past 64 bits, a NaN or
+# ±inf, and every value of the other types.
 _SCALARS: dict[type, tuple[str | None, Callable[[Any, str], JSONValue]]] = {
     _NoneType: (None, lambda value, path: None),
     bool: (None, lambda value, path: value),
@@ -320,26 +351,6 @@ _SCALAR_DECODERS: dict[str, Callable[[Any, dict[str, Any]], Any]] = {
 
 # --- containers -------------------------------------------------------------------------------
 
-_JSON_SCALARS = frozenset({str, int, float, bool, _NoneType})
-
-
-def _plain_scalars(values: Any) -> bool:
-    """Whether every element is written as itself: ASCII str, bool, None, int64, finite float."""
-    for value in values:
-        kind = type(value)
-        if kind is str:
-            if not value.isascii():  # the per-element path checks for lone surrogates
-                return False
-        elif kind is int:
-            if not -_I64 <= value < _I64:
-                return False
-        elif kind is float:
-            if not math.isfinite(value):
-                return False
-        elif kind is not bool and value is not None:
-            return False
-    return True
-
 
 def _sequence_hook(kind: Any, items: list[_Hook] | None, rest: _Hook) -> _Hook:
     """A list, set, frozenset or tuple: ``items`` gives a hook per position, else ``rest``."""
@@ -352,7 +363,7 @@ def _sequence_hook(kind: Any, items: list[_Hook] | None, rest: _Hook) -> _Hook:
     def encode(value: Any, path: str, depth: int, active: set[int]) -> JSONValue:
         _enter(value, path, depth, active)
         out: list[JSONValue]
-        if items is None and rest.plain and _plain_scalars(value):
+        if items is None and rest.plain and _as_themselves(value):
             out = list(value)  # the common case, spared a call (and a path) per element
         else:
             out = []
@@ -394,6 +405,14 @@ def _dict_hook(key: _Hook, item: _Hook) -> _Hook:
         out: JSONValue
         if all(type(k) is str for k in value):
             escaped = "$t" in value  # user data that would read back as a tag
+            if (
+                item.plain
+                and not escaped
+                and _as_themselves(value)
+                and _as_themselves(value.values())
+            ):
+                active.discard(id(value))
+                return dict(value)  # the common case, spared a call (and a path) per item
             obj: dict[str, JSONValue] = {}
             for k, element in value.items():
                 at = _key_path(path, k)
@@ -416,6 +435,8 @@ def _dict_hook(key: _Hook, item: _Hook) -> _Hook:
         obj, inner = (_payload(raw, path), depth + 2) if "$t" in raw else (raw, depth + 1)
         if type(obj) is not dict:
             raise _corrupt(path, "malformed 'dict' tag: 'v' is not an object")
+        if item.plain and all(type(v) in _JSON_SCALARS for v in obj.values()):
+            return dict(obj)
         # Keys of an object were plain strings when written, whatever the declared key type.
         return {k: _decode(item, v, _key_path(path, k), inner) for k, v in obj.items()}
 
@@ -456,7 +477,7 @@ _TAGGED_CONTAINERS = {"map": _ANY_CONTAINERS[dict]} | {
 
 def _scalar_hook(kind: type) -> _Hook:
     tag = _SCALARS[kind][0]
-    native = kind if kind in (_NoneType, bool, int, float, str) else None
+    native = kind if kind in _JSON_SCALARS else None
 
     def accepts(raw: Any) -> bool:
         return type(raw) is native or (tag is not None and _has_tag(raw, tag))
@@ -592,23 +613,19 @@ def _class_hook(cls: type, lookup: Callable[[Any], _Hook]) -> _Hook:
     return _Hook(lambda value: type(value) is cls, _is_plain, encode, decode)
 
 
-#: Value types :meth:`Codec.encode` may write as themselves without building the type's hook.
-_PASSTHROUGH: frozenset[type] = frozenset({str, int, bool, _NoneType})
-
-
 def _passthrough_types(declared: Any) -> frozenset[type]:
-    """The JSON scalar types whose values ``declared`` writes unchanged (ASCII str, int64,
-    bool, None), so :meth:`Codec.encode` can skip its hooks for them. Kept to declarations
-    whose hooks provably do that; anything else gets the empty set and the full path."""
+    """The JSON scalar types whose values ``declared`` writes by :func:`_as_themselves`, so
+    :meth:`Codec.encode` can skip its hooks for them. Kept to declarations whose hooks provably
+    do that; anything else gets the empty set and the full path."""
     if declared is Any:
-        return _PASSTHROUGH
-    if declared in _PASSTHROUGH:
+        return _JSON_SCALARS
+    if declared in _JSON_SCALARS:
         return frozenset({declared})
     if typing.get_origin(declared) in (typing.Union, types.UnionType):
         members: frozenset[type] = frozenset(typing.get_args(declared))
         # int and bool together: a bool fits both, and which one reads it back is the union's
         # business, not this shortcut's.
-        if members <= _PASSTHROUGH and not {int, bool} <= members:
+        if members <= _JSON_SCALARS and not {int, bool} <= members:
             return members
     return frozenset()
 
@@ -636,7 +653,7 @@ class Codec:
         undeclared class, a circular reference, or nesting past :data:`MAX_DEPTH`.
         """
         kind = type(value)
-        if kind in _PASSTHROUGH:
+        if kind in _JSON_SCALARS:
             # Per-turn fast path (a count, a name): a JSON scalar written as itself.
             try:
                 passes = self._passthrough.get(declared)
@@ -644,7 +661,7 @@ class Codec:
                     passes = self._passthrough[declared] = _passthrough_types(declared)
             except TypeError:  # unhashable declaration (e.g. Annotated[int, [...]])
                 passes = frozenset()
-            if kind in passes and _plain_scalars((value,)):
+            if kind in passes and _as_themselves((value,)):
                 return value  # type: ignore[return-value]
         try:
             return _encode(self._hook(declared), value, path, 0, set())
