@@ -43,6 +43,14 @@ from typing import Any
 import attrs
 import cattrs
 import orjson
+from cattrs.errors import (
+    AttributeValidationNote,
+    BaseValidationError,
+    ClassValidationError,
+    IterableValidationError,
+    IterableValidationNote,
+)
+from cattrs.v import transform_error
 
 from verani.errors import CorruptDocumentError, NotPersistableError
 
@@ -100,7 +108,7 @@ class _Hook:
     fits: Callable[[Any], bool]
     accepts: Callable[[Any], bool]
     encode: Callable[[Any, str, int, set[int]], JSONValue]
-    decode: Callable[[Any, str, int], Any]
+    decode: Callable[[Any, int], Any]
     #: JSON scalars (str, int, float, bool, None) pass through this hook unchanged both ways.
     plain: bool = False
 
@@ -123,10 +131,10 @@ def _self_describing(hook: _Hook, value: Any, path: str, depth: int, active: set
     return {"$t": "any", "v": raw} if hook.accepts(raw) else raw
 
 
-def _decode(hook: _Hook, raw: Any, path: str, depth: int) -> Any:
+def _decode(hook: _Hook, raw: Any, depth: int) -> Any:
     if hook is ANY or (type(raw) is dict and raw.get("$t") == "any") or not hook.accepts(raw):
-        return _decode_any(raw, path, depth)
-    return hook.decode(raw, path, depth)
+        return _decode_any(raw, depth)
+    return hook.decode(raw, depth)
 
 
 def _enter(value: object, path: str, depth: int, active: set[int]) -> None:
@@ -138,13 +146,58 @@ def _enter(value: object, path: str, depth: int, active: set[int]) -> None:
     active.add(id(value))
 
 
-def _corrupt(path: str, problem: str) -> CorruptDocumentError:
-    return CorruptDocumentError(f"{path}: {problem}")
+class _Malformed(ValueError):
+    """What is wrong with one stored value. Where it is comes from the containers it is in, as
+    cattrs notes (:func:`_within_item`, :func:`_within_field`), so that decoding builds no path
+    until something fails; :func:`_corrupt_at` names the place with cattrs' ``transform_error``.
+    """
 
 
-def _check_depth(path: str, depth: int) -> None:
+#: What a decode hook raises: a leaf problem, or one wrapped by the containers around it.
+_DECODE_ERRORS = (_Malformed, BaseValidationError)
+
+
+class _Shown:
+    """A note index that ``transform_error`` shows as the given text (``repr`` of an index)."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def _within_item(exc: Exception, index: Any, kind: Any) -> IterableValidationError:
+    # Non-str keys are shortened as reprlib does: a key can be a large value.
+    shown: Any = index if type(index) in (int, str) else _Shown(reprlib.repr(index))
+    exc.add_note(IterableValidationNote(f"Structuring {kind} @ index {shown!r}", shown, kind))
+    return IterableValidationError(f"While structuring {kind}", [exc], kind)
+
+
+def _within_field(exc: Exception, name: str, cls: type) -> ClassValidationError:
+    note = AttributeValidationNote(
+        f"Structuring class {cls.__qualname__} @ attribute {name}", name, cls
+    )
+    exc.add_note(note)
+    return ClassValidationError(f"While structuring {cls.__qualname__}", [exc], cls)
+
+
+def _corrupt_at(exc: Exception, path: str) -> CorruptDocumentError:
+    """The error that names where ``exc`` (from a decode hook) happened, below ``path``."""
+    leaf: BaseException = exc
+    while isinstance(leaf, BaseValidationError):
+        leaf = leaf.exceptions[0]  # decoding stops at the first problem: one leaf per group
+    problem = str(leaf)
+    (line,) = transform_error(exc, path, lambda e, t: problem)
+    where = line[len(problem) + len(" @ ") :]
+    error = CorruptDocumentError(f"{where}: {problem}")
+    error.__cause__ = leaf.__cause__
+    return error
+
+
+def _check_depth(depth: int) -> None:
     if depth >= MAX_DEPTH:
-        raise _corrupt(path, f"nested more than {MAX_DEPTH} levels deep")
+        raise _Malformed(f"nested more than {MAX_DEPTH} levels deep")
 
 
 def _key_path(path: str, key: object) -> str:
@@ -175,34 +228,34 @@ def _encode_any(value: Any, path: str, depth: int, active: set[int]) -> JSONValu
     raise NotPersistableError(path, _why_not(value))
 
 
-def _decode_any(raw: Any, path: str, depth: int) -> Any:
+def _decode_any(raw: Any, depth: int) -> Any:
     if type(raw) in _JSON_SCALARS:
         return raw
     if type(raw) is list or _is_plain(raw):
-        return _ANY_CONTAINERS[type(raw)].decode(raw, path, depth)
+        return _ANY_CONTAINERS[type(raw)].decode(raw, depth)
     if type(raw) is not dict:
-        raise _corrupt(path, f"{type(raw).__name__} is not a JSON value")
+        raise _Malformed(f"{type(raw).__name__} is not a JSON value")
     tag = raw["$t"]
     if type(tag) is not str:
-        raise _corrupt(path, f"tag {tag!r} is not a string")
+        raise _Malformed(f"tag {tag!r} is not a string")
     if tag == "any":
-        _check_depth(path, depth)
-        return _decode_any(_payload(raw, path), path, depth + 1)
+        _check_depth(depth)
+        return _decode_any(_payload(raw), depth + 1)
     if tag in _TAGGED_CONTAINERS:
-        return _TAGGED_CONTAINERS[tag].decode(raw, path, depth)
+        return _TAGGED_CONTAINERS[tag].decode(raw, depth)
     if tag not in _SCALAR_DECODERS:
-        raise _corrupt(path, f"unknown tag {tag!r}")
-    payload = _payload(raw, path)
+        raise _Malformed(f"unknown tag {tag!r}")
+    payload = _payload(raw)
     try:
         return _SCALAR_DECODERS[tag](payload, raw)
     except (ValueError, TypeError, KeyError, ArithmeticError, re.error) as exc:
-        raise _corrupt(path, f"bad {tag!r} value {reprlib.repr(payload)}: {exc}") from None
+        raise _Malformed(f"bad {tag!r} value {reprlib.repr(payload)}: {exc}") from None
 
 
-def _payload(raw: dict[str, Any], path: str) -> Any:
+def _payload(raw: dict[str, Any]) -> Any:
     extra = raw.keys() - {"$t", "v"} - _TAG_EXTRA_KEYS.get(raw["$t"], frozenset())
     if extra or "v" not in raw:
-        raise _corrupt(path, f"malformed {raw['$t']!r} tag with keys {sorted(raw)}")
+        raise _Malformed(f"malformed {raw['$t']!r} tag with keys {sorted(raw)}")
     return raw["v"]
 
 
@@ -373,22 +426,26 @@ def _sequence_hook(kind: Any, items: list[_Hook] | None, rest: _Hook) -> _Hook:
         active.discard(id(value))
         return out if tag is None else {"$t": tag, "v": out}
 
-    def decode(raw: Any, path: str, depth: int) -> Any:
-        _check_depth(path, depth)
-        payload = raw if tag is None else _payload(raw, path)
+    def decode(raw: Any, depth: int) -> Any:
+        _check_depth(depth)
+        payload = raw if tag is None else _payload(raw)
         if not sized(payload):
-            raise _corrupt(path, f"malformed {tag!r} tag: 'v' is not a fitting list")
+            raise _Malformed(f"malformed {tag!r} tag: 'v' is not a fitting list")
         if items is None and rest.plain and all(type(e) in _JSON_SCALARS for e in payload):
             out = list(payload)
         else:
             out = []
-            for i, element in enumerate(payload):
-                hook = rest if items is None else items[i]
-                out.append(_decode(hook, element, f"{path}[{i}]", depth + inner))
+            i = 0
+            try:
+                for i, element in enumerate(payload):
+                    hook = rest if items is None else items[i]
+                    out.append(_decode(hook, element, depth + inner))
+            except _DECODE_ERRORS as exc:
+                raise _within_item(exc, i, kind) from None
         try:
             return out if tag is None else kind(out)
         except TypeError as exc:
-            raise _corrupt(path, f"{tag} element is not hashable: {exc}") from None
+            raise _Malformed(f"{tag} element is not hashable: {exc}") from None
 
     def accepts(raw: Any) -> bool:
         return type(raw) is list if tag is None else _has_tag(raw, tag) and sized(raw.get("v"))
@@ -428,29 +485,42 @@ def _dict_hook(key: _Hook, item: _Hook) -> _Hook:
         active.discard(id(value))
         return out
 
-    def decode(raw: dict[str, Any], path: str, depth: int) -> dict[Any, Any]:
-        _check_depth(path, depth)
+    def decode(raw: dict[str, Any], depth: int) -> dict[Any, Any]:
+        _check_depth(depth)
         if "$t" in raw and raw["$t"] == "map":
-            return decode_map(_payload(raw, path), path, depth)
-        obj, inner = (_payload(raw, path), depth + 2) if "$t" in raw else (raw, depth + 1)
+            return decode_map(_payload(raw), depth)
+        obj, inner = (_payload(raw), depth + 2) if "$t" in raw else (raw, depth + 1)
         if type(obj) is not dict:
-            raise _corrupt(path, "malformed 'dict' tag: 'v' is not an object")
+            raise _Malformed("malformed 'dict' tag: 'v' is not an object")
         if item.plain and all(type(v) in _JSON_SCALARS for v in obj.values()):
             return dict(obj)
         # Keys of an object were plain strings when written, whatever the declared key type.
-        return {k: _decode(item, v, _key_path(path, k), inner) for k, v in obj.items()}
+        out: dict[Any, Any] = {}
+        k = ""
+        try:
+            for k, v in obj.items():
+                out[k] = _decode(item, v, inner)
+        except _DECODE_ERRORS as exc:
+            raise _within_item(exc, k, dict) from None
+        return out
 
-    def decode_map(pairs: Any, path: str, depth: int) -> dict[Any, Any]:
+    def decode_map(pairs: Any, depth: int) -> dict[Any, Any]:
         if type(pairs) is not list or any(type(p) is not list or len(p) != 2 for p in pairs):
-            raise _corrupt(path, "malformed 'map' tag: 'v' is not a list of [key, value]")
+            raise _Malformed("malformed 'map' tag: 'v' is not a list of [key, value]")
         out: dict[Any, Any] = {}
         for i, (raw_key, raw_value) in enumerate(pairs):
-            k = _decode(key, raw_key, f"{path}<key {i}>", depth + 3)
-            value = _decode(item, raw_value, _key_path(path, k), depth + 3)
+            try:
+                k = _decode(key, raw_key, depth + 3)
+            except _DECODE_ERRORS as exc:
+                raise _within_item(exc, _Shown(f"<key {i}>"), dict) from None
+            try:
+                value = _decode(item, raw_value, depth + 3)
+            except _DECODE_ERRORS as exc:
+                raise _within_item(exc, k, dict) from None
             try:
                 out[k] = value
             except TypeError as exc:
-                raise _corrupt(path, f"map key is not hashable: {exc}") from None
+                raise _Malformed(f"map key is not hashable: {exc}") from None
         return out
 
     def accepts(raw: Any) -> bool:
@@ -519,7 +589,7 @@ def _choice_hook(choices: list[Any], fits: Callable[[Any], bool], flag: Any = No
     def encode(value: Any, path: str, depth: int, active: set[int]) -> JSONValue:
         return _encode_any(stored(value), path, depth, active)
 
-    return _Hook(fits, lambda raw: find(raw) is not _MISSING, encode, lambda raw, p, d: find(raw))
+    return _Hook(fits, lambda raw: find(raw) is not _MISSING, encode, lambda raw, depth: find(raw))
 
 
 def _union_hook(members: list[_Hook]) -> _Hook:
@@ -534,8 +604,8 @@ def _union_hook(members: list[_Hook]) -> _Hook:
         # An earlier member would read this back as one of its own values.
         return _self_describing(hook, value, path, depth, active)
 
-    def decode(raw: Any, path: str, depth: int) -> Any:
-        return typing.cast(_Hook, first(raw)).decode(raw, path, depth)
+    def decode(raw: Any, depth: int) -> Any:
+        return typing.cast(_Hook, first(raw)).decode(raw, depth)
 
     def fits(value: Any) -> bool:
         return any(member.fits(value) for member in members)
@@ -586,26 +656,29 @@ def _class_hook(cls: type, lookup: Callable[[Any], _Hook]) -> _Hook:
         active.discard(id(value))
         return out
 
-    def decode(raw: dict[str, Any], path: str, depth: int) -> Any:
-        _check_depth(path, depth)
+    def decode(raw: dict[str, Any], depth: int) -> Any:
+        _check_depth(depth)
         unknown = raw.keys() - {f.name for f in spec()}
         if unknown:
-            raise _corrupt(path, f"{name} has no field {', '.join(map(repr, sorted(unknown)))}")
+            raise _Malformed(f"{name} has no field {', '.join(map(repr, sorted(unknown)))}")
         kwargs: dict[str, Any] = {}
         late: dict[str, Any] = {}
         for f in spec():
             if f.name in raw:
-                value = _decode(f.hook, raw[f.name], f"{path}.{f.name}", depth + 1)
+                try:
+                    value = _decode(f.hook, raw[f.name], depth + 1)
+                except _DECODE_ERRORS as exc:
+                    raise _within_field(exc, f.name, cls) from None
                 if f.alias is None:
                     late[f.name] = value
                 else:
                     kwargs[f.alias] = value
             elif f.required:
-                raise _corrupt(path, f"missing field {f.name!r} of {name}")
+                raise _Malformed(f"missing field {f.name!r} of {name}")
         try:
             obj = cls(**kwargs)
         except Exception as exc:  # the class's own validators refused the stored fields
-            raise _corrupt(path, f"stored fields do not make a {name}: {exc!r}") from exc
+            raise _Malformed(f"stored fields do not make a {name}: {exc!r}") from exc
         for field_name, value in late.items():
             object.__setattr__(obj, field_name, value)
         return obj
@@ -675,9 +748,12 @@ class Codec:
         Raises :class:`~verani.errors.CorruptDocumentError` naming the path of malformed input.
         """
         try:
-            return _decode(self._hook(declared), raw, path, 0)
+            return _decode(self._hook(declared), raw, 0)
+        except _DECODE_ERRORS as exc:
+            error = _corrupt_at(exc, path)
+            raise error from error.__cause__  # a class's own validator, or nothing
         except RecursionError:
-            raise _corrupt(path, "nested too deeply to read") from None
+            raise CorruptDocumentError(f"{path}: nested too deeply to read") from None
 
     def _hook(self, declared: Any) -> _Hook:
         try:
