@@ -107,26 +107,37 @@ class _Hook:
 
     fits: Callable[[Any], bool]
     accepts: Callable[[Any], bool]
-    encode: Callable[[Any, str, int, set[int]], JSONValue]
+    encode: Callable[[Any, int, set[int]], JSONValue]
     decode: Callable[[Any, int], Any]
     #: JSON scalars (str, int, float, bool, None) pass through this hook unchanged both ways.
     plain: bool = False
 
     def __call__(self, value: Any) -> JSONValue:
         # Makes every hook a valid cattrs unstructure hook.
-        return _encode(self, value, "$", 0, set())
+        return _encode_at(self, value, "$")
 
 
-def _encode(hook: _Hook, value: Any, path: str, depth: int, active: set[int]) -> JSONValue:
+def _encode_at(hook: _Hook, value: Any, path: str) -> JSONValue:
+    """``value`` written by ``hook``; errors name where in it, below ``path``."""
+    try:
+        return _encode(hook, value, 0, set())
+    except _ENCODE_ERRORS as exc:
+        leaf, where = _leaf_and_path(exc, path)
+        raise NotPersistableError(where, str(leaf)) from None
+    except RecursionError:
+        raise NotPersistableError(path, "nested too deeply to persist") from None
+
+
+def _encode(hook: _Hook, value: Any, depth: int, active: set[int]) -> JSONValue:
     if hook is ANY:  # the common case, spared a call to fits
-        return _encode_any(value, path, depth, active)
+        return _encode_any(value, depth, active)
     if hook.fits(value):
-        return hook.encode(value, path, depth, active)
-    return _self_describing(hook, value, path, depth, active)
+        return hook.encode(value, depth, active)
+    return _self_describing(hook, value, depth, active)
 
 
-def _self_describing(hook: _Hook, value: Any, path: str, depth: int, active: set[int]) -> JSONValue:
-    raw = _encode_any(value, path, depth, active)
+def _self_describing(hook: _Hook, value: Any, depth: int, active: set[int]) -> JSONValue:
+    raw = _encode_any(value, depth, active)
     # Unwrapped, the declared type would read this back as one of its own values.
     return {"$t": "any", "v": raw} if hook.accepts(raw) else raw
 
@@ -137,24 +148,31 @@ def _decode(hook: _Hook, raw: Any, depth: int) -> Any:
     return hook.decode(raw, depth)
 
 
-def _enter(value: object, path: str, depth: int, active: set[int]) -> None:
+class _Unpersistable(TypeError):
+    """Why one value cannot be written; the containers around it add where (as in decoding)."""
+
+
+def _enter(value: object, depth: int, active: set[int]) -> None:
     # ``active`` holds the containers on the current path only, so shared values are fine.
+    # cattrs has no cycle detection of its own; the path comes from the containers' notes.
     if id(value) in active:
-        raise NotPersistableError(path, "circular reference")
+        raise _Unpersistable("circular reference")
     if depth >= MAX_DEPTH:
-        raise NotPersistableError(path, f"nested more than {MAX_DEPTH} levels deep")
+        raise _Unpersistable(f"nested more than {MAX_DEPTH} levels deep")
     active.add(id(value))
 
 
 class _Malformed(ValueError):
     """What is wrong with one stored value. Where it is comes from the containers it is in, as
-    cattrs notes (:func:`_within_item`, :func:`_within_field`), so that decoding builds no path
-    until something fails; :func:`_corrupt_at` names the place with cattrs' ``transform_error``.
+    cattrs notes (:func:`_within_item`, :func:`_within_field`), so that no path is built until
+    something fails; :func:`_leaf_and_path` names the place with cattrs' ``transform_error``.
     """
 
 
 #: What a decode hook raises: a leaf problem, or one wrapped by the containers around it.
 _DECODE_ERRORS = (_Malformed, BaseValidationError)
+#: The same for encode hooks.
+_ENCODE_ERRORS = (_Unpersistable, BaseValidationError)
 
 
 class _Shown:
@@ -169,7 +187,7 @@ class _Shown:
 
 def _within_item(exc: Exception, index: Any, kind: Any) -> IterableValidationError:
     # Non-str keys are shortened as reprlib does: a key can be a large value.
-    shown: Any = index if type(index) in (int, str) else _Shown(reprlib.repr(index))
+    shown: Any = index if type(index) is str else _Shown(reprlib.repr(index))
     exc.add_note(IterableValidationNote(f"Structuring {kind} @ index {shown!r}", shown, kind))
     return IterableValidationError(f"While structuring {kind}", [exc], kind)
 
@@ -182,27 +200,19 @@ def _within_field(exc: Exception, name: str, cls: type) -> ClassValidationError:
     return ClassValidationError(f"While structuring {cls.__qualname__}", [exc], cls)
 
 
-def _corrupt_at(exc: Exception, path: str) -> CorruptDocumentError:
-    """The error that names where ``exc`` (from a decode hook) happened, below ``path``."""
+def _leaf_and_path(exc: Exception, path: str) -> tuple[BaseException, str]:
+    """The problem in ``exc`` (from a hook) and where it is, below ``path``."""
     leaf: BaseException = exc
     while isinstance(leaf, BaseValidationError):
-        leaf = leaf.exceptions[0]  # decoding stops at the first problem: one leaf per group
+        leaf = leaf.exceptions[0]  # hooks stop at the first problem: one leaf per group
     problem = str(leaf)
     (line,) = transform_error(exc, path, lambda e, t: problem)
-    where = line[len(problem) + len(" @ ") :]
-    error = CorruptDocumentError(f"{where}: {problem}")
-    error.__cause__ = leaf.__cause__
-    return error
+    return leaf, line[len(problem) + len(" @ ") :]
 
 
 def _check_depth(depth: int) -> None:
     if depth >= MAX_DEPTH:
         raise _Malformed(f"nested more than {MAX_DEPTH} levels deep")
-
-
-def _key_path(path: str, key: object) -> str:
-    # Plain repr for str keys: this runs for every key, reprlib (which shortens) is much slower.
-    return f"{path}[{key!r}]" if type(key) is str else f"{path}[{reprlib.repr(key)}]"
 
 
 def _has_tag(raw: Any, *tags: str) -> bool:
@@ -216,16 +226,16 @@ def _is_plain(raw: Any) -> bool:
 # --- untyped values: written by their runtime type ---------------------------------------------
 
 
-def _encode_any(value: Any, path: str, depth: int, active: set[int]) -> JSONValue:
+def _encode_any(value: Any, depth: int, active: set[int]) -> JSONValue:
     if _as_themselves((value,)):
         return value  # type: ignore[no-any-return]
     scalar = _SCALARS.get(type(value))
     if scalar is not None:
-        return scalar[1](value, path)
+        return scalar[1](value)
     container = _ANY_CONTAINERS.get(type(value))
     if container is not None:
-        return container.encode(value, path, depth, active)
-    raise NotPersistableError(path, _why_not(value))
+        return container.encode(value, depth, active)
+    raise _Unpersistable(_why_not(value))
 
 
 def _decode_any(raw: Any, depth: int) -> Any:
@@ -286,7 +296,7 @@ def _why_not(value: object) -> str:
     )
 
 
-def _encode_int(value: int, path: str) -> JSONValue:
+def _encode_int(value: int) -> JSONValue:
     # Past 64 bits (_as_themselves wrote the others): orjson refuses such ints.
     try:
         text = str(value)
@@ -295,22 +305,22 @@ def _encode_int(value: int, path: str) -> JSONValue:
     return {"$t": "int", "v": text}
 
 
-def _encode_float(value: float, path: str) -> JSONValue:
+def _encode_float(value: float) -> JSONValue:
     # NaN or ±inf (_as_themselves wrote the others): orjson would write them as null.
     return {"$t": "float", "v": "nan" if math.isnan(value) else "inf" if value > 0 else "-inf"}
 
 
-def _encode_str(value: str, path: str) -> str:
+def _encode_str(value: str) -> str:
     if not value.isascii():  # ASCII cannot hold a surrogate; dict keys come here as they are
         try:
             value.encode()
         except UnicodeEncodeError:
             reason = "string with a lone surrogate is not persistable"
-            raise NotPersistableError(path, reason) from None
+            raise _Unpersistable(reason) from None
     return value
 
 
-def _encode_clock(value: dt.datetime | dt.time, path: str) -> JSONValue:
+def _encode_clock(value: dt.datetime | dt.time) -> JSONValue:
     out: dict[str, JSONValue] = {"$t": _SCALARS[type(value)][0], "v": value.isoformat()}
     if isinstance(value.tzinfo, zoneinfo.ZoneInfo) and value.tzinfo.key:
         out["zone"] = value.tzinfo.key
@@ -319,7 +329,7 @@ def _encode_clock(value: dt.datetime | dt.time, path: str) -> JSONValue:
     return out
 
 
-def _encode_regexp(value: re.Pattern[Any], path: str) -> JSONValue:
+def _encode_regexp(value: re.Pattern[Any]) -> JSONValue:
     source = value.pattern
     stored: JSONValue = source if type(source) is str else {"$t": "bytes", "v": _b64(source)}
     return {"$t": "regexp", "v": stored, "flags": value.flags}
@@ -329,16 +339,16 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def _as_text(tag: str, text: Callable[[Any], str]) -> tuple[str, Callable[[Any, str], JSONValue]]:
-    return tag, lambda value, path: {"$t": tag, "v": text(value)}
+def _as_text(tag: str, text: Callable[[Any], str]) -> tuple[str, Callable[[Any], JSONValue]]:
+    return tag, lambda value: {"$t": tag, "v": text(value)}
 
 
 # The tag each scalar type is stored under (None: stored as itself) and its encoder, for the
 # values _as_themselves does not write: a str that is not ASCII, an int past 64 bits, a NaN or
 # ±inf, and every value of the other types.
-_SCALARS: dict[type, tuple[str | None, Callable[[Any, str], JSONValue]]] = {
-    _NoneType: (None, lambda value, path: None),
-    bool: (None, lambda value, path: value),
+_SCALARS: dict[type, tuple[str | None, Callable[[Any], JSONValue]]] = {
+    _NoneType: (None, lambda value: None),
+    bool: (None, lambda value: value),
     str: (None, _encode_str),
     int: ("int", _encode_int),
     float: ("float", _encode_float),
@@ -348,7 +358,7 @@ _SCALARS: dict[type, tuple[str | None, Callable[[Any, str], JSONValue]]] = {
     dt.date: _as_text("date", dt.date.isoformat),
     dt.timedelta: (
         "timedelta",
-        lambda v, p: {"$t": "timedelta", "v": [v.days, v.seconds, v.microseconds]},
+        lambda v: {"$t": "timedelta", "v": [v.days, v.seconds, v.microseconds]},
     ),
     decimal.Decimal: _as_text("decimal", str),
     uuid.UUID: _as_text("uuid", str),
@@ -413,16 +423,20 @@ def _sequence_hook(kind: Any, items: list[_Hook] | None, rest: _Hook) -> _Hook:
     def sized(elements: Any) -> bool:
         return type(elements) is list and (items is None or len(elements) == len(items))
 
-    def encode(value: Any, path: str, depth: int, active: set[int]) -> JSONValue:
-        _enter(value, path, depth, active)
+    def encode(value: Any, depth: int, active: set[int]) -> JSONValue:
+        _enter(value, depth, active)
         out: list[JSONValue]
         if items is None and rest.plain and _as_themselves(value):
-            out = list(value)  # the common case, spared a call (and a path) per element
+            out = list(value)  # the common case, spared a call per element
         else:
             out = []
-            for i, element in enumerate(value):
-                hook = rest if items is None else items[i]
-                out.append(_encode(hook, element, f"{path}[{i}]", depth + inner, active))
+            i = 0
+            try:
+                for i, element in enumerate(value):
+                    hook = rest if items is None else items[i]
+                    out.append(_encode(hook, element, depth + inner, active))
+            except _ENCODE_ERRORS as exc:
+                raise _within_item(exc, i, kind) from None
         active.discard(id(value))
         return out if tag is None else {"$t": tag, "v": out}
 
@@ -457,8 +471,8 @@ def _sequence_hook(kind: Any, items: list[_Hook] | None, rest: _Hook) -> _Hook:
 
 
 def _dict_hook(key: _Hook, item: _Hook) -> _Hook:
-    def encode(value: dict[Any, Any], path: str, depth: int, active: set[int]) -> JSONValue:
-        _enter(value, path, depth, active)
+    def encode(value: dict[Any, Any], depth: int, active: set[int]) -> JSONValue:
+        _enter(value, depth, active)
         out: JSONValue
         if all(type(k) is str for k in value):
             escaped = "$t" in value  # user data that would read back as a tag
@@ -469,18 +483,23 @@ def _dict_hook(key: _Hook, item: _Hook) -> _Hook:
                 and _as_themselves(value.values())
             ):
                 active.discard(id(value))
-                return dict(value)  # the common case, spared a call (and a path) per item
+                return dict(value)  # the common case, spared a call per item
             obj: dict[str, JSONValue] = {}
-            for k, element in value.items():
-                at = _key_path(path, k)
-                obj[_encode_str(k, at)] = _encode(item, element, at, depth + 1 + escaped, active)
+            k = ""
+            try:
+                for k, element in value.items():
+                    obj[_encode_str(k)] = _encode(item, element, depth + 1 + escaped, active)
+            except _ENCODE_ERRORS as exc:
+                raise _within_item(exc, k, dict) from None
             out = {"$t": "dict", "v": obj} if escaped else obj
         else:
             pairs: list[JSONValue] = []
-            for k, element in value.items():
-                at = _key_path(path, k)
-                stored_key = _encode(key, k, at, depth + 3, active)
-                pairs.append([stored_key, _encode(item, element, at, depth + 3, active)])
+            try:
+                for k, element in value.items():
+                    stored_key = _encode(key, k, depth + 3, active)
+                    pairs.append([stored_key, _encode(item, element, depth + 3, active)])
+            except _ENCODE_ERRORS as exc:
+                raise _within_item(exc, k, dict) from None
             out = {"$t": "map", "v": pairs}
         active.discard(id(value))
         return out
@@ -572,8 +591,8 @@ def _choice_hook(choices: list[Any], fits: Callable[[Any], bool], flag: Any = No
     table: dict[bytes | None, Any] = {}
     for choice in choices:
         try:
-            table[json_key(_encode_any(stored(choice), "$", 0, set()))] = choice
-        except NotPersistableError:
+            table[json_key(_encode_any(stored(choice), 0, set()))] = choice
+        except _ENCODE_ERRORS:
             continue  # such a choice can never be written, so it never needs to be read
     table.pop(None, None)
 
@@ -586,8 +605,8 @@ def _choice_hook(choices: list[Any], fits: Callable[[Any], bool], flag: Any = No
                 pass
         return found
 
-    def encode(value: Any, path: str, depth: int, active: set[int]) -> JSONValue:
-        return _encode_any(stored(value), path, depth, active)
+    def encode(value: Any, depth: int, active: set[int]) -> JSONValue:
+        return _encode_any(stored(value), depth, active)
 
     return _Hook(fits, lambda raw: find(raw) is not _MISSING, encode, lambda raw, depth: find(raw))
 
@@ -596,13 +615,13 @@ def _union_hook(members: list[_Hook]) -> _Hook:
     def first(raw: Any) -> _Hook | None:
         return next((member for member in members if member.accepts(raw)), None)
 
-    def encode(value: Any, path: str, depth: int, active: set[int]) -> JSONValue:
+    def encode(value: Any, depth: int, active: set[int]) -> JSONValue:
         chosen = next(member for member in members if member.fits(value))
-        raw = chosen.encode(value, path, depth, active)
+        raw = chosen.encode(value, depth, active)
         if first(raw) is chosen:
             return raw
         # An earlier member would read this back as one of its own values.
-        return _self_describing(hook, value, path, depth, active)
+        return _self_describing(hook, value, depth, active)
 
     def decode(raw: Any, depth: int) -> Any:
         return typing.cast(_Hook, first(raw)).decode(raw, depth)
@@ -646,13 +665,16 @@ def _class_hook(cls: type, lookup: Callable[[Any], _Hook]) -> _Hook:
     spec = functools.cache(lambda: _fields_of(cls, lookup))
     name = cls.__qualname__
 
-    def encode(value: Any, path: str, depth: int, active: set[int]) -> JSONValue:
-        _enter(value, path, depth, active)
+    def encode(value: Any, depth: int, active: set[int]) -> JSONValue:
+        _enter(value, depth, active)
         out: dict[str, JSONValue] = {}
         for f in spec():
             current = getattr(value, f.name, _MISSING)
             if current is not _MISSING:  # an init=False field may never have been set
-                out[f.name] = _encode(f.hook, current, f"{path}.{f.name}", depth + 1, active)
+                try:
+                    out[f.name] = _encode(f.hook, current, depth + 1, active)
+                except _ENCODE_ERRORS as exc:
+                    raise _within_field(exc, f.name, cls) from None
         active.discard(id(value))
         return out
 
@@ -736,10 +758,7 @@ class Codec:
                 passes = frozenset()
             if kind in passes and _as_themselves((value,)):
                 return value  # type: ignore[return-value]
-        try:
-            return _encode(self._hook(declared), value, path, 0, set())
-        except RecursionError:
-            raise NotPersistableError(path, "nested too deeply to persist") from None
+        return _encode_at(self._hook(declared), value, path)
 
     def decode(self, raw: JSONValue, declared: Any = Any, *, path: str = "$") -> Any:
         """Return the value that :meth:`encode` turned into ``raw`` for the same ``declared``.
@@ -750,8 +769,9 @@ class Codec:
         try:
             return _decode(self._hook(declared), raw, 0)
         except _DECODE_ERRORS as exc:
-            error = _corrupt_at(exc, path)
-            raise error from error.__cause__  # a class's own validator, or nothing
+            leaf, where = _leaf_and_path(exc, path)
+            # The cause is kept: a class's own validator that refused the stored fields.
+            raise CorruptDocumentError(f"{where}: {leaf}") from leaf.__cause__
         except RecursionError:
             raise CorruptDocumentError(f"{path}: nested too deeply to read") from None
 
