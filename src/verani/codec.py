@@ -42,6 +42,7 @@ from typing import Any
 
 import attrs
 import cattrs
+import cattrs.preconf.orjson
 import orjson
 from cattrs.errors import (
     AttributeValidationNote,
@@ -728,14 +729,21 @@ def _passthrough_types(declared: Any) -> frozenset[type]:
 class Codec:
     """Encodes persisted values to JSON trees and decodes them back (see the module docstring).
 
-    A codec owns a cattrs Converter and uses it as its registry of per-type hooks: cattrs looks up
-    the hook for a declared type and caches it, so each type is analysed once.
+    A codec owns a cattrs converter, made as cattrs' orjson converter is, and registers on it one
+    hook factory per family of declared types (see :meth:`_families`). cattrs picks the factory
+    for a declared type and caches the hook it builds, so each type is analysed once; a hook is a
+    valid cattrs unstructure hook, and errors inside it are cattrs' validation groups, whose
+    paths :func:`cattrs.transform_error` writes.
     """
 
     def __init__(self) -> None:
-        self._converter = cattrs.Converter()
-        self._converter.register_unstructure_hook_factory(lambda declared: True, self._build)
-        for kind in (str, bytes):  # cattrs has class hooks for these that outrank factories
+        self._converter = cattrs.preconf.orjson.make_converter()
+        self._factories = self._families()
+        # cattrs tries the factories registered last first: the catch-all goes in first.
+        for matches, factory in reversed(self._factories):
+            self._converter.register_unstructure_hook_factory(matches, factory)
+        # Class hooks outrank factories, and cattrs has these two (bytes as base85).
+        for kind in (str, bytes):
             self._converter.register_unstructure_hook(kind, _scalar_hook(kind))
         self._passthrough: dict[Any, frozenset[type]] = {}
 
@@ -779,43 +787,77 @@ class Codec:
         try:
             hash(declared)
         except TypeError:  # e.g. Annotated with a list in it: cattrs cannot cache it
-            return self._build(declared)
+            return next(build for matches, build in self._factories if matches(declared))(declared)
         hook = self._converter.get_unstructure_hook(declared)
         if not isinstance(hook, _Hook):
             raise TypeError(f"no codec hook for {declared!r}")
         return hook
 
-    def _build(self, declared: Any) -> _Hook:
-        origin = typing.get_origin(declared)
-        args = typing.get_args(declared)
-        kind = origin or declared
-        if declared is None or kind in _SCALARS:
-            return _scalar_hook(_NoneType if declared is None else kind)
-        if origin is typing.Annotated:
-            return self._hook(args[0])
-        if isinstance(declared, typing.NewType):
-            return self._hook(declared.__supertype__)
-        if origin in (typing.Union, types.UnionType):
-            return _union_hook([self._hook(arg) for arg in args])
-        if origin is typing.Literal:
+    def _families(self) -> list[tuple[Callable[[Any], bool], Callable[[Any], _Hook]]]:
+        """Each family of declared types with the factory of its hooks, the first match first."""
+
+        def kind(declared: Any) -> Any:
+            return typing.get_origin(declared) or declared
+
+        def args(declared: Any) -> list[_Hook]:
+            return [self._hook(arg) for arg in typing.get_args(declared) if arg is not Ellipsis]
+
+        def choices(declared: Any) -> _Hook:
+            options = typing.get_args(declared)
             return _choice_hook(
-                list(args), lambda v: any(type(v) is type(a) and v == a for a in args)
+                list(options), lambda v: any(type(v) is type(a) and v == a for a in options)
             )
-        if isinstance(declared, type) and issubclass(declared, enum.Enum):
+
+        def members(declared: type[enum.Enum]) -> _Hook:
             flag = declared if issubclass(declared, enum.Flag) else None
             return _choice_hook(list(declared), lambda value: type(value) is declared, flag)
-        if isinstance(kind, type) and (attrs.has(kind) or dataclasses.is_dataclass(kind)):
-            return _class_hook(kind, self._hook)
-        hooks = [self._hook(arg) for arg in args if arg is not Ellipsis]
-        if kind is dict:
-            return _dict_hook(*hooks) if hooks else _dict_hook(ANY, ANY)
-        if kind is tuple and args and args[-1] is not Ellipsis:
-            return _sequence_hook(tuple, hooks, ANY)
-        if kind is tuple and args == () and origin is tuple:  # tuple[()]: the empty tuple only
-            return _sequence_hook(tuple, [], ANY)
-        if kind in (list, tuple, set, frozenset):
-            return _sequence_hook(kind, None, hooks[0] if hooks else ANY)
-        return ANY  # TypeVars, protocols, abstract collections: written by runtime type
+
+        def fixed_tuple(declared: Any) -> bool:
+            # tuple[int, str], and tuple[()] (the empty tuple only), not tuple[int, ...]
+            options = typing.get_args(declared)
+            if typing.get_origin(declared) is not tuple:
+                return False
+            return (bool(options) and options[-1] is not Ellipsis) or options == ()
+
+        def sequence(declared: Any) -> _Hook:
+            hooks = args(declared)
+            return _sequence_hook(kind(declared), None, hooks[0] if hooks else ANY)
+
+        return [
+            (
+                lambda t: t is None or kind(t) in _SCALARS,
+                lambda t: _scalar_hook(_NoneType if t is None else kind(t)),
+            ),
+            (
+                lambda t: typing.get_origin(t) is typing.Annotated,
+                lambda t: self._hook(typing.get_args(t)[0]),
+            ),
+            (
+                lambda t: isinstance(t, typing.NewType),
+                lambda t: self._hook(t.__supertype__),
+            ),
+            (
+                lambda t: typing.get_origin(t) in (typing.Union, types.UnionType),
+                lambda t: _union_hook(args(t)),
+            ),
+            (lambda t: typing.get_origin(t) is typing.Literal, choices),
+            (lambda t: isinstance(t, type) and issubclass(t, enum.Enum), members),
+            (
+                lambda t: (
+                    isinstance(kind(t), type)
+                    and (attrs.has(kind(t)) or dataclasses.is_dataclass(kind(t)))
+                ),
+                lambda t: _class_hook(kind(t), self._hook),
+            ),
+            (
+                lambda t: kind(t) is dict,
+                lambda t: _dict_hook(*args(t)) if typing.get_args(t) else _dict_hook(ANY, ANY),
+            ),
+            (fixed_tuple, lambda t: _sequence_hook(tuple, args(t), ANY)),
+            (lambda t: kind(t) in (list, tuple, set, frozenset), sequence),
+            # TypeVars, protocols, abstract collections: written by runtime type
+            (lambda t: True, lambda t: ANY),
+        ]
 
 
 def make_codec() -> Codec:
