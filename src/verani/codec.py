@@ -114,19 +114,9 @@ class _Hook:
     plain: bool = False
 
     def __call__(self, value: Any) -> JSONValue:
-        # Makes every hook a valid cattrs unstructure hook.
-        return _encode_at(self, value, "$")
-
-
-def _encode_at(hook: _Hook, value: Any, path: str) -> JSONValue:
-    """``value`` written by ``hook``; errors name where in it, below ``path``."""
-    try:
-        return _encode(hook, value, 0, set())
-    except _ENCODE_ERRORS as exc:
-        leaf, where = _leaf_and_path(exc, path)
-        raise NotPersistableError(where, str(leaf)) from None
-    except RecursionError:
-        raise NotPersistableError(path, "nested too deeply to persist") from None
+        # Makes every hook a cattrs unstructure hook. As with cattrs' own hooks, what cannot be
+        # written is raised as a validation group whose notes say where.
+        return _encode(self, value, 0, set())
 
 
 def _encode(hook: _Hook, value: Any, depth: int, active: set[int]) -> JSONValue:
@@ -745,6 +735,12 @@ class Codec:
         # Class hooks outrank factories, and cattrs has these two (bytes as base85).
         for kind in (str, bytes):
             self._converter.register_unstructure_hook(kind, _scalar_hook(kind))
+        # Reading a declared type takes the hook that writes it, so the structure side needs no
+        # dispatch of its own: one factory, and the class hooks cattrs' would outrank it with
+        # (these also match subclasses, an IntEnum by int, which _structure sends to its own).
+        self._converter.register_structure_hook_factory(lambda t: True, lambda t: self._structure)
+        for base in (int, float, str, bytes, bool, dt.datetime, dt.date):
+            self._converter.register_structure_hook(base, self._structure)
         self._passthrough: dict[Any, frozenset[type]] = {}
 
     def encode(self, value: object, declared: Any = Any, *, path: str = "$") -> JSONValue:
@@ -766,7 +762,13 @@ class Codec:
                 passes = frozenset()
             if kind in passes and _as_themselves((value,)):
                 return value  # type: ignore[return-value]
-        return _encode_at(self._hook(declared), value, path)
+        try:
+            return self._hook(declared)(value)
+        except _ENCODE_ERRORS as exc:
+            leaf, where = _leaf_and_path(exc, path)
+            raise NotPersistableError(where, str(leaf)) from None
+        except RecursionError:
+            raise NotPersistableError(path, "nested too deeply to persist") from None
 
     def decode(self, raw: JSONValue, declared: Any = Any, *, path: str = "$") -> Any:
         """Return the value that :meth:`encode` turned into ``raw`` for the same ``declared``.
@@ -775,13 +777,17 @@ class Codec:
         Raises :class:`~verani.errors.CorruptDocumentError` naming the path of malformed input.
         """
         try:
-            return _decode(self._hook(declared), raw, 0)
+            return self._structure(raw, declared)
         except _DECODE_ERRORS as exc:
             leaf, where = _leaf_and_path(exc, path)
             # The cause is kept: a class's own validator that refused the stored fields.
             raise CorruptDocumentError(f"{where}: {leaf}") from leaf.__cause__
         except RecursionError:
             raise CorruptDocumentError(f"{path}: nested too deeply to read") from None
+
+    def _structure(self, raw: Any, declared: Any) -> Any:
+        # The cattrs structure hook of every declared type.
+        return _decode(self._hook(declared), raw, 0)
 
     def _hook(self, declared: Any) -> _Hook:
         try:
