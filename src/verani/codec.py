@@ -42,7 +42,16 @@ from typing import Any
 
 import attrs
 import cattrs
+import cattrs.preconf.orjson
 import orjson
+from cattrs.errors import (
+    AttributeValidationNote,
+    BaseValidationError,
+    ClassValidationError,
+    IterableValidationError,
+    IterableValidationNote,
+)
+from cattrs.v import transform_error
 
 from verani.errors import CorruptDocumentError, NotPersistableError
 
@@ -59,6 +68,35 @@ _I64 = 2**63
 _NoneType = type(None)
 _MISSING = object()
 
+#: The types a JSON document holds as themselves. Reading takes any value of these as itself;
+#: writing does only where :func:`_as_themselves` says so.
+_JSON_SCALARS: frozenset[type] = frozenset({str, int, float, bool, _NoneType})
+
+
+def _as_themselves(values: Any) -> bool:
+    """The codec's one rule for scalars: whether every value is written as itself.
+
+    That is a JSON scalar that orjson writes and reads back exactly: a bool, None, an int within
+    64 bits, a finite float, or an ASCII str. Any other str is written as itself too, but only
+    after the check for lone surrogates that this rule leaves to :func:`_encode_str` (it is the
+    slow part); any other value is tagged or refused. Takes an iterable so that a list of
+    scalars costs one call, not one per element.
+    """
+    for value in values:
+        kind = type(value)
+        if kind is str:
+            if not value.isascii():
+                return False
+        elif kind is int:
+            if not -_I64 <= value < _I64:
+                return False
+        elif kind is float:
+            if not math.isfinite(value):
+                return False
+        elif kind is not bool and value is not None:
+            return False
+    return True
+
 
 @attrs.frozen(eq=False)
 class _Hook:
@@ -70,57 +108,102 @@ class _Hook:
 
     fits: Callable[[Any], bool]
     accepts: Callable[[Any], bool]
-    encode: Callable[[Any, str, int, set[int]], JSONValue]
-    decode: Callable[[Any, str, int], Any]
+    encode: Callable[[Any, int, set[int]], JSONValue]
+    decode: Callable[[Any, int], Any]
     #: JSON scalars (str, int, float, bool, None) pass through this hook unchanged both ways.
     plain: bool = False
 
     def __call__(self, value: Any) -> JSONValue:
-        # Makes every hook a valid cattrs unstructure hook.
-        return _encode(self, value, "$", 0, set())
+        # Makes every hook a cattrs unstructure hook. As with cattrs' own hooks, what cannot be
+        # written is raised as a validation group whose notes say where.
+        return _encode(self, value, 0, set())
 
 
-def _encode(hook: _Hook, value: Any, path: str, depth: int, active: set[int]) -> JSONValue:
+def _encode(hook: _Hook, value: Any, depth: int, active: set[int]) -> JSONValue:
     if hook is ANY:  # the common case, spared a call to fits
-        return _encode_any(value, path, depth, active)
+        return _encode_any(value, depth, active)
     if hook.fits(value):
-        return hook.encode(value, path, depth, active)
-    return _self_describing(hook, value, path, depth, active)
+        return hook.encode(value, depth, active)
+    return _self_describing(hook, value, depth, active)
 
 
-def _self_describing(hook: _Hook, value: Any, path: str, depth: int, active: set[int]) -> JSONValue:
-    raw = _encode_any(value, path, depth, active)
+def _self_describing(hook: _Hook, value: Any, depth: int, active: set[int]) -> JSONValue:
+    raw = _encode_any(value, depth, active)
     # Unwrapped, the declared type would read this back as one of its own values.
     return {"$t": "any", "v": raw} if hook.accepts(raw) else raw
 
 
-def _decode(hook: _Hook, raw: Any, path: str, depth: int) -> Any:
+def _decode(hook: _Hook, raw: Any, depth: int) -> Any:
     if hook is ANY or (type(raw) is dict and raw.get("$t") == "any") or not hook.accepts(raw):
-        return _decode_any(raw, path, depth)
-    return hook.decode(raw, path, depth)
+        return _decode_any(raw, depth)
+    return hook.decode(raw, depth)
 
 
-def _enter(value: object, path: str, depth: int, active: set[int]) -> None:
+class _Unpersistable(TypeError):
+    """Why one value cannot be written; the containers around it add where (as in decoding)."""
+
+
+def _enter(value: object, depth: int, active: set[int]) -> None:
     # ``active`` holds the containers on the current path only, so shared values are fine.
+    # cattrs has no cycle detection of its own; the path comes from the containers' notes.
     if id(value) in active:
-        raise NotPersistableError(path, "circular reference")
+        raise _Unpersistable("circular reference")
     if depth >= MAX_DEPTH:
-        raise NotPersistableError(path, f"nested more than {MAX_DEPTH} levels deep")
+        raise _Unpersistable(f"nested more than {MAX_DEPTH} levels deep")
     active.add(id(value))
 
 
-def _corrupt(path: str, problem: str) -> CorruptDocumentError:
-    return CorruptDocumentError(f"{path}: {problem}")
+class _Malformed(ValueError):
+    """What is wrong with one stored value. Where it is comes from the containers it is in, as
+    cattrs notes (:func:`_within_item`, :func:`_within_field`), so that no path is built until
+    something fails; :func:`_leaf_and_path` names the place with cattrs' ``transform_error``.
+    """
 
 
-def _check_depth(path: str, depth: int) -> None:
+#: What a decode hook raises: a leaf problem, or one wrapped by the containers around it.
+_DECODE_ERRORS = (_Malformed, BaseValidationError)
+#: The same for encode hooks.
+_ENCODE_ERRORS = (_Unpersistable, BaseValidationError)
+
+
+class _Shown:
+    """A note index that ``transform_error`` shows as the given text (``repr`` of an index)."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def _within_item(exc: Exception, index: Any, kind: Any) -> IterableValidationError:
+    # Non-str keys are shortened as reprlib does: a key can be a large value.
+    shown: Any = index if type(index) is str else _Shown(reprlib.repr(index))
+    exc.add_note(IterableValidationNote(f"Structuring {kind} @ index {shown!r}", shown, kind))
+    return IterableValidationError(f"While structuring {kind}", [exc], kind)
+
+
+def _within_field(exc: Exception, name: str, cls: type) -> ClassValidationError:
+    note = AttributeValidationNote(
+        f"Structuring class {cls.__qualname__} @ attribute {name}", name, cls
+    )
+    exc.add_note(note)
+    return ClassValidationError(f"While structuring {cls.__qualname__}", [exc], cls)
+
+
+def _leaf_and_path(exc: Exception, path: str) -> tuple[BaseException, str]:
+    """The problem in ``exc`` (from a hook) and where it is, below ``path``."""
+    leaf: BaseException = exc
+    while isinstance(leaf, BaseValidationError):
+        leaf = leaf.exceptions[0]  # hooks stop at the first problem: one leaf per group
+    problem = str(leaf)
+    (line,) = transform_error(exc, path, lambda e, t: problem)
+    return leaf, line[len(problem) + len(" @ ") :]
+
+
+def _check_depth(depth: int) -> None:
     if depth >= MAX_DEPTH:
-        raise _corrupt(path, f"nested more than {MAX_DEPTH} levels deep")
-
-
-def _key_path(path: str, key: object) -> str:
-    # Plain repr for str keys: this runs for every key, reprlib (which shortens) is much slower.
-    return f"{path}[{key!r}]" if type(key) is str else f"{path}[{reprlib.repr(key)}]"
+        raise _Malformed(f"nested more than {MAX_DEPTH} levels deep")
 
 
 def _has_tag(raw: Any, *tags: str) -> bool:
@@ -134,44 +217,46 @@ def _is_plain(raw: Any) -> bool:
 # --- untyped values: written by their runtime type ---------------------------------------------
 
 
-def _encode_any(value: Any, path: str, depth: int, active: set[int]) -> JSONValue:
+def _encode_any(value: Any, depth: int, active: set[int]) -> JSONValue:
+    if _as_themselves((value,)):
+        return value  # type: ignore[no-any-return]
     scalar = _SCALARS.get(type(value))
     if scalar is not None:
-        return scalar[1](value, path)
+        return scalar[1](value)
     container = _ANY_CONTAINERS.get(type(value))
     if container is not None:
-        return container.encode(value, path, depth, active)
-    raise NotPersistableError(path, _why_not(value))
+        return container.encode(value, depth, active)
+    raise _Unpersistable(_why_not(value))
 
 
-def _decode_any(raw: Any, path: str, depth: int) -> Any:
-    if raw is None or type(raw) in (bool, int, float, str):
+def _decode_any(raw: Any, depth: int) -> Any:
+    if type(raw) in _JSON_SCALARS:
         return raw
     if type(raw) is list or _is_plain(raw):
-        return _ANY_CONTAINERS[type(raw)].decode(raw, path, depth)
+        return _ANY_CONTAINERS[type(raw)].decode(raw, depth)
     if type(raw) is not dict:
-        raise _corrupt(path, f"{type(raw).__name__} is not a JSON value")
+        raise _Malformed(f"{type(raw).__name__} is not a JSON value")
     tag = raw["$t"]
     if type(tag) is not str:
-        raise _corrupt(path, f"tag {tag!r} is not a string")
+        raise _Malformed(f"tag {tag!r} is not a string")
     if tag == "any":
-        _check_depth(path, depth)
-        return _decode_any(_payload(raw, path), path, depth + 1)
+        _check_depth(depth)
+        return _decode_any(_payload(raw), depth + 1)
     if tag in _TAGGED_CONTAINERS:
-        return _TAGGED_CONTAINERS[tag].decode(raw, path, depth)
+        return _TAGGED_CONTAINERS[tag].decode(raw, depth)
     if tag not in _SCALAR_DECODERS:
-        raise _corrupt(path, f"unknown tag {tag!r}")
-    payload = _payload(raw, path)
+        raise _Malformed(f"unknown tag {tag!r}")
+    payload = _payload(raw)
     try:
         return _SCALAR_DECODERS[tag](payload, raw)
     except (ValueError, TypeError, KeyError, ArithmeticError, re.error) as exc:
-        raise _corrupt(path, f"bad {tag!r} value {reprlib.repr(payload)}: {exc}") from None
+        raise _Malformed(f"bad {tag!r} value {reprlib.repr(payload)}: {exc}") from None
 
 
-def _payload(raw: dict[str, Any], path: str) -> Any:
+def _payload(raw: dict[str, Any]) -> Any:
     extra = raw.keys() - {"$t", "v"} - _TAG_EXTRA_KEYS.get(raw["$t"], frozenset())
     if extra or "v" not in raw:
-        raise _corrupt(path, f"malformed {raw['$t']!r} tag with keys {sorted(raw)}")
+        raise _Malformed(f"malformed {raw['$t']!r} tag with keys {sorted(raw)}")
     return raw["v"]
 
 
@@ -202,9 +287,8 @@ def _why_not(value: object) -> str:
     )
 
 
-def _encode_int(value: int, path: str) -> JSONValue:
-    if -_I64 <= value < _I64:
-        return value
+def _encode_int(value: int) -> JSONValue:
+    # Past 64 bits (_as_themselves wrote the others): orjson refuses such ints.
     try:
         text = str(value)
     except ValueError:  # past Python's int-to-decimal digit limit; int(text, 0) reads hex too
@@ -212,23 +296,22 @@ def _encode_int(value: int, path: str) -> JSONValue:
     return {"$t": "int", "v": text}
 
 
-def _encode_float(value: float, path: str) -> JSONValue:
-    if math.isfinite(value):
-        return value
+def _encode_float(value: float) -> JSONValue:
+    # NaN or ±inf (_as_themselves wrote the others): orjson would write them as null.
     return {"$t": "float", "v": "nan" if math.isnan(value) else "inf" if value > 0 else "-inf"}
 
 
-def _encode_str(value: str, path: str) -> str:
-    if not value.isascii():
+def _encode_str(value: str) -> str:
+    if not value.isascii():  # ASCII cannot hold a surrogate; dict keys come here as they are
         try:
             value.encode()
         except UnicodeEncodeError:
             reason = "string with a lone surrogate is not persistable"
-            raise NotPersistableError(path, reason) from None
+            raise _Unpersistable(reason) from None
     return value
 
 
-def _encode_clock(value: dt.datetime | dt.time, path: str) -> JSONValue:
+def _encode_clock(value: dt.datetime | dt.time) -> JSONValue:
     out: dict[str, JSONValue] = {"$t": _SCALARS[type(value)][0], "v": value.isoformat()}
     if isinstance(value.tzinfo, zoneinfo.ZoneInfo) and value.tzinfo.key:
         out["zone"] = value.tzinfo.key
@@ -237,7 +320,7 @@ def _encode_clock(value: dt.datetime | dt.time, path: str) -> JSONValue:
     return out
 
 
-def _encode_regexp(value: re.Pattern[Any], path: str) -> JSONValue:
+def _encode_regexp(value: re.Pattern[Any]) -> JSONValue:
     source = value.pattern
     stored: JSONValue = source if type(source) is str else {"$t": "bytes", "v": _b64(source)}
     return {"$t": "regexp", "v": stored, "flags": value.flags}
@@ -247,14 +330,16 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def _as_text(tag: str, text: Callable[[Any], str]) -> tuple[str, Callable[[Any, str], JSONValue]]:
-    return tag, lambda value, path: {"$t": tag, "v": text(value)}
+def _as_text(tag: str, text: Callable[[Any], str]) -> tuple[str, Callable[[Any], JSONValue]]:
+    return tag, lambda value: {"$t": tag, "v": text(value)}
 
 
-# The tag each scalar type is stored under (None: stored as itself) and its encoder.
-_SCALARS: dict[type, tuple[str | None, Callable[[Any, str], JSONValue]]] = {
-    _NoneType: (None, lambda value, path: None),
-    bool: (None, lambda value, path: value),
+# The tag each scalar type is stored under (None: stored as itself) and its encoder, for the
+# values _as_themselves does not write: a str that is not ASCII, an int past 64 bits, a NaN or
+# ±inf, and every value of the other types.
+_SCALARS: dict[type, tuple[str | None, Callable[[Any], JSONValue]]] = {
+    _NoneType: (None, lambda value: None),
+    bool: (None, lambda value: value),
     str: (None, _encode_str),
     int: ("int", _encode_int),
     float: ("float", _encode_float),
@@ -264,7 +349,7 @@ _SCALARS: dict[type, tuple[str | None, Callable[[Any, str], JSONValue]]] = {
     dt.date: _as_text("date", dt.date.isoformat),
     dt.timedelta: (
         "timedelta",
-        lambda v, p: {"$t": "timedelta", "v": [v.days, v.seconds, v.microseconds]},
+        lambda v: {"$t": "timedelta", "v": [v.days, v.seconds, v.microseconds]},
     ),
     decimal.Decimal: _as_text("decimal", str),
     uuid.UUID: _as_text("uuid", str),
@@ -320,26 +405,6 @@ _SCALAR_DECODERS: dict[str, Callable[[Any, dict[str, Any]], Any]] = {
 
 # --- containers -------------------------------------------------------------------------------
 
-_JSON_SCALARS = frozenset({str, int, float, bool, _NoneType})
-
-
-def _plain_scalars(values: Any) -> bool:
-    """Whether every element is written as itself: ASCII str, bool, None, int64, finite float."""
-    for value in values:
-        kind = type(value)
-        if kind is str:
-            if not value.isascii():  # the per-element path checks for lone surrogates
-                return False
-        elif kind is int:
-            if not -_I64 <= value < _I64:
-                return False
-        elif kind is float:
-            if not math.isfinite(value):
-                return False
-        elif kind is not bool and value is not None:
-            return False
-    return True
-
 
 def _sequence_hook(kind: Any, items: list[_Hook] | None, rest: _Hook) -> _Hook:
     """A list, set, frozenset or tuple: ``items`` gives a hook per position, else ``rest``."""
@@ -349,35 +414,43 @@ def _sequence_hook(kind: Any, items: list[_Hook] | None, rest: _Hook) -> _Hook:
     def sized(elements: Any) -> bool:
         return type(elements) is list and (items is None or len(elements) == len(items))
 
-    def encode(value: Any, path: str, depth: int, active: set[int]) -> JSONValue:
-        _enter(value, path, depth, active)
+    def encode(value: Any, depth: int, active: set[int]) -> JSONValue:
+        _enter(value, depth, active)
         out: list[JSONValue]
-        if items is None and rest.plain and _plain_scalars(value):
-            out = list(value)  # the common case, spared a call (and a path) per element
+        if items is None and rest.plain and _as_themselves(value):
+            out = list(value)  # the common case, spared a call per element
         else:
             out = []
-            for i, element in enumerate(value):
-                hook = rest if items is None else items[i]
-                out.append(_encode(hook, element, f"{path}[{i}]", depth + inner, active))
+            i = 0
+            try:
+                for i, element in enumerate(value):
+                    hook = rest if items is None else items[i]
+                    out.append(_encode(hook, element, depth + inner, active))
+            except _ENCODE_ERRORS as exc:
+                raise _within_item(exc, i, kind) from None
         active.discard(id(value))
         return out if tag is None else {"$t": tag, "v": out}
 
-    def decode(raw: Any, path: str, depth: int) -> Any:
-        _check_depth(path, depth)
-        payload = raw if tag is None else _payload(raw, path)
+    def decode(raw: Any, depth: int) -> Any:
+        _check_depth(depth)
+        payload = raw if tag is None else _payload(raw)
         if not sized(payload):
-            raise _corrupt(path, f"malformed {tag!r} tag: 'v' is not a fitting list")
+            raise _Malformed(f"malformed {tag!r} tag: 'v' is not a fitting list")
         if items is None and rest.plain and all(type(e) in _JSON_SCALARS for e in payload):
             out = list(payload)
         else:
             out = []
-            for i, element in enumerate(payload):
-                hook = rest if items is None else items[i]
-                out.append(_decode(hook, element, f"{path}[{i}]", depth + inner))
+            i = 0
+            try:
+                for i, element in enumerate(payload):
+                    hook = rest if items is None else items[i]
+                    out.append(_decode(hook, element, depth + inner))
+            except _DECODE_ERRORS as exc:
+                raise _within_item(exc, i, kind) from None
         try:
             return out if tag is None else kind(out)
         except TypeError as exc:
-            raise _corrupt(path, f"{tag} element is not hashable: {exc}") from None
+            raise _Malformed(f"{tag} element is not hashable: {exc}") from None
 
     def accepts(raw: Any) -> bool:
         return type(raw) is list if tag is None else _has_tag(raw, tag) and sized(raw.get("v"))
@@ -389,47 +462,75 @@ def _sequence_hook(kind: Any, items: list[_Hook] | None, rest: _Hook) -> _Hook:
 
 
 def _dict_hook(key: _Hook, item: _Hook) -> _Hook:
-    def encode(value: dict[Any, Any], path: str, depth: int, active: set[int]) -> JSONValue:
-        _enter(value, path, depth, active)
+    def encode(value: dict[Any, Any], depth: int, active: set[int]) -> JSONValue:
+        _enter(value, depth, active)
         out: JSONValue
         if all(type(k) is str for k in value):
             escaped = "$t" in value  # user data that would read back as a tag
+            if (
+                item.plain
+                and not escaped
+                and _as_themselves(value)
+                and _as_themselves(value.values())
+            ):
+                active.discard(id(value))
+                return dict(value)  # the common case, spared a call per item
             obj: dict[str, JSONValue] = {}
-            for k, element in value.items():
-                at = _key_path(path, k)
-                obj[_encode_str(k, at)] = _encode(item, element, at, depth + 1 + escaped, active)
+            k = ""
+            try:
+                for k, element in value.items():
+                    obj[_encode_str(k)] = _encode(item, element, depth + 1 + escaped, active)
+            except _ENCODE_ERRORS as exc:
+                raise _within_item(exc, k, dict) from None
             out = {"$t": "dict", "v": obj} if escaped else obj
         else:
             pairs: list[JSONValue] = []
-            for k, element in value.items():
-                at = _key_path(path, k)
-                stored_key = _encode(key, k, at, depth + 3, active)
-                pairs.append([stored_key, _encode(item, element, at, depth + 3, active)])
+            try:
+                for k, element in value.items():
+                    stored_key = _encode(key, k, depth + 3, active)
+                    pairs.append([stored_key, _encode(item, element, depth + 3, active)])
+            except _ENCODE_ERRORS as exc:
+                raise _within_item(exc, k, dict) from None
             out = {"$t": "map", "v": pairs}
         active.discard(id(value))
         return out
 
-    def decode(raw: dict[str, Any], path: str, depth: int) -> dict[Any, Any]:
-        _check_depth(path, depth)
+    def decode(raw: dict[str, Any], depth: int) -> dict[Any, Any]:
+        _check_depth(depth)
         if "$t" in raw and raw["$t"] == "map":
-            return decode_map(_payload(raw, path), path, depth)
-        obj, inner = (_payload(raw, path), depth + 2) if "$t" in raw else (raw, depth + 1)
+            return decode_map(_payload(raw), depth)
+        obj, inner = (_payload(raw), depth + 2) if "$t" in raw else (raw, depth + 1)
         if type(obj) is not dict:
-            raise _corrupt(path, "malformed 'dict' tag: 'v' is not an object")
+            raise _Malformed("malformed 'dict' tag: 'v' is not an object")
+        if item.plain and all(type(v) in _JSON_SCALARS for v in obj.values()):
+            return dict(obj)
         # Keys of an object were plain strings when written, whatever the declared key type.
-        return {k: _decode(item, v, _key_path(path, k), inner) for k, v in obj.items()}
+        out: dict[Any, Any] = {}
+        k = ""
+        try:
+            for k, v in obj.items():
+                out[k] = _decode(item, v, inner)
+        except _DECODE_ERRORS as exc:
+            raise _within_item(exc, k, dict) from None
+        return out
 
-    def decode_map(pairs: Any, path: str, depth: int) -> dict[Any, Any]:
+    def decode_map(pairs: Any, depth: int) -> dict[Any, Any]:
         if type(pairs) is not list or any(type(p) is not list or len(p) != 2 for p in pairs):
-            raise _corrupt(path, "malformed 'map' tag: 'v' is not a list of [key, value]")
+            raise _Malformed("malformed 'map' tag: 'v' is not a list of [key, value]")
         out: dict[Any, Any] = {}
         for i, (raw_key, raw_value) in enumerate(pairs):
-            k = _decode(key, raw_key, f"{path}<key {i}>", depth + 3)
-            value = _decode(item, raw_value, _key_path(path, k), depth + 3)
+            try:
+                k = _decode(key, raw_key, depth + 3)
+            except _DECODE_ERRORS as exc:
+                raise _within_item(exc, _Shown(f"<key {i}>"), dict) from None
+            try:
+                value = _decode(item, raw_value, depth + 3)
+            except _DECODE_ERRORS as exc:
+                raise _within_item(exc, k, dict) from None
             try:
                 out[k] = value
             except TypeError as exc:
-                raise _corrupt(path, f"map key is not hashable: {exc}") from None
+                raise _Malformed(f"map key is not hashable: {exc}") from None
         return out
 
     def accepts(raw: Any) -> bool:
@@ -456,7 +557,7 @@ _TAGGED_CONTAINERS = {"map": _ANY_CONTAINERS[dict]} | {
 
 def _scalar_hook(kind: type) -> _Hook:
     tag = _SCALARS[kind][0]
-    native = kind if kind in (_NoneType, bool, int, float, str) else None
+    native = kind if kind in _JSON_SCALARS else None
 
     def accepts(raw: Any) -> bool:
         return type(raw) is native or (tag is not None and _has_tag(raw, tag))
@@ -481,8 +582,8 @@ def _choice_hook(choices: list[Any], fits: Callable[[Any], bool], flag: Any = No
     table: dict[bytes | None, Any] = {}
     for choice in choices:
         try:
-            table[json_key(_encode_any(stored(choice), "$", 0, set()))] = choice
-        except NotPersistableError:
+            table[json_key(_encode_any(stored(choice), 0, set()))] = choice
+        except _ENCODE_ERRORS:
             continue  # such a choice can never be written, so it never needs to be read
     table.pop(None, None)
 
@@ -495,26 +596,26 @@ def _choice_hook(choices: list[Any], fits: Callable[[Any], bool], flag: Any = No
                 pass
         return found
 
-    def encode(value: Any, path: str, depth: int, active: set[int]) -> JSONValue:
-        return _encode_any(stored(value), path, depth, active)
+    def encode(value: Any, depth: int, active: set[int]) -> JSONValue:
+        return _encode_any(stored(value), depth, active)
 
-    return _Hook(fits, lambda raw: find(raw) is not _MISSING, encode, lambda raw, p, d: find(raw))
+    return _Hook(fits, lambda raw: find(raw) is not _MISSING, encode, lambda raw, depth: find(raw))
 
 
 def _union_hook(members: list[_Hook]) -> _Hook:
     def first(raw: Any) -> _Hook | None:
         return next((member for member in members if member.accepts(raw)), None)
 
-    def encode(value: Any, path: str, depth: int, active: set[int]) -> JSONValue:
+    def encode(value: Any, depth: int, active: set[int]) -> JSONValue:
         chosen = next(member for member in members if member.fits(value))
-        raw = chosen.encode(value, path, depth, active)
+        raw = chosen.encode(value, depth, active)
         if first(raw) is chosen:
             return raw
         # An earlier member would read this back as one of its own values.
-        return _self_describing(hook, value, path, depth, active)
+        return _self_describing(hook, value, depth, active)
 
-    def decode(raw: Any, path: str, depth: int) -> Any:
-        return typing.cast(_Hook, first(raw)).decode(raw, path, depth)
+    def decode(raw: Any, depth: int) -> Any:
+        return typing.cast(_Hook, first(raw)).decode(raw, depth)
 
     def fits(value: Any) -> bool:
         return any(member.fits(value) for member in members)
@@ -555,36 +656,42 @@ def _class_hook(cls: type, lookup: Callable[[Any], _Hook]) -> _Hook:
     spec = functools.cache(lambda: _fields_of(cls, lookup))
     name = cls.__qualname__
 
-    def encode(value: Any, path: str, depth: int, active: set[int]) -> JSONValue:
-        _enter(value, path, depth, active)
+    def encode(value: Any, depth: int, active: set[int]) -> JSONValue:
+        _enter(value, depth, active)
         out: dict[str, JSONValue] = {}
         for f in spec():
             current = getattr(value, f.name, _MISSING)
             if current is not _MISSING:  # an init=False field may never have been set
-                out[f.name] = _encode(f.hook, current, f"{path}.{f.name}", depth + 1, active)
+                try:
+                    out[f.name] = _encode(f.hook, current, depth + 1, active)
+                except _ENCODE_ERRORS as exc:
+                    raise _within_field(exc, f.name, cls) from None
         active.discard(id(value))
         return out
 
-    def decode(raw: dict[str, Any], path: str, depth: int) -> Any:
-        _check_depth(path, depth)
+    def decode(raw: dict[str, Any], depth: int) -> Any:
+        _check_depth(depth)
         unknown = raw.keys() - {f.name for f in spec()}
         if unknown:
-            raise _corrupt(path, f"{name} has no field {', '.join(map(repr, sorted(unknown)))}")
+            raise _Malformed(f"{name} has no field {', '.join(map(repr, sorted(unknown)))}")
         kwargs: dict[str, Any] = {}
         late: dict[str, Any] = {}
         for f in spec():
             if f.name in raw:
-                value = _decode(f.hook, raw[f.name], f"{path}.{f.name}", depth + 1)
+                try:
+                    value = _decode(f.hook, raw[f.name], depth + 1)
+                except _DECODE_ERRORS as exc:
+                    raise _within_field(exc, f.name, cls) from None
                 if f.alias is None:
                     late[f.name] = value
                 else:
                     kwargs[f.alias] = value
             elif f.required:
-                raise _corrupt(path, f"missing field {f.name!r} of {name}")
+                raise _Malformed(f"missing field {f.name!r} of {name}")
         try:
             obj = cls(**kwargs)
         except Exception as exc:  # the class's own validators refused the stored fields
-            raise _corrupt(path, f"stored fields do not make a {name}: {exc!r}") from exc
+            raise _Malformed(f"stored fields do not make a {name}: {exc!r}") from exc
         for field_name, value in late.items():
             object.__setattr__(obj, field_name, value)
         return obj
@@ -592,23 +699,19 @@ def _class_hook(cls: type, lookup: Callable[[Any], _Hook]) -> _Hook:
     return _Hook(lambda value: type(value) is cls, _is_plain, encode, decode)
 
 
-#: Value types :meth:`Codec.encode` may write as themselves without building the type's hook.
-_PASSTHROUGH: frozenset[type] = frozenset({str, int, bool, _NoneType})
-
-
 def _passthrough_types(declared: Any) -> frozenset[type]:
-    """The JSON scalar types whose values ``declared`` writes unchanged (ASCII str, int64,
-    bool, None), so :meth:`Codec.encode` can skip its hooks for them. Kept to declarations
-    whose hooks provably do that; anything else gets the empty set and the full path."""
+    """The JSON scalar types whose values ``declared`` writes by :func:`_as_themselves`, so
+    :meth:`Codec.encode` can skip its hooks for them. Kept to declarations whose hooks provably
+    do that; anything else gets the empty set and the full path."""
     if declared is Any:
-        return _PASSTHROUGH
-    if declared in _PASSTHROUGH:
+        return _JSON_SCALARS
+    if declared in _JSON_SCALARS:
         return frozenset({declared})
     if typing.get_origin(declared) in (typing.Union, types.UnionType):
         members: frozenset[type] = frozenset(typing.get_args(declared))
         # int and bool together: a bool fits both, and which one reads it back is the union's
         # business, not this shortcut's.
-        if members <= _PASSTHROUGH and not {int, bool} <= members:
+        if members <= _JSON_SCALARS and not {int, bool} <= members:
             return members
     return frozenset()
 
@@ -616,15 +719,28 @@ def _passthrough_types(declared: Any) -> frozenset[type]:
 class Codec:
     """Encodes persisted values to JSON trees and decodes them back (see the module docstring).
 
-    A codec owns a cattrs Converter and uses it as its registry of per-type hooks: cattrs looks up
-    the hook for a declared type and caches it, so each type is analysed once.
+    A codec owns a cattrs converter, made as cattrs' orjson converter is, and registers on it one
+    hook factory per family of declared types (see :meth:`_families`). cattrs picks the factory
+    for a declared type and caches the hook it builds, so each type is analysed once; a hook is a
+    valid cattrs unstructure hook, and errors inside it are cattrs' validation groups, whose
+    paths :func:`cattrs.transform_error` writes.
     """
 
     def __init__(self) -> None:
-        self._converter = cattrs.Converter()
-        self._converter.register_unstructure_hook_factory(lambda declared: True, self._build)
-        for kind in (str, bytes):  # cattrs has class hooks for these that outrank factories
+        self._converter = cattrs.preconf.orjson.make_converter()
+        self._factories = self._families()
+        # cattrs tries the factories registered last first: the catch-all goes in first.
+        for matches, factory in reversed(self._factories):
+            self._converter.register_unstructure_hook_factory(matches, factory)
+        # Class hooks outrank factories, and cattrs has these two (bytes as base85).
+        for kind in (str, bytes):
             self._converter.register_unstructure_hook(kind, _scalar_hook(kind))
+        # Reading a declared type takes the hook that writes it, so the structure side needs no
+        # dispatch of its own: one factory, and the class hooks cattrs' would outrank it with
+        # (these also match subclasses, an IntEnum by int, which _structure sends to its own).
+        self._converter.register_structure_hook_factory(lambda t: True, lambda t: self._structure)
+        for base in (int, float, str, bytes, bool, dt.datetime, dt.date):
+            self._converter.register_structure_hook(base, self._structure)
         self._passthrough: dict[Any, frozenset[type]] = {}
 
     def encode(self, value: object, declared: Any = Any, *, path: str = "$") -> JSONValue:
@@ -636,7 +752,7 @@ class Codec:
         undeclared class, a circular reference, or nesting past :data:`MAX_DEPTH`.
         """
         kind = type(value)
-        if kind in _PASSTHROUGH:
+        if kind in _JSON_SCALARS:
             # Per-turn fast path (a count, a name): a JSON scalar written as itself.
             try:
                 passes = self._passthrough.get(declared)
@@ -644,10 +760,13 @@ class Codec:
                     passes = self._passthrough[declared] = _passthrough_types(declared)
             except TypeError:  # unhashable declaration (e.g. Annotated[int, [...]])
                 passes = frozenset()
-            if kind in passes and _plain_scalars((value,)):
+            if kind in passes and _as_themselves((value,)):
                 return value  # type: ignore[return-value]
         try:
-            return _encode(self._hook(declared), value, path, 0, set())
+            return self._hook(declared)(value)
+        except _ENCODE_ERRORS as exc:
+            leaf, where = _leaf_and_path(exc, path)
+            raise NotPersistableError(where, str(leaf)) from None
         except RecursionError:
             raise NotPersistableError(path, "nested too deeply to persist") from None
 
@@ -658,51 +777,93 @@ class Codec:
         Raises :class:`~verani.errors.CorruptDocumentError` naming the path of malformed input.
         """
         try:
-            return _decode(self._hook(declared), raw, path, 0)
+            return self._structure(raw, declared)
+        except _DECODE_ERRORS as exc:
+            leaf, where = _leaf_and_path(exc, path)
+            # The cause is kept: a class's own validator that refused the stored fields.
+            raise CorruptDocumentError(f"{where}: {leaf}") from leaf.__cause__
         except RecursionError:
-            raise _corrupt(path, "nested too deeply to read") from None
+            raise CorruptDocumentError(f"{path}: nested too deeply to read") from None
+
+    def _structure(self, raw: Any, declared: Any) -> Any:
+        # The cattrs structure hook of every declared type.
+        return _decode(self._hook(declared), raw, 0)
 
     def _hook(self, declared: Any) -> _Hook:
         try:
             hash(declared)
         except TypeError:  # e.g. Annotated with a list in it: cattrs cannot cache it
-            return self._build(declared)
+            return next(build for matches, build in self._factories if matches(declared))(declared)
         hook = self._converter.get_unstructure_hook(declared)
         if not isinstance(hook, _Hook):
             raise TypeError(f"no codec hook for {declared!r}")
         return hook
 
-    def _build(self, declared: Any) -> _Hook:
-        origin = typing.get_origin(declared)
-        args = typing.get_args(declared)
-        kind = origin or declared
-        if declared is None or kind in _SCALARS:
-            return _scalar_hook(_NoneType if declared is None else kind)
-        if origin is typing.Annotated:
-            return self._hook(args[0])
-        if isinstance(declared, typing.NewType):
-            return self._hook(declared.__supertype__)
-        if origin in (typing.Union, types.UnionType):
-            return _union_hook([self._hook(arg) for arg in args])
-        if origin is typing.Literal:
+    def _families(self) -> list[tuple[Callable[[Any], bool], Callable[[Any], _Hook]]]:
+        """Each family of declared types with the factory of its hooks, the first match first."""
+
+        def kind(declared: Any) -> Any:
+            return typing.get_origin(declared) or declared
+
+        def args(declared: Any) -> list[_Hook]:
+            return [self._hook(arg) for arg in typing.get_args(declared) if arg is not Ellipsis]
+
+        def choices(declared: Any) -> _Hook:
+            options = typing.get_args(declared)
             return _choice_hook(
-                list(args), lambda v: any(type(v) is type(a) and v == a for a in args)
+                list(options), lambda v: any(type(v) is type(a) and v == a for a in options)
             )
-        if isinstance(declared, type) and issubclass(declared, enum.Enum):
+
+        def members(declared: type[enum.Enum]) -> _Hook:
             flag = declared if issubclass(declared, enum.Flag) else None
             return _choice_hook(list(declared), lambda value: type(value) is declared, flag)
-        if isinstance(kind, type) and (attrs.has(kind) or dataclasses.is_dataclass(kind)):
-            return _class_hook(kind, self._hook)
-        hooks = [self._hook(arg) for arg in args if arg is not Ellipsis]
-        if kind is dict:
-            return _dict_hook(*hooks) if hooks else _dict_hook(ANY, ANY)
-        if kind is tuple and args and args[-1] is not Ellipsis:
-            return _sequence_hook(tuple, hooks, ANY)
-        if kind is tuple and args == () and origin is tuple:  # tuple[()]: the empty tuple only
-            return _sequence_hook(tuple, [], ANY)
-        if kind in (list, tuple, set, frozenset):
-            return _sequence_hook(kind, None, hooks[0] if hooks else ANY)
-        return ANY  # TypeVars, protocols, abstract collections: written by runtime type
+
+        def fixed_tuple(declared: Any) -> bool:
+            # tuple[int, str], and tuple[()] (the empty tuple only), not tuple[int, ...]
+            options = typing.get_args(declared)
+            if typing.get_origin(declared) is not tuple:
+                return False
+            return (bool(options) and options[-1] is not Ellipsis) or options == ()
+
+        def sequence(declared: Any) -> _Hook:
+            hooks = args(declared)
+            return _sequence_hook(kind(declared), None, hooks[0] if hooks else ANY)
+
+        return [
+            (
+                lambda t: t is None or kind(t) in _SCALARS,
+                lambda t: _scalar_hook(_NoneType if t is None else kind(t)),
+            ),
+            (
+                lambda t: typing.get_origin(t) is typing.Annotated,
+                lambda t: self._hook(typing.get_args(t)[0]),
+            ),
+            (
+                lambda t: isinstance(t, typing.NewType),
+                lambda t: self._hook(t.__supertype__),
+            ),
+            (
+                lambda t: typing.get_origin(t) in (typing.Union, types.UnionType),
+                lambda t: _union_hook(args(t)),
+            ),
+            (lambda t: typing.get_origin(t) is typing.Literal, choices),
+            (lambda t: isinstance(t, type) and issubclass(t, enum.Enum), members),
+            (
+                lambda t: (
+                    isinstance(kind(t), type)
+                    and (attrs.has(kind(t)) or dataclasses.is_dataclass(kind(t)))
+                ),
+                lambda t: _class_hook(kind(t), self._hook),
+            ),
+            (
+                lambda t: kind(t) is dict,
+                lambda t: _dict_hook(*args(t)) if typing.get_args(t) else _dict_hook(ANY, ANY),
+            ),
+            (fixed_tuple, lambda t: _sequence_hook(tuple, args(t), ANY)),
+            (lambda t: kind(t) in (list, tuple, set, frozenset), sequence),
+            # TypeVars, protocols, abstract collections: written by runtime type
+            (lambda t: True, lambda t: ANY),
+        ]
 
 
 def make_codec() -> Codec:
