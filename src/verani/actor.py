@@ -1,14 +1,10 @@
-"""Internal: one awake room instance: its turns, its persistence and its output gate.
+"""Internal: one awake room instance — its turns, dispatch and change detection.
 
 An :class:`Actor` lives from revival to hibernation. It takes events from the instance's inbox one
 at a time (a *turn*), so a handler never sees another handler's half-done change. After each turn
-the persisted keys that changed are encoded and handed to the flusher, which writes them to the
-store, coalescing the changes of consecutive turns into one write (group commit).
-
-Output gate: the frames a turn emits are queued on the sockets when the turn ends. If the turn
-changed persisted keys they are held until that change is on disk, then released in emission
-order; a later turn's frames never overtake them. Frames of a turn that changed nothing persisted
-go out at once when nothing is held.
+the persisted keys that changed are encoded and handed to group commit, which writes them to the
+store, coalescing the changes of consecutive turns into one write; the turn's frames go through
+the output gate, held until that write is on disk (both in :mod:`verani.gate`).
 """
 
 from __future__ import annotations
@@ -35,7 +31,7 @@ from .errors import (
     RoomCrashedError,
     StoreError,
 )
-from .gate import OutputGate, Outputs
+from .gate import GroupCommit, OutputGate, Outputs
 from .protocol import ERROR_EVENT, ClientFrame
 from .room import RoomDefinition
 from .sessions import Session, Sessions, send_to
@@ -52,8 +48,6 @@ log = logging.getLogger("verani.actor")
 STORAGE_KEY = "<storage>"
 
 #: First and longest wait between retries of a failed store write, in seconds.
-RETRY_FIRST = 0.05
-RETRY_MAX = 5.0
 #: Turns an actor runs back to back from a non-empty inbox before letting other tasks run.
 YIELD_EVERY = 16
 
@@ -178,15 +172,14 @@ class Actor:
         self._encoded: dict[str, JSONValue] = {}
         self._storage_dirty = False
         self.storage: RoomStorage | None = None
-        self._write_seq = 0
-        self._durable_seq = 0
-        self._save_failures = 0
         self._unsaved: set[str] = set()  # persisted keys changed since the last durable write
-        self._flush_needed = trio.Event()
-        self._durable_changed = trio.Event()
         # Output gate: turns' frames wait for their writes to be durable; the session whose
         # message caused a turn is told when its outputs leave (per-socket flow control).
         self._gate = OutputGate(max_held_per_socket=max_held_per_socket, released=_released)
+        # Group commit: changed state is written in the background, many turns per write.
+        self._commit = GroupCommit(
+            where=self._where, save=self._save, durable=self._durable, failed=self._save_failed
+        )
         self._turn_outputs: Outputs | None = None
         # Turns and the user hooks that report failed writes exclude each other: user code
         # always runs one piece at a time, as in a turn.
@@ -204,7 +197,7 @@ class Actor:
         """
         await self._load()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._flusher)
+            nursery.start_soon(self._commit.run)
             restore = self.definition.hooks.on_hibernation_restore
             if len(self.sessions) and restore is not None:
                 async with self._turn_lock:
@@ -216,7 +209,7 @@ class Actor:
     async def _turn_loop(self) -> Hibernate | None:
         while True:
             while self._gate.full:
-                await self._durable_changed.wait()
+                await self._commit.wait_progress()
             event: InboxEvent | None = None
             # Queued events run back to back, with a scheduling point every few turns so a
             # busy room never starves the sockets and other rooms. The checkpoint comes before
@@ -298,8 +291,7 @@ class Actor:
             await self._store.set_aside(
                 name, self.instance, f"keys {[k for k, _ in unreadable]} no longer read back"
             )
-            self._write_seq += 1
-            self._flush_needed.set()
+            self._commit.changed()
         with _as_turn_of(self._key):
             for key, error in unreadable:
                 log.error(
@@ -359,7 +351,7 @@ class Actor:
             "ephemeral": ephemeral,
             "unencodable": unencodable,
             "hibernates_in": max(0.0, self.last_turn + self.idle_timeout - trio.current_time()),
-            "write_pending": self._durable_seq < self._write_seq,
+            "write_pending": self._commit.pending,
         }
 
     # --- turns ------------------------------------------------------------------------------
@@ -386,7 +378,8 @@ class Actor:
                 elif isinstance(arg, Connect):
                     arg.session.sink.close(1011, "the room failed; reconnect to revive it")
                 arg = None
-            self._gate.settle(outputs, arg, seq=self._write_seq, durable=self._durable_seq)
+            commit = self._commit
+            self._gate.settle(outputs, arg, seq=commit.seq, durable=commit.durable_seq)
             self.last_turn = trio.current_time()
 
     async def _restore(self, hook: Callable[..., Any]) -> None:
@@ -534,8 +527,7 @@ class Actor:
             self._unsaved.add(STORAGE_KEY)
             dirty = True
         if dirty:
-            self._write_seq += 1
-            self._flush_needed.set()
+            self._commit.changed()
         return failures
 
     async def _persist_failed(
@@ -553,47 +545,23 @@ class Actor:
         if self.definition.persist_options.throw_on_error:
             await self._on_error(failure, ctx)
 
-    async def _flusher(self) -> None:
-        """Write the encoded state whenever it is ahead of the store; coalesce; retry failures."""
-        delay = RETRY_FIRST
-        while True:
-            if self._durable_seq >= self._write_seq:
-                await self._flush_needed.wait()
-                self._flush_needed = trio.Event()
-                continue
-            seq = self._write_seq
-            try:
-                assert self.storage is not None
-                await self._store.save(
-                    self.definition.name,
-                    self.instance,
-                    dict(self._encoded),
-                    self.storage.snapshot(),
-                )
-            except StoreError as exc:
-                self._save_failures += 1
-                log.error(
-                    "%s: saving state failed (retrying in %.2fs): %s", self._where, delay, exc
-                )
-                self._notify_durable()
-                if delay == RETRY_FIRST:  # report once per run of failures, not on every retry
-                    async with self._turn_lock:
-                        with _as_turn_of(self._key):
-                            for key in sorted(self._unsaved):
-                                await self._persist_failed(key, exc, None)
-                await trio.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX)
-                continue
-            delay = RETRY_FIRST
-            self._durable_seq = seq
-            if seq == self._write_seq:
-                self._unsaved.clear()
-            self._gate.release(self._durable_seq)
-            self._notify_durable()
+    async def _save(self) -> None:
+        assert self.storage is not None
+        await self._store.save(
+            self.definition.name, self.instance, dict(self._encoded), self.storage.snapshot()
+        )
 
-    def _notify_durable(self) -> None:
-        self._durable_changed.set()
-        self._durable_changed = trio.Event()
+    def _durable(self, seq: int) -> None:
+        if seq == self._commit.seq:
+            self._unsaved.clear()
+        self._gate.release(seq)
+
+    async def _save_failed(self, error: StoreError, first: bool) -> None:
+        if first:  # reported once per run of failures, not on every retry
+            async with self._turn_lock:
+                with _as_turn_of(self._key):
+                    for key in sorted(self._unsaved):
+                        await self._persist_failed(key, error, None)
 
     async def _final_flush(self) -> bool:
         """Write every persisted key in full and wait until it is durable; False if it failed."""
@@ -601,12 +569,7 @@ class Actor:
             with _as_turn_of(self._key):
                 for key, error in self._persist_changes(full=True):
                     await self._persist_failed(key, error, None)
-        target, failures = self._write_seq, self._save_failures
-        while self._durable_seq < target:
-            if self._save_failures != failures:
-                return False
-            await self._durable_changed.wait()
-        return True
+        return await self._commit.wait_durable()
 
     # --- output gate ------------------------------------------------------------------------
 

@@ -1,4 +1,9 @@
-"""Internal: the output gate — a turn's frames wait until the writes before them are durable.
+"""Internal: group commit and the output gate — writes coalesced, frames held until durable.
+
+:class:`GroupCommit` writes a room instance's changed state whenever it is ahead of the store:
+the changes of every turn made while one write is on its way go out together in the next
+(group commit), so a busy room does not pay one write per event. A failed write is retried with
+backoff, reported once per run of failures.
 
 Durable Objects' output gate, for one room instance: the frames a turn emits go to the sockets
 only once every write the room made up to that turn is on disk, so no client ever sees a change
@@ -14,10 +19,20 @@ store cannot make held frames grow without bound).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import logging
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+import trio
+
+from .errors import StoreError
 from .sessions import Session, send_to
+
+log = logging.getLogger("verani.actor")
+
+#: Seconds before retrying a failed write; doubled on each failure up to RETRY_MAX.
+RETRY_FIRST = 0.05
+RETRY_MAX = 5.0
 
 #: A turn's outputs: each frame with the sessions it goes to.
 Outputs = list[tuple[Sequence[Session], bytes]]
@@ -95,3 +110,83 @@ class OutputGate:
         self._held.clear()
         self._over_limit = 0
         return events
+
+
+class GroupCommit:
+    """The writes of one room instance, numbered: :meth:`changed` asks for write ``seq + 1``;
+    :meth:`run` performs ``save()`` whenever the written state is behind, one write covering
+    every change asked for since the last; ``durable(seq)`` is called once write ``seq`` is on
+    disk. ``failed(error, first)`` reports a failed write (``first``: the first of a run of
+    failures) before the retry."""
+
+    def __init__(
+        self,
+        *,
+        where: str,
+        save: Callable[[], Awaitable[None]],
+        durable: Callable[[int], None],
+        failed: Callable[[StoreError, bool], Awaitable[None]],
+    ) -> None:
+        self._where = where
+        self._save = save
+        self._durable = durable
+        self._failed = failed
+        #: The last write asked for, and the last one on disk.
+        self.seq = 0
+        self.durable_seq = 0
+        self._failures = 0
+        self._needed = trio.Event()
+        self._progress = trio.Event()
+
+    @property
+    def pending(self) -> bool:
+        """Whether a change is not yet on disk."""
+        return self.durable_seq < self.seq
+
+    def changed(self) -> None:
+        """The state changed: write it (together with whatever else changes meanwhile)."""
+        self.seq += 1
+        self._needed.set()
+
+    async def wait_progress(self) -> None:
+        """Until a write ends, well or not."""
+        await self._progress.wait()
+
+    async def wait_durable(self) -> bool:
+        """Until every change asked for so far is on disk (True), or a write fails (False)."""
+        target, failures = self.seq, self._failures
+        while self.durable_seq < target:
+            if self._failures != failures:
+                return False
+            await self._progress.wait()
+        return True
+
+    async def run(self) -> None:
+        """Write whenever the store is behind; coalesce; retry failures with backoff."""
+        delay = RETRY_FIRST
+        while True:
+            if self.durable_seq >= self.seq:
+                await self._needed.wait()
+                self._needed = trio.Event()
+                continue
+            seq = self.seq
+            try:
+                await self._save()
+            except StoreError as exc:
+                self._failures += 1
+                log.error(
+                    "%s: saving state failed (retrying in %.2fs): %s", self._where, delay, exc
+                )
+                self._notify()
+                await self._failed(exc, delay == RETRY_FIRST)
+                await trio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX)
+                continue
+            delay = RETRY_FIRST
+            self.durable_seq = seq
+            self._durable(seq)
+            self._notify()
+
+    def _notify(self) -> None:
+        self._progress.set()
+        self._progress = trio.Event()
