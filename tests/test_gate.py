@@ -1,10 +1,14 @@
-"""The output gate (verani/gate.py) on its own: pure bookkeeping, no sockets, no Trio."""
+"""Group commit and the output gate (verani/gate.py) on their own: no sockets, no store."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from verani.gate import OutputGate
+import trio
+import trio.testing
+
+from verani.errors import StoreError
+from verani.gate import GroupCommit, OutputGate
 from verani.sessions import ConnectionMeta, Session
 
 
@@ -91,3 +95,68 @@ def test_abandon_drops_held_frames_and_returns_their_events() -> None:
     assert gate.abandon() == ["t1", "t2"]
     assert not gate.full and len(gate) == 0 and sink.frames == []
     assert (alice.held_frames, alice.held_bytes) == (0, 0)
+
+
+# --- group commit ------------------------------------------------------------------------------
+
+
+class Disk:
+    """A save that can be held at a gate or made to fail, counting the writes that landed."""
+
+    def __init__(self) -> None:
+        self.writes = 0
+        self.failures_left = 0
+        self.gate: trio.Event | None = None
+
+    async def save(self) -> None:
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.failures_left:
+            self.failures_left -= 1
+            raise StoreError("disk full")
+        self.writes += 1
+
+
+async def test_changes_made_during_a_write_go_out_together_in_the_next() -> None:
+    disk, durable = Disk(), []
+    failed: list[tuple[str, bool]] = []
+
+    async def report(error: StoreError, first: bool) -> None:
+        failed.append((str(error), first))
+
+    commit = GroupCommit(where="t", save=disk.save, durable=durable.append, failed=report)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(commit.run)
+        disk.gate = trio.Event()
+        commit.changed()
+        await trio.testing.wait_all_tasks_blocked()  # write 1 is on its way
+        for _ in range(10):
+            commit.changed()  # these wait for it, then go out as one
+        assert commit.pending
+        disk.gate.set()
+        assert await commit.wait_durable()
+        assert (disk.writes, durable, commit.pending) == (2, [1, 11], False)
+        assert failed == []
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_failed_write_is_retried_and_reported_once_per_run(
+    autojump_clock: Any,
+) -> None:
+    disk, durable = Disk(), []
+    failed: list[tuple[str, bool]] = []
+
+    async def report(error: StoreError, first: bool) -> None:
+        failed.append((str(error), first))
+
+    commit = GroupCommit(where="t", save=disk.save, durable=durable.append, failed=report)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(commit.run)
+        disk.failures_left = 3
+        commit.changed()
+        assert not await commit.wait_durable()  # the first failure ends this wait
+        while commit.pending:
+            await commit.wait_progress()
+        assert (disk.writes, durable) == (1, [1])
+        assert failed == [("disk full", True), ("disk full", False), ("disk full", False)]
+        nursery.cancel_scope.cancel()
