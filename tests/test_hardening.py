@@ -497,3 +497,21 @@ async def test_a_slow_but_complete_handshake_is_accepted() -> None:
                 await stream.send_all(request[i : i + 20])
                 await trio.sleep(0.01)
             assert (await stream.receive_some(4096)).startswith(b"HTTP/1.1 101 ")
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("ping_timeout", 0),  # a check every 0 seconds would spin a core
+        ("max_fragments", 0),
+        ("max_handshakes", 0),
+        ("max_outbound_bytes", 0),
+        ("max_control_frames", 0),
+        ("ping_interval", -1),
+        ("send_timeout", 0),
+    ],
+)
+def test_a_limit_that_cannot_work_is_refused_naming_the_field(field: str, value: float) -> None:
+    with pytest.raises(ValueError, match=f"'{field}' must be"):
+        ServerConfig(**{field: value})
+    assert ServerConfig(ping_interval=0).ping_interval == 0  # 0: no pings, allowed

@@ -63,56 +63,67 @@ CLIENT_LOG_BURST = 100
 CLIENT_LOG_RATE = 20
 
 
+# A limit of 0 would refuse everything, a timeout of 0 would expire at once (and a ping check
+# every 0 seconds would spin): refused when the config is made, naming the field.
+_AT_LEAST_ONE = attrs.validators.ge(1)
+_POSITIVE = attrs.validators.gt(0.0)
+_NOT_NEGATIVE = attrs.validators.ge(0.0)
+
+
 @attrs.frozen
 class ServerConfig:
-    """Limits and timeouts of a server; every one has a default safe for the internet."""
+    """Limits and timeouts of a server; every one has a default safe for the internet.
+
+    Limits are at least 1 and timeouts positive (``ping_interval`` may be 0: no pings); any
+    other value raises :class:`ValueError` naming the field.
+    """
 
     #: Largest client frame, in characters; a bigger one closes its socket with 1009. A room's
     #: own ``max_frame_size`` wins for that room.
-    max_frame_size: int = MAX_FRAME_SIZE
+    max_frame_size: int = attrs.field(default=MAX_FRAME_SIZE, validator=_AT_LEAST_ONE)
     #: Open WebSockets on the whole server; past it a new upgrade gets HTTP 503.
-    max_connections: int = 10_000
+    max_connections: int = attrs.field(default=10_000, validator=_AT_LEAST_ONE)
     #: Open WebSockets on one room instance (a room's ``max_connections`` wins); past it, 503.
-    max_connections_per_room: int = 1_000
+    max_connections_per_room: int = attrs.field(default=1_000, validator=_AT_LEAST_ONE)
     #: Room instances awake at once; past it the least recently used ones hibernate.
-    max_awake_rooms: int = 10_000
+    max_awake_rooms: int = attrs.field(default=10_000, validator=_AT_LEAST_ONE)
     #: Frames queued for one socket before it counts as too slow and is closed (1008).
-    outbound_queue: int = 1024
+    outbound_queue: int = attrs.field(default=1024, validator=_AT_LEAST_ONE)
     #: A socket's messages in the room (queued, running, or waiting for the disk) plus its frames
     #: not yet sent; past it the socket's reader waits, so a flood slows its sender down instead
     #: of filling its outbound queue or the room's inbox.
-    max_in_flight: int = 64
+    max_in_flight: int = attrs.field(default=64, validator=_AT_LEAST_ONE)
     #: Seconds one send may take before the socket is dropped.
-    send_timeout: float = 30.0
+    send_timeout: float = attrs.field(default=30.0, validator=_POSITIVE)
     #: Seconds a client gets to send its whole HTTP request head and finish the upgrade.
-    handshake_timeout: float = 10.0
+    handshake_timeout: float = attrs.field(default=10.0, validator=_POSITIVE)
     #: Seconds the closing handshake may take before the TCP connection is dropped.
-    close_timeout: float = 5.0
-    max_request_head: int = 16 * 1024
+    close_timeout: float = attrs.field(default=5.0, validator=_POSITIVE)
+    max_request_head: int = attrs.field(default=16 * 1024, validator=_AT_LEAST_ONE)
     #: Longest instance name, in characters; longer ones get HTTP 400.
-    max_instance_name: int = MAX_INSTANCE_NAME
+    max_instance_name: int = attrs.field(default=MAX_INSTANCE_NAME, validator=_AT_LEAST_ONE)
     #: A regular expression every instance name must match in full (a room's own wins); None
     #: allows any name that cannot reach outside the store.
     instance_pattern: re.Pattern[str] | None = None
     #: Seconds a graceful shutdown may spend saving rooms and closing sockets.
-    shutdown_timeout: float = 30.0
+    shutdown_timeout: float = attrs.field(default=30.0, validator=_POSITIVE)
     #: Bytes pending for one socket — queued, being written, or held by the room's output gate
     #: until a write is durable — before it counts as too slow and is closed (1008).
-    max_outbound_bytes: int = 4 * 1024 * 1024
+    max_outbound_bytes: int = attrs.field(default=4 * 1024 * 1024, validator=_AT_LEAST_ONE)
     #: Frames one client message may be cut into; past it the socket is closed (1008).
-    max_fragments: int = 1024
+    max_fragments: int = attrs.field(default=1024, validator=_AT_LEAST_ONE)
     #: Control frames (ping, pong, close) one socket may send per second, and in a burst;
     #: past it the socket is closed (1008).
-    max_control_frames: float = 100.0
+    max_control_frames: float = attrs.field(default=100.0, validator=_POSITIVE)
     #: Seconds a socket may stay quiet (nothing received) before the server sends it a
     #: WebSocket Ping; 0 sends none.
-    ping_interval: float = 20.0
+    ping_interval: float = attrs.field(default=20.0, validator=_NOT_NEGATIVE)
     #: Seconds a pinged socket has to send anything back before it is closed (1011).
-    ping_timeout: float = 20.0
+    ping_timeout: float = attrs.field(default=20.0, validator=_POSITIVE)
     #: Sockets accepted and still in their HTTP handshake. They count toward
     #: ``max_connections`` from accept; when either limit is reached, the oldest handshake in
     #: progress is dropped to make room (a silent client yields its place to a new one).
-    max_handshakes: int = 256
+    max_handshakes: int = attrs.field(default=256, validator=_AT_LEAST_ONE)
 
 
 @attrs.define
