@@ -39,6 +39,29 @@ def free_port() -> int:
     return port
 
 
+class SilentServer:
+    """A WebSocket server that reads every frame and answers none (not even ``{"type":
+    "ping"}``): a server that stopped answering. Counts connections, records frames."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.received: list[Any] = []
+        self.first_frame = trio.Event()
+
+    async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        await trio_websocket.serve_websocket(
+            self._handler, "127.0.0.1", 0, None, task_status=task_status
+        )
+
+    async def _handler(self, request: trio_websocket.WebSocketRequest) -> None:
+        self.connections += 1
+        ws = await request.accept()
+        with contextlib.suppress(trio_websocket.ConnectionClosed):
+            while True:  # read (so protocol-level pings work), never answer
+                self.received.append(await ws.get_message())
+                self.first_frame.set()
+
+
 async def test_connect_listen_emit_and_states(autojump_clock: Any) -> None:
     async with open_test_server(COUNTER) as server:
         async with open_client(f"{server.url}/ws/counter?userId=py") as client:
@@ -86,25 +109,16 @@ async def test_reconnects_after_a_restart_and_flushes_queued_emits_in_order(
 async def test_a_server_that_stops_answering_pings_makes_the_client_reconnect(
     autojump_clock: Any,
 ) -> None:
-    connections = 0
-
-    async def silent(request: trio_websocket.WebSocketRequest) -> None:
-        nonlocal connections
-        connections += 1
-        ws = await request.accept()
-        with contextlib.suppress(trio_websocket.ConnectionClosed):
-            while True:  # read (so protocol-level pings work) but never answer {"type": "ping"}
-                await ws.get_message()
-
+    silent = SilentServer()
     async with trio.open_nursery() as nursery:
-        server = await nursery.start(trio_websocket.serve_websocket, silent, "127.0.0.1", 0, None)
+        server = await nursery.start(silent.serve)
         url = f"ws://127.0.0.1:{server.port}/ws/x"
         async with open_client(url, ping_interval=5, pong_timeout=5) as client:
             await client.wait_for_connection()
             start = trio.current_time()
             dropped: list[float] = []
             client.on_close = lambda code, reason: dropped.append(trio.current_time())
-            while connections < 2:
+            while silent.connections < 2:
                 await trio.sleep(0.1)
             # Dropped after ping_interval + pong_timeout of silence: not before, not a ping later.
             assert dropped[0] - start == pytest.approx(10, abs=0.01)
@@ -256,30 +270,18 @@ async def test_max_attempts_zero_retries_forever(autojump_clock: Any) -> None:
 async def test_ping_interval_zero_sends_no_pings_and_never_drops_a_silent_server(
     autojump_clock: Any,
 ) -> None:
-    received: list[Any] = []
-    first_frame = trio.Event()
-    connections = 0
-
-    async def silent(request: trio_websocket.WebSocketRequest) -> None:
-        nonlocal connections
-        connections += 1
-        ws = await request.accept()
-        with contextlib.suppress(trio_websocket.ConnectionClosed):
-            while True:  # never answers {"type": "ping"}: a keepalive would drop it
-                received.append(await ws.get_message())
-                first_frame.set()
-
+    silent = SilentServer()
     async with trio.open_nursery() as nursery:
-        server = await nursery.start(trio_websocket.serve_websocket, silent, "127.0.0.1", 0, None)
+        server = await nursery.start(silent.serve)
         url = f"ws://127.0.0.1:{server.port}/ws/x"
         async with open_client(url, ping_interval=0, pong_timeout=5) as client:
             await client.wait_for_connection()
             # A keepalive with interval 0 would ping without pause, and the autojump clock
             # would never move: wake on the first frame, not by polling.
             with trio.move_on_after(600):
-                await first_frame.wait()
-            assert received == []
-            assert client.is_connected() and connections == 1
+                await silent.first_frame.wait()
+            assert silent.received == []
+            assert client.is_connected() and silent.connections == 1
         nursery.cancel_scope.cancel()
 
     async with open_test_server(COUNTER) as verani_server:

@@ -117,14 +117,25 @@ class Disk:
         self.writes += 1
 
 
-async def test_changes_made_during_a_write_go_out_together_in_the_next() -> None:
-    disk, durable = Disk(), []
+def group_commit(disk: Disk) -> tuple[GroupCommit, list[int], list[tuple[str, bool]]]:
+    """A GroupCommit writing to ``disk``, with the writes it saw durable and the failures it
+    reported."""
+    durable: list[int] = []
     failed: list[tuple[str, bool]] = []
 
     async def report(error: StoreError, first: bool) -> None:
         failed.append((str(error), first))
 
-    commit = GroupCommit(where="t", save=disk.save, durable=durable.append, failed=report)
+    return (
+        GroupCommit(where="t", save=disk.save, durable=durable.append, failed=report),
+        durable,
+        failed,
+    )
+
+
+async def test_changes_made_during_a_write_go_out_together_in_the_next() -> None:
+    disk = Disk()
+    commit, durable, failed = group_commit(disk)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(commit.run)
         disk.gate = trio.Event()
@@ -143,13 +154,8 @@ async def test_changes_made_during_a_write_go_out_together_in_the_next() -> None
 async def test_a_failed_write_is_retried_and_reported_once_per_run(
     autojump_clock: Any,
 ) -> None:
-    disk, durable = Disk(), []
-    failed: list[tuple[str, bool]] = []
-
-    async def report(error: StoreError, first: bool) -> None:
-        failed.append((str(error), first))
-
-    commit = GroupCommit(where="t", save=disk.save, durable=durable.append, failed=report)
+    disk = Disk()
+    commit, durable, failed = group_commit(disk)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(commit.run)
         disk.failures_left = 3
