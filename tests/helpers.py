@@ -9,13 +9,16 @@ the server against the protocol rather than against itself.
 
 from __future__ import annotations
 
+import logging
 import os
 import pathlib
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import orjson
+import pytest
 import trio
 import trio_websocket
 from wsproto import ConnectionType, WSConnection
@@ -187,3 +190,20 @@ class RawSocket:
             event = await self.event()
             if isinstance(event, CloseConnection):
                 return int(event.code)
+
+
+def logged(caplog: pytest.LogCaptureFixture, logger: str, pattern: str) -> list[str]:
+    """Messages of ``logger`` (or its children) at INFO or above matching ``pattern``."""
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if (r.name == logger or r.name.startswith(logger + "."))
+        and r.levelno >= logging.INFO
+        and re.search(pattern, r.getMessage())
+    ]
+
+
+async def wait_logged(caplog: pytest.LogCaptureFixture, logger: str, pattern: str) -> None:
+    """Wait for a log line another task writes after the client saw the outcome."""
+    while not logged(caplog, logger, pattern):
+        await trio.sleep(0.01)

@@ -38,6 +38,7 @@ from helpers import (
     frame,
     http_request,
     upgrade_request,
+    wait_logged,
 )
 
 PONG = 0xA
@@ -66,11 +67,6 @@ def blob_room() -> Any:
     return room
 
 
-async def wait_logged(caplog: pytest.LogCaptureFixture, text: str) -> None:
-    while text not in caplog.text:
-        await trio.sleep(0.01)
-
-
 async def assert_served(url: str) -> None:
     async with connect(url, "/ws/blob") as other:
         await other.emit("echo", "still here")
@@ -92,7 +88,7 @@ async def test_a_slow_reader_is_closed_at_its_byte_budget_with_a_close_frame(
                 client.stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
                 # 40 frames of 100 KB: far under the 1,024-frame limit, 4x the byte budget.
                 await client.send_json({"type": "blob", "data": {"n": 40, "size": 100_000}})
-                await wait_logged(caplog, "reads too slowly")
+                await wait_logged(caplog, "verani", "reads too slowly")
                 assert "closing with 1008" in caplog.text
                 # Read at last: whole frames (the one being written is finished), then the
                 # Close frame — never a stream cut in the middle of a frame.
@@ -145,7 +141,7 @@ async def test_log_lines_caused_by_clients_are_rate_limited(
         async with RawSocket.open(server.port, "/ws/blob") as (client, _):
             await client.send(frame(0x3))
             assert await client.close_code() == 1002
-        await wait_logged(caplog, "50 log lines about clients left out")
+        await wait_logged(caplog, "verani", "50 log lines about clients left out")
     violations = [r for r in caplog.records if "broke the WebSocket protocol" in r.message]
     assert len(violations) == CLIENT_LOG_BURST + 1
     assert server.stats.frames_dropped == CLIENT_LOG_BURST + 51  # counted, every one
@@ -165,7 +161,7 @@ async def test_frames_held_by_the_output_gate_count_toward_the_byte_budget(
                 # that does not finish: six of them are over the budget of this socket.
                 for _ in range(6):
                     await client.emit("saved-blob", {"size": 200_000})
-                await wait_logged(caplog, "reads too slowly")
+                await wait_logged(caplog, "verani", "reads too slowly")
                 with pytest.raises(trio_websocket.ConnectionClosed) as closed:
                     await client.recv()
                 assert closed.value.reason.code == 1008
@@ -223,7 +219,7 @@ async def test_a_burst_of_control_frames_is_closed_with_1008(
             async with RawSocket.open(server.port, "/ws/blob") as (client, _):
                 await client.send(*[frame(PONG)] * 200)
                 assert await client.close_code() == 1008
-            await wait_logged(caplog, "over 50 control frames per second")
+            await wait_logged(caplog, "verani", "over 50 control frames per second")
             # Within the rate, pings are answered and nothing is closed.
             async with RawSocket.open(server.port, "/ws/blob") as (client, _):
                 for _ in range(3):
@@ -244,7 +240,7 @@ async def test_an_unfinished_message_of_empty_fragments_is_closed_with_1008(
             async with RawSocket.open(server.port, "/ws/blob") as (client, _):
                 await client.send(frame(TEXT, b"", fin=False), *[empty] * 5000)
                 assert await client.close_code() == 1008
-            await wait_logged(caplog, "a message in over 100 fragments")
+            await wait_logged(caplog, "verani", "a message in over 100 fragments")
             # A message in exactly max_fragments frames is fine.
             async with RawSocket.open(server.port, "/ws/blob") as (client, _):
                 text = b'{"type":"echo","data":"' + b"y" * 98 + b'"}'

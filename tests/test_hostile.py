@@ -54,7 +54,9 @@ from helpers import (
     connect,
     frame,
     http_request,
+    logged,
     upgrade_request,
+    wait_logged,
 )
 
 #: Per-example settings of the hypothesis tests: the examples share the test's fixtures
@@ -113,23 +115,6 @@ async def assert_still_serving(server: Server, *, count: int = 0) -> None:
         await same.emit("counter:get")
         _, data = await same.next_event("counter:sync")
         assert data["count"] == count
-
-
-def logged(caplog: pytest.LogCaptureFixture, logger: str, pattern: str) -> list[str]:
-    """Messages of ``logger`` (or its children) at INFO or above matching ``pattern``."""
-    return [
-        r.getMessage()
-        for r in caplog.records
-        if (r.name == logger or r.name.startswith(logger + "."))
-        and r.levelno >= logging.INFO
-        and re.search(pattern, r.getMessage())
-    ]
-
-
-async def wait_logged(caplog: pytest.LogCaptureFixture, logger: str, pattern: str) -> None:
-    """Wait for a log line another task writes after the client saw the outcome."""
-    while not logged(caplog, logger, pattern):
-        await trio.sleep(0.01)
 
 
 # --- raw HTTP ---------------------------------------------------------------------------------
