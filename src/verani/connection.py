@@ -262,14 +262,14 @@ class Connection:
                         continue
                     # Everything queued goes out in one write (bounded), so a burst of events
                     # costs one syscall, not one per frame.
-                    batch = _take_batch(self._out)
+                    batch, size = _take_batch(self._out)
                     if batch is self._out:
                         self._out = []
                     send_scope.deadline = trio.current_time() + timeout
                     await ws.send_frames(batch)
                     send_scope.deadline = math.inf
                     if self._close_code is None or self._draining:
-                        self.pending_bytes -= sum(map(len, batch))
+                        self.pending_bytes -= size
                     # An idle socket keeps no reference to what it last sent.
                     del batch
                     self._may_read.set()
@@ -292,14 +292,14 @@ class Connection:
         self._read_scope.cancel()
 
 
-def _take_batch(out: list[bytes]) -> list[bytes]:
-    """The frames of ``out`` for one write: all of them (``out`` itself) when they fit in
-    MAX_BATCH_BYTES, else as many as fit (at least one), removed from ``out``."""
+def _take_batch(out: list[bytes]) -> tuple[list[bytes], int]:
+    """The frames of ``out`` for one write, and their bytes: all of them (``out`` itself) when
+    they fit in MAX_BATCH_BYTES, else as many as fit (at least one), removed from ``out``."""
     size = 0
     for i, frame in enumerate(out):
-        size += len(frame)
-        if size > MAX_BATCH_BYTES and i:
+        if size + len(frame) > MAX_BATCH_BYTES and i:
             batch = out[:i]
             del out[:i]
-            return batch
-    return out
+            return batch, size
+        size += len(frame)
+    return out, size
