@@ -8,6 +8,7 @@ import trio
 import trio.testing
 
 from verani.errors import StoreError
+from verani.flow import Credit
 from verani.gate import GroupCommit, OutputGate
 from verani.sessions import ConnectionMeta, Session
 
@@ -15,10 +16,8 @@ from verani.sessions import ConnectionMeta, Session
 class Sink:
     """A socket as the gate sees it: records frames, and whether it was closed as too slow."""
 
-    def __init__(self, budget: int = 1 << 20) -> None:
+    def __init__(self) -> None:
         self.frames: list[bytes] = []
-        self.pending_bytes = 0
-        self.max_pending_bytes = budget
         self.over = False
 
     def send_frame(self, frame: bytes) -> None:
@@ -30,18 +29,16 @@ class Sink:
     def over_budget(self) -> None:
         self.over = True
 
-    def message_done(self) -> None:
-        raise AssertionError("the gate reports released turns through its callback")
 
-
-def session(name: str, budget: int = 1 << 20) -> tuple[Session, Sink]:
-    sink = Sink(budget)
-    return Session(ConnectionMeta(user_id=name, client_id=name), sink), sink
+def session(name: str, budget: int = 1 << 20, frames: int = 20) -> tuple[Session, Sink]:
+    sink = Sink()
+    credit = Credit(max_frames=frames, max_bytes=budget, max_in_flight=64)
+    return Session(ConnectionMeta(user_id=name, client_id=name), sink, credit), sink
 
 
 def test_frames_pass_at_once_when_nothing_is_held_and_nothing_is_unwritten() -> None:
     released: list[Any] = []
-    gate = OutputGate(max_held_per_socket=10, released=released.append)
+    gate = OutputGate(released=released.append)
     alice, sink = session("alice")
     gate.settle([([alice], b"a")], "turn 1", seq=3, durable=3)
     assert sink.frames == [b"a"] and released == ["turn 1"] and len(gate) == 0
@@ -49,24 +46,24 @@ def test_frames_pass_at_once_when_nothing_is_held_and_nothing_is_unwritten() -> 
 
 def test_held_frames_leave_in_order_once_their_write_is_durable() -> None:
     released: list[Any] = []
-    gate = OutputGate(max_held_per_socket=10, released=released.append)
+    gate = OutputGate(released=released.append)
     alice, sink = session("alice")
     gate.settle([([alice], b"1")], "t1", seq=1, durable=0)
     # A turn that changed nothing still waits behind the held one: no overtaking.
     gate.settle([([alice], b"2")], "t2", seq=1, durable=0)
     gate.settle([([alice], b"3")], "t3", seq=2, durable=0)
-    assert sink.frames == [] and (alice.held_frames, alice.held_bytes) == (3, 3)
+    assert sink.frames == [] and (alice.credit.held_frames, alice.credit.held_bytes) == (3, 3)
     gate.release(1)
     assert sink.frames == [b"1", b"2"] and released == ["t1", "t2"]
     gate.release(2)
     assert sink.frames == [b"1", b"2", b"3"] and released == ["t1", "t2", "t3"]
-    assert (alice.held_frames, alice.held_bytes, len(gate)) == (0, 0, 0)
+    assert (alice.credit.held_frames, alice.credit.held_bytes, len(gate)) == (0, 0, 0)
 
 
-def test_the_gate_is_full_past_the_frame_limit_of_one_socket() -> None:
-    gate = OutputGate(max_held_per_socket=2, released=lambda event: None)
-    alice, _ = session("alice")
-    bob, _ = session("bob")
+def test_the_gate_is_full_past_the_held_share_of_one_socket() -> None:
+    gate = OutputGate(released=lambda event: None)
+    alice, _ = session("alice", frames=4)  # held frames may use 2 of its 4
+    bob, _ = session("bob", frames=4)
     for seq in (1, 2):
         gate.settle([([alice, bob], b"x")], None, seq=seq, durable=0)
     assert not gate.full
@@ -77,9 +74,9 @@ def test_the_gate_is_full_past_the_frame_limit_of_one_socket() -> None:
 
 
 def test_held_bytes_past_the_budget_make_the_socket_over_budget() -> None:
-    gate = OutputGate(max_held_per_socket=100, released=lambda event: None)
+    gate = OutputGate(released=lambda event: None)
     alice, sink = session("alice", budget=10)
-    sink.pending_bytes = 4  # already queued on the socket
+    assert alice.credit.queue(4)  # already queued on the socket
     gate.settle([([alice], b"123456")], None, seq=1, durable=0)
     assert not sink.over  # 4 + 6 = 10
     gate.settle([([alice], b"7")], None, seq=1, durable=0)
@@ -87,14 +84,14 @@ def test_held_bytes_past_the_budget_make_the_socket_over_budget() -> None:
 
 
 def test_abandon_drops_held_frames_and_returns_their_events() -> None:
-    gate = OutputGate(max_held_per_socket=1, released=lambda event: None)
-    alice, sink = session("alice")
+    gate = OutputGate(released=lambda event: None)
+    alice, sink = session("alice", frames=2)
     gate.settle([([alice], b"a")], "t1", seq=1, durable=0)
     gate.settle([([alice], b"b")], "t2", seq=2, durable=0)
     assert gate.full
     assert gate.abandon() == ["t1", "t2"]
     assert not gate.full and len(gate) == 0 and sink.frames == []
-    assert (alice.held_frames, alice.held_bytes) == (0, 0)
+    assert (alice.credit.held_frames, alice.credit.held_bytes) == (0, 0)
 
 
 # --- group commit ------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from verani.flow import Credit
 from verani.sessions import ConnectionMeta, FrameSink, Session, Sessions, send_to
 
 
@@ -13,10 +14,7 @@ class RecordingSink:
     def __init__(self) -> None:
         self.frames: list[bytes] = []
         self.closed: list[tuple[int, str]] = []
-        self.pending_bytes = 0
-        self.max_pending_bytes = 1 << 20
         self.over = 0
-        self.done = 0
 
     def send_frame(self, frame: bytes) -> None:
         self.frames.append(frame)
@@ -27,16 +25,14 @@ class RecordingSink:
     def over_budget(self) -> None:
         self.over += 1
 
-    def message_done(self) -> None:
-        self.done += 1
-
 
 def session(client_id: str, user_id: str = "ann", channels: list[str] | None = None) -> Session:
     meta = ConnectionMeta(user_id=user_id, client_id=client_id)
     if channels is not None:
         meta.channels = channels
     sink: FrameSink = RecordingSink()
-    return Session(meta=meta, sink=sink)
+    credit = Credit(max_frames=8, max_bytes=1024, max_in_flight=8)
+    return Session(meta=meta, sink=sink, credit=credit)
 
 
 def frames(s: Session) -> list[bytes]:
@@ -48,7 +44,7 @@ def test_a_new_session_listens_on_the_default_channel() -> None:
     s = session("c1")
     assert s.meta.channels == ["default"]
     assert s.first_channel == "default"
-    assert (s.held_frames, s.held_bytes) == (0, 0)
+    assert (s.credit.held_frames, s.credit.frames, s.credit.in_flight) == (0, 0, 0)
 
 
 def test_first_channel_is_the_first_listed_or_default_when_none() -> None:

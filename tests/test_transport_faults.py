@@ -48,7 +48,9 @@ async def test_a_peer_that_resets_while_its_reader_waits_on_flow_control_is_let_
                 # Never read: the writer blocks, the queue fills, the reader parks on flow
                 # control.
                 await client.send(*[frame(TEXT, b'{"type":"big","data":null}')] * 300)
-                while not server._connections or next(iter(server._connections))._backlog() < 64:
+                while (
+                    not server._connections or next(iter(server._connections)).credit.backlog < 64
+                ):
                     await trio.sleep(0.05)
                 # A reset: the pending send fails in the writer, which must end the connection.
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

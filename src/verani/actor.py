@@ -147,7 +147,6 @@ class Actor:
         store: Store,
         codec: Codec,
         idle_timeout: float,
-        max_held_per_socket: int = 512,
         runtime: Runtime | None = None,
     ) -> None:
         self.definition = definition
@@ -175,7 +174,7 @@ class Actor:
         self._unsaved: set[str] = set()  # persisted keys changed since the last durable write
         # Output gate: turns' frames wait for their writes to be durable; the session whose
         # message caused a turn is told when its outputs leave (per-socket flow control).
-        self._gate = OutputGate(max_held_per_socket=max_held_per_socket, released=_released)
+        self._gate = OutputGate(released=_released)
         # Group commit: changed state is written in the background, many turns per write.
         self._commit = GroupCommit(
             where=self._where, save=self._save, durable=self._durable, failed=self._save_failed
@@ -584,10 +583,10 @@ class Actor:
 
 
 def _released(event: Any) -> None:
-    """A turn's outputs left the gate: free a slot of the socket's flow control, or hand a
-    call's result to its caller."""
+    """A turn's outputs left the gate: give the socket's message slot back, or hand a call's
+    result to its caller."""
     if isinstance(event, Message):
-        event.session.sink.message_done()
+        event.session.credit.message_done()
     elif isinstance(event, Call):
         event.done.set()
 

@@ -1,9 +1,9 @@
-"""Internal: one accepted WebSocket — its session, reader, writer, outbound budget and close.
+"""Internal: one accepted WebSocket — its session, reader, writer, flow control and close.
 
 A connection outlives its room's hibernation. Its reader hands client frames to the room (or
 answers keepalive itself, so a ping never wakes a hibernated room); its writer sends what the
-room queued, in as few writes as it can; its budget bounds what waits for a slow reader, in
-frames and in bytes. Whatever goes wrong ends this socket only.
+room queued, in as few writes as it can; its :class:`~verani.flow.Credit` bounds what waits for
+a slow reader, in frames and in bytes. Whatever goes wrong ends this socket only.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import trio
 
 from .actor import Connect, Disconnect, Message
 from .errors import FrameTooLargeError, ProtocolError, WebSocketClosed
+from .flow import Credit
 from .protocol import ERROR_EVENT, PING, PONG_FRAME, decode_frame, encode_event
 from .sessions import ConnectionMeta, Session
 from .supervisor import RoomInstance
@@ -32,12 +33,10 @@ _DRAINING_CODES = frozenset({1000, 1001})
 
 
 class Connection:
-    """One accepted socket: its session, bounded outbound queue, reader and writer.
+    """One accepted socket: its session, outbound queue, reader and writer.
 
-    The outbound budget counts frames and bytes: frames queued, the batch being written, and
-    frames the room's output gate holds for this socket (``session.held_bytes``). Past either
-    limit the socket is closed with 1008: what is queued is dropped and the Close frame goes
-    next.
+    Past the socket's credit (see :mod:`verani.flow`) it is closed with 1008: what is queued is
+    dropped and the Close frame goes next.
     """
 
     def __init__(
@@ -46,14 +45,16 @@ class Connection:
         self._server = server
         self._ws = ws
         self._instance = instance
-        self.session = Session(meta, self)
+        config = server.config
+        self.credit = Credit(
+            max_frames=config.outbound_queue,
+            max_bytes=config.max_outbound_bytes,
+            max_in_flight=config.max_in_flight,
+        )
+        self.session = Session(meta, self, self.credit)
         # A list, not a deque: the writer takes it whole, and an empty list is 56 bytes where
         # a deque is over 600 (memory per idle socket).
         self._out: list[bytes] = []
-        self._out_limit = server.config.outbound_queue
-        #: Bytes queued or being written (the output gate's are on the session: held_bytes).
-        self.pending_bytes = 0
-        self.max_pending_bytes = server.config.max_outbound_bytes
         self._out_ready = trio.Event()
         self._draining = False
         self._read_scope = trio.CancelScope()
@@ -61,8 +62,6 @@ class Connection:
         self._ping_due = False
         #: When the last liveness Ping was sent (None: no answer awaited).
         self.ping_sent: float | None = None
-        self._in_flight = 0
-        self._may_read = trio.Event()
         self._close_code: int | None = None
         self._close_reason = ""
         self._where = f"room {instance.definition.name}/{instance.name}"
@@ -72,21 +71,17 @@ class Connection:
     def send_frame(self, frame: bytes) -> None:
         if self._close_code is not None:
             return
-        pending = self.pending_bytes + len(frame)
-        if (
-            len(self._out) >= self._out_limit
-            or pending + self.session.held_bytes > self.max_pending_bytes
-        ):
-            self._too_slow(pending + self.session.held_bytes)
+        if not self.credit.queue(len(frame)):
+            self._too_slow(len(frame))
             return
-        self.pending_bytes = pending
         self._out.append(frame)
         self._out_ready.set()
 
     def over_budget(self) -> None:
-        self._too_slow(self.pending_bytes + self.session.held_bytes)
+        self._too_slow(0)
 
-    def _too_slow(self, pending: int) -> None:
+    def _too_slow(self, refused: int) -> None:
+        credit = self.credit
         self._server.client_log(
             logging.WARNING,
             "%s: client %s (user %s) reads too slowly (%d frames queued, %d bytes pending; "
@@ -94,21 +89,12 @@ class Connection:
             self._where,
             self.session.meta.client_id,
             self.session.meta.user_id,
-            len(self._out),
-            pending,
-            self._out_limit,
-            self.max_pending_bytes,
+            credit.frames,
+            credit.bytes + credit.held_bytes + refused,
+            credit.max_frames,
+            credit.max_bytes,
         )
         self.close(1008, "outbound budget exceeded: the client reads too slowly")
-
-    def message_done(self) -> None:
-        self._in_flight -= 1
-        self._may_read.set()
-
-    def _backlog(self) -> int:
-        # This socket's messages still in the room plus its frames not yet sent: a client that
-        # floods faster than it reads its replies is slowed here, at its own socket.
-        return self._in_flight + len(self._out)
 
     def close(self, code: int, reason: str) -> None:
         if self._close_code is not None:
@@ -121,7 +107,7 @@ class Connection:
             # Nothing queued goes out: the Close frame is next. A write in progress may finish
             # (a frame cut in half would leave no way to send the Close), but not for long.
             self._out = []
-            self.pending_bytes = 0
+            self.credit.drop_queued()
             self._read_scope.cancel()
             if self._send_scope is not None:
                 deadline = trio.current_time() + self._server.config.close_timeout
@@ -174,11 +160,7 @@ class Connection:
     async def _reader(self) -> None:
         ws, session, server = self._ws, self.session, self._server
         while True:
-            # Flow control before any frame is handled: pongs and error answers fill the
-            # outbound queue too, and a burst of them must wait for the writer, not overflow it.
-            while self._backlog() >= server.config.max_in_flight:
-                self._may_read = trio.Event()
-                await self._may_read.wait()
+            await self.credit.wait_to_read()
             try:
                 message = await ws.receive()
             except WebSocketClosed as closed:
@@ -212,9 +194,9 @@ class Connection:
                 # Answered here, so keepalive never wakes a hibernated room.
                 self.send_frame(PONG_FRAME)
                 continue
-            self._in_flight += 1
+            self.credit.take_message()
             if not await self._instance.submit(Message(session, frame)):
-                self._in_flight -= 1
+                self.credit.message_done()
 
     def _log_violation(self, closed: WebSocketClosed) -> None:
         self._server.stats.frames_dropped += 1
@@ -269,10 +251,9 @@ class Connection:
                     await ws.send_frames(batch)
                     send_scope.deadline = math.inf
                     if self._close_code is None or self._draining:
-                        self.pending_bytes -= size
+                        self.credit.sent(len(batch), size)
                     # An idle socket keeps no reference to what it last sent.
                     del batch
-                    self._may_read.set()
             except WebSocketClosed:
                 # The peer is gone: end the connection now, or a reader parked on flow
                 # control would wait forever for a writer that will never drain its queue.

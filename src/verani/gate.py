@@ -10,11 +10,10 @@ only once every write the room made up to that turn is on disk, so no client eve
 that a crash could take back. Turns that changed nothing persisted pass straight through when
 nothing is held; otherwise their frames queue behind the held ones, in emission order.
 
-Frames held for a socket count on its :class:`~verani.sessions.Session` (``held_frames``,
-``held_bytes``): the bytes toward the socket's outbound budget, the frames toward
-``max_held_per_socket``, past which :attr:`OutputGate.full` tells the room to take no new event
-until writes catch up (so a burst of releases never overflows a socket's queue, and a failing
-store cannot make held frames grow without bound).
+Frames held for a socket spend its :class:`~verani.flow.Credit`: their bytes count toward the
+socket's byte allowance, and once they pass their share of its frames :attr:`OutputGate.full`
+tells the room to take no new event until writes catch up (so a burst of releases never
+overflows a socket's queue, and a failing store cannot make held frames grow without bound).
 """
 
 from __future__ import annotations
@@ -42,17 +41,16 @@ class OutputGate:
     """The held outputs of one awake room instance. ``released(event)`` is called for each
     turn's event once its frames have left (a socket's flow control, a caller waiting)."""
 
-    def __init__(self, *, max_held_per_socket: int, released: Callable[[Any], None]) -> None:
+    def __init__(self, *, released: Callable[[Any], None]) -> None:
         # A list, released in slices: an awake room's empty deque would cost 600+ bytes.
         self._held: list[tuple[int, Outputs, Any]] = []
-        self._max_held = max_held_per_socket
         self._released = released
-        # Sessions past the frame limit: counted as they cross it, no scan on release.
+        # Sessions past their held share: counted as they cross it, no scan on release.
         self._over_limit = 0
 
     @property
     def full(self) -> bool:
-        """Some socket has more frames held than the gate allows: take no new event."""
+        """Some socket has more frames held than its credit allows: take no new event."""
         return self._over_limit > 0
 
     def __len__(self) -> int:
@@ -67,21 +65,18 @@ class OutputGate:
             self._released(event)
             return
         self._held.append((seq, outputs or [], event))
-        limit = self._max_held
         for targets, frame in outputs or ():
             size = len(frame)
             for session in targets:
-                held = session.held_frames = session.held_frames + 1
-                if held == limit + 1:
+                credit = session.credit
+                if credit.hold(size):
                     self._over_limit += 1
-                held_bytes = session.held_bytes = session.held_bytes + size
-                sink = session.sink
-                if held_bytes + sink.pending_bytes > sink.max_pending_bytes:
-                    sink.over_budget()
+                if credit.over_bytes:
+                    session.sink.over_budget()
 
     def release(self, durable: int) -> None:
         """Write ``durable`` is on disk: send every held turn's frames up to it, in order."""
-        held, limit = self._held, self._max_held
+        held = self._held
         ready = 0
         while ready < len(held) and held[ready][0] <= durable:
             ready += 1
@@ -92,10 +87,8 @@ class OutputGate:
             for targets, frame in outputs:
                 size = len(frame)
                 for session in targets:
-                    left = session.held_frames = session.held_frames - 1
-                    if left == limit:
+                    if session.credit.unhold(size):
                         self._over_limit -= 1
-                    session.held_bytes -= size
                 send_to(targets, frame)
 
     def abandon(self) -> list[Any]:
@@ -105,7 +98,7 @@ class OutputGate:
         for _, outputs, event in self._held:
             for targets, _ in outputs:
                 for session in targets:
-                    session.held_frames = session.held_bytes = 0
+                    session.credit.drop_held()
             events.append(event)
         self._held.clear()
         self._over_limit = 0

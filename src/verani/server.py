@@ -536,12 +536,10 @@ async def open_server(
         else None
     )
     try:
-        # Held frames are released in bursts; half the outbound queue leaves room for them.
         supervisor = Supervisor(
             router.rooms,
             store_obj,
             idle_timeout=idle_timeout,
-            max_held_per_socket=max(1, config.outbound_queue // 2),
             max_awake=config.max_awake_rooms,
             instance_rules=rules,
         )

@@ -12,6 +12,8 @@ from typing import Protocol
 
 import attrs
 
+from .flow import Credit
+
 
 @attrs.define(eq=False)
 class ConnectionMeta:
@@ -52,39 +54,25 @@ class FrameSink(Protocol):
     """Where a session's outgoing frames go: the socket's bounded outbound queue."""
 
     def send_frame(self, frame: bytes) -> None:
-        """Queue an encoded frame without waiting; a full queue closes the socket instead."""
+        """Queue an encoded frame without waiting; past the socket's credit, close it instead."""
 
     def close(self, code: int, reason: str) -> None:
         """Ask for the socket to be closed with ``code``; returns at once."""
 
-    #: Bytes queued for the socket or being written; with the session's ``held_bytes``, they
-    #: count toward ``max_pending_bytes``.
-    pending_bytes: int
-    #: The socket's outbound byte budget.
-    max_pending_bytes: int
-
     def over_budget(self) -> None:
         """The frames held for this socket by the room's output gate took it past its byte
-        budget: close it (1008) as a reader too slow for what it is sent."""
-
-    def message_done(self) -> None:
-        """One message of this socket has been handled and its turn's frames have left the gate.
-
-        The connection bounds how many of its messages are in the room at once, so a client
-        that floods the room is slowed down at its own socket instead of overflowing its queue.
-        """
+        allowance: close it (1008) as a reader too slow for what it is sent."""
 
 
 @attrs.define(eq=False)
 class Session:
-    """One socket's presence in one room instance."""
+    """One socket's presence in one room instance: who it is, where its frames go, and its
+    flow control (owned by the connection; the room's output gate and turns spend and return
+    it)."""
 
     meta: ConnectionMeta
     sink: FrameSink
-    #: Frames and bytes the room's output gate holds for this socket until the writes they
-    #: depend on are durable (kept by the room's actor).
-    held_frames: int = 0
-    held_bytes: int = 0
+    credit: Credit
 
     @property
     def first_channel(self) -> str:

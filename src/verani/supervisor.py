@@ -117,7 +117,6 @@ class Supervisor:
         *,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         codec: Codec | None = None,
-        max_held_per_socket: int = 512,
         max_awake: int = 10_000,
         instance_rules: InstanceRules | None = None,
     ) -> None:
@@ -128,7 +127,6 @@ class Supervisor:
         self.codec = codec or make_codec()
         self.instances: dict[tuple[str, str], RoomInstance] = {}
         self.stopping = False
-        self.max_held_per_socket = max_held_per_socket
         self.max_awake = max_awake
         self._running = 0  # instances with an actor task, awake or finishing hibernation
         self._evicting: set[tuple[str, str]] = set()
@@ -212,7 +210,6 @@ class Supervisor:
                     store=self.store,
                     codec=self.codec,
                     idle_timeout=definition.idle_timeout or self.idle_timeout,
-                    max_held_per_socket=self.max_held_per_socket,
                     runtime=self.runtime,
                 )
                 inst.actor = actor
