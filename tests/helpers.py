@@ -192,13 +192,15 @@ class RawSocket:
                 return int(event.code)
 
 
-def logged(caplog: pytest.LogCaptureFixture, logger: str, pattern: str) -> list[str]:
-    """Messages of ``logger`` (or its children) at INFO or above matching ``pattern``."""
+def logged(
+    caplog: pytest.LogCaptureFixture, logger: str, pattern: str, level: int = logging.INFO
+) -> list[str]:
+    """Messages of ``logger`` (or its children) at ``level`` or above matching ``pattern``."""
     return [
         r.getMessage()
         for r in caplog.records
         if (r.name == logger or r.name.startswith(logger + "."))
-        and r.levelno >= logging.INFO
+        and r.levelno >= level
         and re.search(pattern, r.getMessage())
     ]
 

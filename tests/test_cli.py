@@ -63,6 +63,15 @@ async def _count_up(url: str, times: int) -> int:
         return count
 
 
+def test_log_level_debug_shows_each_event_handled(tmp_path: pathlib.Path) -> None:
+    with serving(tmp_path / "store", "--log-level", "debug") as (proc, url):
+        assert trio.run(_count_up, url, 1) == 1
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert re.search(r"handled 'counter:increment' from client \S+ \(user cli\) in", err), err
+    assert re.search(r"room 'counter' instance 'default': saved \d+ bytes", err), err
+
+
 def test_serve_hibernate_and_sigterm(tmp_path: pathlib.Path) -> None:
     store = tmp_path / "store"
     with serving(store) as (proc, url):

@@ -406,11 +406,27 @@ class Actor:
                 session.sink.close(1011, "the room failed to accept the connection")
             else:
                 self.sessions.add(session)
+                log.debug(
+                    "%s: client %s (user %s) connected; %d connected",
+                    self._where,
+                    session.meta.client_id,
+                    session.meta.user_id,
+                    len(self.sessions),
+                )
             return ctx
         if isinstance(event, Disconnect):
             session = event.session
             if not self.sessions.remove(session):
                 return None
+            log.debug(
+                "%s: client %s (user %s) disconnected (%s%s); %d connected",
+                self._where,
+                session.meta.client_id,
+                session.meta.user_id,
+                event.code,
+                f" {event.reason}" if event.reason else "",
+                len(self.sessions),
+            )
             ctx = self._context(session, close_code=event.code, close_reason=event.reason)
             if hooks.on_disconnect is not None:
                 await self._call("on_disconnect", ctx, hooks.on_disconnect, ctx)
@@ -420,6 +436,7 @@ class Actor:
             if session not in self.sessions:
                 return None
             ctx = self._context(session, frame=frame)
+            started = time.perf_counter() if log.isEnabledFor(logging.DEBUG) else None
             handlers = self.definition.handlers_for(frame.type)
             # Verani hands handlers `frame.data || {}`: a frame without data gives an empty dict.
             data = {} if frame.data is None else frame.data
@@ -444,6 +461,15 @@ class Actor:
                             "message": f"this room has no handler for {frame.type!r}",
                         },
                     )
+            if started is not None:
+                log.debug(
+                    "%s: handled %r from client %s (user %s) in %.2f ms",
+                    self._where,
+                    frame.type,
+                    session.meta.client_id,
+                    session.meta.user_id,
+                    (time.perf_counter() - started) * 1000,
+                )
             return ctx
         if isinstance(event, Call):
             try:

@@ -8,6 +8,7 @@ import logging
 import os
 import pathlib
 import tempfile
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, Literal
 
@@ -134,11 +135,19 @@ class FileStore(Store):
             data = orjson.dumps(document, option=orjson.OPT_INDENT_2 | orjson.OPT_UTC_Z)
         except orjson.JSONEncodeError as exc:
             raise TypeError(f"state of {_name(room, instance)} is not JSON: {exc}") from exc
+        started = time.perf_counter()
         async with self._lock(path):
             await trio.to_thread.run_sync(
                 self._save_sync, path, room, instance, data + b"\n", limiter=self._threads
             )
         self.saves += 1
+        _log.debug(
+            "%s: saved %d bytes (%s) in %.2f ms",
+            _name(room, instance),
+            len(data) + 1,
+            "fsync" if self._fsync else "os",
+            (time.perf_counter() - started) * 1000,
+        )
 
     async def peek(self, room: str, instance: str) -> tuple[StoredDocument, int] | None:
         """Read the document and its size in bytes without ever writing: an unreadable document
