@@ -175,12 +175,14 @@ function latency(samples) {
 }
 
 async function openAll(n, instance, onEvent, prefix = "u") {
-  // Opens in batches so a connect storm does not overflow the listen backlog.
+  // Opens in batches so a connect storm does not overflow the listen backlog. `instance` is a
+  // name, or a function of the client's index giving its instance's name.
   const conns = [];
   for (let i = 0; i < n; i += 100) {
     const batch = [];
     for (let j = i; j < Math.min(n, i + 100); j++) {
-      const c = new Conn(`${prefix}${j}`, instance, (name, data) => onEvent(c, name, data));
+      const name = typeof instance === "function" ? instance(j) : instance;
+      const c = new Conn(`${prefix}${j}`, name, (event, data) => onEvent(c, event, data));
       batch.push(c);
     }
     await Promise.all(batch.map((c) => c.ready));
@@ -312,6 +314,97 @@ async function fanout() {
   };
 }
 
+async function multiroom() {
+  // One client on each of `rooms` instances (`${instance}0` ... `${instance}${rooms - 1}`), each
+  // doing increment -> its own counter:update -> next, all at once, for `warmup_s` seconds
+  // unmeasured and then `duration_s` measured: ops/s over all rooms, reply p50/p99.
+  const pending = new Map();
+  const conns = await openAll(
+    args.rooms,
+    (j) => `${args.instance}${j}`,
+    (conn, name, data) => {
+      if (name === "counter:update" && data.updatedBy === conn.userId) pending.get(conn)?.();
+    },
+  );
+  let recording = false;
+  let stopping = false;
+  let ops = 0;
+  const samples = [];
+  const loop = async (c) => {
+    while (!stopping) {
+      const t = now();
+      await new Promise((resolve) => {
+        pending.set(c, resolve);
+        c.increment();
+      });
+      if (recording) {
+        ops++;
+        samples.push(now() - t);
+      }
+    }
+  };
+  const loops = conns.map(loop);
+  await new Promise((resolve) => setTimeout(resolve, args.warmup_s * 1000));
+  const result = await measure(async () => {
+    recording = true;
+    await new Promise((resolve) => setTimeout(resolve, args.duration_s * 1000));
+    recording = false;
+    return {};
+  })();
+  stopping = true;
+  await Promise.all(loops);
+  for (const c of conns) c.close();
+  return { rooms: args.rooms, ops, ops_per_s: ops / result.elapsed_s, ...latency(samples), ...result };
+}
+
+async function broadcast() {
+  // `clients` receivers and one sender on one instance; one broadcast at a time: the sender
+  // sends an increment, every receiver gets the room's counter:update, then the next. After
+  // `warmup_s` seconds unmeasured, `duration_s` measured: broadcasts/s, and send -> last
+  // receipt p50/p99.
+  let expected = null;
+  let got = 0;
+  let allGot = null;
+  const onEvent = (conn, name, data) => {
+    if (name !== "counter:update" || conn.role !== "receiver" || expected === null) return;
+    if (data.count !== expected) {
+      throw new Error(`${conn.userId}: count ${data.count}, expected ${expected}`);
+    }
+    if (++got === args.clients) allGot();
+  };
+  const receivers = await openAll(args.clients, args.instance, onEvent, "r");
+  for (const r of receivers) r.role = "receiver";
+  const [sender] = await openAll(1, args.instance, onEvent, "sender");
+  let count = (await sender.ready).count;
+  const one = () =>
+    new Promise((resolve) => {
+      got = 0;
+      allGot = resolve;
+      expected = ++count;
+      sender.increment();
+    });
+  const warmupEnd = now() + args.warmup_s * 1000;
+  while (now() < warmupEnd) await one();
+  const samples = [];
+  const result = await measure(async () => {
+    const end = now() + args.duration_s * 1000;
+    while (now() < end) {
+      const t = now();
+      await one();
+      samples.push(now() - t);
+    }
+    return {};
+  })();
+  for (const c of [...receivers, sender]) c.close();
+  return {
+    clients: args.clients,
+    broadcasts: samples.length,
+    broadcasts_per_s: samples.length / result.elapsed_s,
+    ...latency(samples),
+    ...result,
+  };
+}
+
 async function connect() {
   const result = await measure(async () => {
     const conns = [];
@@ -381,7 +474,7 @@ async function revive() {
   return null;
 }
 
-const modes = { rtt, pipeline, fanout, connect, idle, rooms, revive };
+const modes = { rtt, pipeline, fanout, multiroom, broadcast, connect, idle, rooms, revive };
 const timer = setTimeout(() => {
   process.stderr.write(`loadgen: ${args.mode} timed out after ${args.timeout_s} s\n`);
   process.exit(3);

@@ -10,11 +10,14 @@ generator's own CPU use, and ``ceiling`` lines show what the load generator reac
 trivial Node server — the most any server could show here.
 
 Servers: ``verani`` (file store, ``durability="fsync"``), ``verani_os`` (``durability="os"``),
-``naive_trio`` (the counter by hand on trio-websocket, no persistence), ``websockets`` (the same on
-the asyncio ``websockets`` library), ``socketio`` (python-socketio under uvicorn; needs
+``verani_memory`` (the same server on the in-memory store: ``verani serve`` has no option for
+it, so ``tests/bench/verani_memory.py`` runs the CLI's ``serve`` with a ``MemoryStore``),
+``naive_trio`` (the counter by hand on trio-websocket, one count per instance, no persistence),
+``websockets`` (the same on the asyncio ``websockets`` library; its broadcasts go through
+``websockets.broadcast()``), ``socketio`` (python-socketio under uvicorn; needs
 ``pip install -e '.[bench]'``), ``trivial`` (Node, the ceiling).
 
-Scenarios (all on the seed's counter room, over loopback):
+Scenarios (on the seed's counter room unless said otherwise, over loopback):
 
 - ``rtt``: one client, increment → its own ``counter:update`` → next; ops/s, p50/p99.
 - ``pipeline``: 20 clients on one instance each keep 16 increments outstanding; increments/s and
@@ -27,6 +30,20 @@ Scenarios (all on the seed's counter room, over loopback):
 - ``durable``: ``pipeline`` with ``durability="fsync"`` vs ``"os"``, and store writes per event.
 - ``memory``: server RSS per idle connection (1,000 connections), and RSS added by 10,000 room
   instances created then hibernated (vs never created).
+- ``rooms``: 200 instances (``/ws/counter/r0`` ... ``r199``), one client each, every client doing
+  increment → its own ``counter:update`` → next, all at once for a fixed time; ops/s over all
+  rooms, reply p50/p99. ``verani``, ``verani_os``, ``verani_memory``, ``naive_trio``.
+- ``broadcast``: 500 clients and one sender on one instance, one broadcast at a time (the sender
+  increments, all 500 get the update, then the next) for a fixed time; broadcasts/s, send → last
+  receipt p50/p99. ``verani`` on the counter room (each broadcast also a durable write) and
+  ``verani_nopersist`` on ``bench_room.py``'s ``broadcast`` room (nothing persisted: the
+  broadcast alone), against ``websockets`` (``broadcast()``) and ``naive_trio``.
+- ``large-state``: ``bench_room.py``'s ``large`` room, ~1 MB persisted in one key and the count in
+  another; one client's sequential increments each change only the count. Turns/s, and per turn
+  the bytes the server process wrote (``wchar`` of ``/proc/PID/io``: every ``write``, before the
+  page cache; sockets are not counted), the bytes it sent toward the disk (``write_bytes``, in
+  pages) and its store writes, next to the encoded size of the change. ``verani``,
+  ``verani_os``.
 
 Prints one table, then one JSON line per scenario. On a shared 2-core machine absolute figures
 move from run to run; compare the ratios measured in one run.
@@ -94,6 +111,7 @@ def _verani(durability: str) -> list[str]:
 SERVERS: dict[str, list[str]] = {
     "verani": _verani("fsync"),
     "verani_os": _verani("os"),
+    "verani_memory": [PY, str(HERE / "verani_memory.py"), *_verani("os")[2:]],
     "naive_trio": [PY, str(HERE / "naive_trio.py"), "0"],
     "websockets": [PY, str(ROOT / "tests" / "interop" / "websockets_counter_server.py"), "0"],
     "socketio": [PY, str(HERE / "naive_socketio.py"), "0"],
@@ -129,6 +147,11 @@ class Server:
     def cpu_s(self) -> float:
         fields = pathlib.Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def io(self) -> dict[str, int]:
+        """The server process's /proc/PID/io counters (``wchar``, ``write_bytes``, ...)."""
+        lines = pathlib.Path(f"/proc/{self.proc.pid}/io").read_text().splitlines()
+        return {k: int(v) for k, v in (line.split(": ") for line in lines)}
 
     def rss_kb(self) -> int:
         for line in pathlib.Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
@@ -396,6 +419,70 @@ def scenario_memory(servers: list[str], quick: bool) -> dict[str, Any]:
     return {"per_connection": per_conn, "hibernated_rooms": hibernated}
 
 
+def scenario_rooms(servers: list[str], quick: bool) -> dict[str, Any]:
+    warmup_s, duration_s = (0.5, 2) if quick else (2, 8)
+    names = [s for s in ["verani", "verani_os", "verani_memory", "naive_trio"] if s in servers]
+    variants = {}
+    for name in names:
+        with serving(name) as server:
+            variants[name] = rounded(
+                loadgen(server, "multiroom", rooms=200, instance="r", warmup_s=warmup_s,
+                        duration_s=duration_s)
+            )  # fmt: skip
+    return {"variants": variants, "key": "ops_per_s"}
+
+
+def scenario_broadcast(servers: list[str], quick: bool) -> dict[str, Any]:
+    clients, warmup_s, duration_s = (100, 0.5, 2) if quick else (500, 2, 8)
+    # (variant, server, room path): verani twice, on the counter room and on a room that
+    # persists nothing.
+    cases = [
+        ("verani", "verani", "/ws/counter"),
+        ("verani_nopersist", "verani", "/ws/broadcast"),
+        ("websockets", "websockets", "/ws/counter"),
+        ("naive_trio", "naive_trio", "/ws/counter"),
+    ]
+    variants = {}
+    for variant, name, path in cases:
+        if name not in servers:
+            continue
+        with serving(name) as server:
+            variants[variant] = rounded(
+                loadgen(server, "broadcast", path=path, clients=clients, warmup_s=warmup_s,
+                        duration_s=duration_s)
+            )  # fmt: skip
+    return {"variants": variants, "key": "broadcasts_per_s"}
+
+
+def scenario_large_state(servers: list[str], quick: bool) -> dict[str, Any]:
+    from tests.bench.bench_room import LARGE_BYTES
+
+    turns = 50 if quick else 300
+    names = [s for s in ["verani", "verani_os"] if s in servers]
+    variants = {}
+    for name in names:
+        with serving(name) as server:
+            room = {"path": "/ws/large", "instance": "large"}
+            # The first connect fills the big key (and writes it); a few turns warm the server.
+            loadgen(server, "rtt", **room, count=20, warmup=0)
+            io0, saves0 = server.io(), server.control({"op": "status"})["store_saves"]
+            result = loadgen(server, "rtt", **room, count=turns, warmup=0)
+            io1, saves1 = server.io(), server.control({"op": "status"})["store_saves"]
+            count = 20 + turns  # the count the last turn set
+            result["turns_per_s"] = result.pop("ops_per_s")
+            result["wchar_per_turn"] = (io1["wchar"] - io0["wchar"]) / turns
+            result["write_bytes_per_turn"] = (io1["write_bytes"] - io0["write_bytes"]) / turns
+            result["store_writes_per_turn"] = (saves1 - saves0) / turns
+            result["store_bytes"] = sum(
+                f.stat().st_size for f in server.store.rglob("*") if f.is_file()
+            )
+            result["large_key_bytes"] = LARGE_BYTES
+            # The change a turn makes: the count key, encoded.
+            result["change_bytes"] = len(json.dumps({"count": count}, separators=(",", ":"))) - 2
+            variants[name] = rounded(result)
+    return {"variants": variants, "key": "turns_per_s"}
+
+
 def latency(samples: list[float]) -> dict[str, Any]:
     ordered = sorted(samples)
     if not ordered:
@@ -415,6 +502,9 @@ SCENARIOS = {
     "revive": scenario_revive,
     "durable": scenario_durable,
     "memory": scenario_memory,
+    "rooms": scenario_rooms,
+    "broadcast": scenario_broadcast,
+    "large-state": scenario_large_state,
 }
 
 
@@ -441,6 +531,14 @@ def table_rows(name: str, result: dict[str, Any]) -> list[tuple[str, ...]]:
                 rows[-1] = (
                     *rows[-1][:-1],
                     f"{rows[-1][-1]}; {r['writes_per_event']:.3f} writes/event",
+                )
+            if name == "large-state":
+                rows[-1] = (
+                    *rows[-1][:-1],
+                    f"{rows[-1][-1]}; per turn {r['wchar_per_turn']:,.0f} B written "
+                    f"({r['wchar_per_turn'] / r['change_bytes']:,.0f}x the "
+                    f"{r['change_bytes']} B change), {r['write_bytes_per_turn']:,.0f} B to disk, "
+                    f"{r['store_writes_per_turn']:.2f} store writes",
                 )
     elif name == "revive":
         for case, c in result["cases"].items():
