@@ -3,16 +3,17 @@
 ``FaultyStore`` is the real :class:`~verani.store.FileStore` with one knob per kind of fault,
 so every test that needs a misbehaving store uses the same one:
 
-- a gate: while ``hold_saves`` is true, each save sets ``save_reached`` and waits for
-  ``save_gate`` (``release_saves()`` opens it for good);
+- a gate: while ``hold_saves`` is true, each save (a room's commit, or a whole document) sets
+  ``save_reached`` and waits for ``save_gate`` (``release_saves()`` opens it for good);
 - a delay: each save first sleeps ``save_delay`` seconds, as on a slow disk;
 - OS faults: ``fail_writes(error)`` and ``fail_reads(error)`` raise an :class:`OSError` inside the
   store's own file work, where the file system would raise it, so FileStore's handling of it
   (StoreError naming the room and path, the temp file removed, nothing moved aside) is the code
   under test. They stand for what the tests cannot cause for real: as root, chmod denies nothing,
   and a full disk or an I/O error cannot be made on demand;
-- interface faults: ``fail_saves(error)`` and ``fail_loads(error)`` raise from ``save`` or
-  ``load`` before any file work, for errors FileStore itself never raises (a store with a bug).
+- interface faults: ``fail_saves(error)`` and ``fail_loads(error)`` raise from ``commit`` or
+  ``save``, or from ``load``, before any file work, for errors FileStore itself never raises (a
+  store with a bug).
 
 Each fault fires ``times`` times, or until ``heal()`` when ``times`` is None.
 
@@ -31,6 +32,7 @@ import trio
 import trio.testing
 
 from verani.store import FileStore, JSONValue, StoredDocument
+from verani.store.base import Changes
 
 _PosixPath = type(pathlib.Path())
 
@@ -124,13 +126,7 @@ class FaultyStore(FileStore):
         for fault in (self._save_fault, self._load_fault, self._write_fault, self._read_fault):
             fault.arm(None, None)
 
-    async def save(
-        self,
-        room: str,
-        instance: str,
-        state: Mapping[str, JSONValue],
-        storage: Mapping[str, JSONValue] | None = None,
-    ) -> None:
+    async def _before_save(self) -> None:
         if self.hold_saves:
             self.save_reached.set()
             await self.save_gate.wait()
@@ -139,7 +135,20 @@ class FaultyStore(FileStore):
         error = self._save_fault.take()
         if error is not None:
             raise error
+
+    async def save(
+        self,
+        room: str,
+        instance: str,
+        state: Mapping[str, JSONValue],
+        storage: Mapping[str, JSONValue] | None = None,
+    ) -> None:
+        await self._before_save()
         await super().save(room, instance, state, storage)
+
+    async def commit(self, room: str, instance: str, changes: Changes) -> None:
+        await self._before_save()
+        await super().commit(room, instance, changes)
 
     async def load(self, room: str, instance: str) -> StoredDocument | None:
         error = self._load_fault.take()
@@ -148,8 +157,8 @@ class FaultyStore(FileStore):
         return await super().load(room, instance)
 
     # The OS faults enter below FileStore's own error handling, in its worker-thread code: the
-    # directory step is the first thing a save does inside its ``except OSError``, and the load
-    # reads its document through the path it is given.
+    # directory step is the first thing a document save or a journal append does inside its
+    # error handling, and the load reads its document through the path it is given.
 
     def _make_dirs(self, directory: pathlib.Path) -> None:
         super()._make_dirs(directory)

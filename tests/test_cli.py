@@ -457,22 +457,27 @@ def test_sigterm_with_a_room_that_cannot_be_saved_exits_1_and_names_it(
     async def increment_into_a_broken_store(url: str, proc: subprocess.Popen[str]) -> None:
         async with connect(url, "/ws/counter") as client:
             await client.next_event("counter:sync")
-            await client.emit("counter:increment", {"amount": 1})
-            await client.next_event("counter:update")  # count 1: saved
             # The store breaks under the running room: its document's place is now a
-            # directory, so no save can replace it.
-            path.unlink()
+            # directory, so no checkpoint can replace it (commits still go to the journal).
+            path.parent.mkdir(parents=True, exist_ok=True)
             path.mkdir()
             (path / "keep").write_text("x")
-            await client.emit("counter:increment", {"amount": 1})
-            await trio.sleep(0.3)  # the write fails and is retried; its reply stays held
+            for count in (1, 2):
+                await client.emit("counter:increment", {"amount": 1})
+                assert (await client.next_event("counter:update"))[1]["count"] == count
             proc.send_signal(signal.SIGTERM)
             with pytest.raises(trio_websocket.ConnectionClosed):
-                while True:
-                    await client.next_event("counter:update")  # count 2 is never shown
+                await client.next_event("counter:update")
 
     with serving(store) as (proc, url):
         trio.run(increment_into_a_broken_store, url, proc)
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 1, err
     assert "stopped with 1 room(s) not saved: counter/default:" in err
+    assert "saved in the store's journal" in err
+    # Repaired, the store gives back everything a client was shown: the journal is applied.
+    (path / "keep").unlink()
+    path.rmdir()
+    with serving(store) as (proc, url):
+        assert trio.run(_count_up, url, 0) == 2
+    assert orjson.loads(path.read_bytes())["state"]["count"] == 2

@@ -936,6 +936,8 @@ async def test_attacker_instance_names_stay_inside_the_store(
     assert set(documents) == set(accepted)
     # Nothing under tmp_path but the store's own files and those documents...
     expected = {store, store / "server.lock", store / "rooms", room_dir, *documents.values()}
+    # ...and the journal's directory, empty after a clean shutdown.
+    expected.add(store / "journal")
     assert {pathlib.Path(p) for p in _files(tmp_path)} == expected
     # ... and nothing appeared (or went) next to it.
     assert _files(tmp_path.parent, skip=tmp_path) == outside

@@ -10,7 +10,6 @@ import errno
 import logging
 from typing import Any
 
-import orjson
 import pytest
 import trio
 import trio_websocket
@@ -22,8 +21,11 @@ from verani.store import FileStore
 from helpers import connect
 
 
-def stored(store: FileStore, room: str, instance: str = "default") -> Any:
-    return orjson.loads(store.path_for(room, instance).read_bytes())["state"]
+async def stored(store: FileStore, room: str, instance: str = "default") -> Any:
+    """What the store holds durably: the document with the journal's later commits applied."""
+    found = await store.peek(room, instance)
+    assert found is not None, f"nothing stored for {room}/{instance}"
+    return found[0].state
 
 
 def bag_room(events: list[Any], **options: Any) -> Any:
@@ -74,7 +76,7 @@ async def test_unpersistable_value_is_reported_and_previous_value_kept(tmp_path:
                 await client.next_event("put:ok")
                 await client.emit("put", "b")  # still holds the function: fails again
                 await client.next_event("put:ok")
-            assert stored(store, "bag")["items"] == ["a"]
+            assert (await stored(store, "bag"))["items"] == ["a"]
             expected = (
                 "persist_error",
                 "items",
@@ -109,9 +111,9 @@ async def test_shallow_tracking_saves_in_place_changes_at_hibernation(tmp_path: 
                 await client.next_event("put:ok")
                 await client.emit("append", "late")
                 await client.next_event("put:ok")
-                assert stored(store, "bag")["items"] == ["a", "in-place", "b"]
+                assert (await stored(store, "bag"))["items"] == ["a", "in-place", "b"]
                 await server.hibernate("bag")
-                assert stored(store, "bag")["items"] == ["a", "in-place", "b", "late"]
+                assert (await stored(store, "bag"))["items"] == ["a", "in-place", "b", "late"]
 
 
 async def test_deep_tracking_saves_in_place_changes_each_turn(tmp_path: Any) -> None:
@@ -122,7 +124,7 @@ async def test_deep_tracking_saves_in_place_changes_each_turn(tmp_path: Any) -> 
             async with connect(server.url, "/ws/bag") as client:
                 await client.emit("append", "in-place")
                 await client.next_event("put:ok")
-                assert stored(store, "bag")["items"] == ["in-place"]
+                assert (await stored(store, "bag"))["items"] == ["in-place"]
 
 
 async def test_output_waits_for_durability_and_writes_coalesce(tmp_path: Any) -> None:
@@ -141,7 +143,7 @@ async def test_output_waits_for_durability_and_writes_coalesce(tmp_path: Any) ->
                 store.release_saves()
                 seen = [(await client.next_event("put:ok"))[1]["items"] for _ in range(10)]
                 assert seen == list(range(1, 11))
-                assert stored(store, "bag")["items"] == list(range(10))
+                assert (await stored(store, "bag"))["items"] == list(range(10))
                 # Ten turns, far fewer writes: the first, then the rest coalesced.
                 assert store.saves <= 3
 
@@ -169,7 +171,7 @@ async def test_failed_writes_hold_outputs_until_the_store_recovers(
                 store.heal()
                 _, data = await client.next_event("put:ok")
                 assert data["items"] == 2
-                assert stored(store, "bag")["items"] == ["a", "b"]
+                assert (await stored(store, "bag"))["items"] == ["a", "b"]
 
 
 async def test_corrupt_document_is_moved_aside_and_room_starts_fresh(
@@ -189,7 +191,7 @@ async def test_corrupt_document_is_moved_aside_and_room_starts_fresh(
     aside = [p for p in path.parent.iterdir() if ".corrupt-" in p.name]
     assert len(aside) == 1
     assert aside[0].read_bytes().endswith(b'"count": ')  # kept byte for byte, never deleted
-    assert stored(store, "counter")["count"] == 1
+    assert (await stored(store, "counter"))["count"] == 1
     assert "room counter/default: stored state unreadable" in caplog.text
 
 
@@ -252,7 +254,7 @@ async def test_a_burst_against_a_slow_store_never_drops_a_prompt_reader(tmp_path
                     nursery.start_soon(send)
                     seen = [(await client.next_event("put:ok"))[1]["items"] for _ in range(n)]
                 assert seen == list(range(1, n + 1))
-                assert len(stored(store, "bag")["items"]) == n
+                assert len((await stored(store, "bag"))["items"]) == n
                 # Far fewer writes than turns (about one per 30 here): the turns that run while
                 # a write is under way share the next one. A quarter leaves slow machines room.
                 assert store.saves < n // 4

@@ -74,7 +74,10 @@ async def test_storage_is_saved_with_state_and_survives_hibernation_and_restart(
                 for i in (1, 2, 3):
                     await client.emit("add", {"id": i, "amount": 10 * i})
                     await client.next_event("added")
-                doc = orjson.loads(store.path_for("ledger", "default").read_bytes())
+                # What is stored now: the document and the journal's commits after it.
+                found = await store.peek("ledger", "default")
+                assert found is not None
+                doc = {"state": found[0].state, "storage": found[0].storage}
                 assert doc["state"] == {"total": 60}
                 assert doc["storage"]["entry:2"] == {
                     "amount": 20,
@@ -182,7 +185,7 @@ async def test_old_format_and_corrupt_documents_leave_the_room_usable(
             async with connect(server.url, "/ws/counter/bad") as client:
                 assert (await client.next_event("counter:sync"))[1]["count"] == 0
     upgraded = orjson.loads(store.path_for("counter", "old").read_bytes())
-    assert (upgraded["version"], upgraded["storage"]) == (2, {})
+    assert (upgraded["version"], upgraded["storage"]) == (3, {})
     aside = [
         p.name for p in store.path_for("counter", "bad").parent.iterdir() if ".corrupt-" in p.name
     ]

@@ -92,6 +92,7 @@ def document(**changes: Any) -> bytes:
         "room": "chat",
         "instance": "lobby",
         "saved_at": "2025-01-31T12:00:00Z",
+        "seq": 0,
         "state": {"count": 1},
         "storage": {},
     }
@@ -138,9 +139,18 @@ async def test_document_is_readable_json(store: FileStore) -> None:
     raw = store.path_for("chat", "lobby").read_bytes()
     assert b'\n  "state": {\n' in raw  # indented for people
     doc = orjson.loads(raw)
-    assert list(doc) == ["format", "version", "room", "instance", "saved_at", "state", "storage"]
+    assert list(doc) == [
+        "format",
+        "version",
+        "room",
+        "instance",
+        "saved_at",
+        "seq",
+        "state",
+        "storage",
+    ]
     assert doc["format"] == "verani.room"
-    assert doc["version"] == 2
+    assert doc["version"] == 3 and doc["seq"] == 0
     assert doc["storage"] == {"k": "v"}
     assert (doc["room"], doc["instance"]) == ("chat", "lobby")
     assert doc["saved_at"].endswith("Z")

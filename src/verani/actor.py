@@ -38,6 +38,7 @@ from .sessions import Session, Sessions, send_to
 from .state import set_untracked, take_changes, track
 from .storage import RoomStorage
 from .store import Store
+from .store.base import Changes
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -172,6 +173,10 @@ class Actor:
         self._storage_dirty = False
         self.storage: RoomStorage | None = None
         self._unsaved: set[str] = set()  # persisted keys changed since the last durable write
+        self._uncommitted: set[str] = set()  # persisted keys changed since the last commit
+        # The background checkpoint under way, if any (one at a time).
+        self._checkpointing: trio.Event | None = None
+        self._nursery: trio.Nursery | None = None
         # Output gate: turns' frames wait for their writes to be durable; the session whose
         # message caused a turn is told when its outputs leave (per-socket flow control).
         self._gate = OutputGate(released=_released)
@@ -196,6 +201,7 @@ class Actor:
         """
         await self._load()
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             nursery.start_soon(self._commit.run)
             restore = self.definition.hooks.on_hibernation_restore
             if len(self.sessions) and restore is not None:
@@ -223,17 +229,18 @@ class Actor:
                 with trio.move_on_at(self.last_turn + self.idle_timeout):
                     event = await self._inbox.receive()
             if event is None:
-                if await self._final_flush():
+                if await self._final_flush() is None:
                     log.info("%s: hibernated after %.1fs idle", self._where, self.idle_timeout)
                     return None
                 self.last_turn = trio.current_time()
             elif isinstance(event, Hibernate):
                 self.hibernating = event
-                if await self._final_flush():
+                failure = await self._final_flush()
+                if failure is None:
                     log.info("%s: hibernated on request", self._where)
                     return event
                 self.hibernating = None
-                event.finish(f"{self._where}: its state could not be saved; it stays awake")
+                event.finish(f"{self._where}: {failure}; it stays awake")
             else:
                 # The lock is free unless a failed write is being reported: take it without a
                 # scheduling point (one per event otherwise).
@@ -546,6 +553,7 @@ class Actor:
                 continue
             self._encoded[key] = encoded
             self._unsaved.add(key)
+            self._uncommitted.add(key)
             dirty = True
         if self._storage_dirty:
             self._storage_dirty = False
@@ -571,15 +579,49 @@ class Actor:
             await self._on_error(failure, ctx)
 
     async def _save(self) -> None:
+        """Commit what changed since the last commit: the store writes only that."""
         assert self.storage is not None
-        await self._store.save(
-            self.definition.name, self.instance, dict(self._encoded), self.storage.snapshot()
-        )
+        keys, self._uncommitted = self._uncommitted, set()
+        put, deleted, storage_keys = self.storage.take_changes()
+        # In declaration order (a set's is arbitrary): documents list keys as the room does.
+        changes = Changes({k: v for k, v in self._encoded.items() if k in keys}, put, deleted)
+        try:
+            await self._store.commit(self.definition.name, self.instance, changes)
+        except BaseException:
+            # Not stored: the next commit carries these again (with their latest values).
+            self._uncommitted |= keys
+            self.storage.restore_changes(storage_keys)
+            raise
 
     def _durable(self, seq: int) -> None:
         if seq == self._commit.seq:
             self._unsaved.clear()
         self._gate.release(seq)
+        if (
+            self._checkpointing is None
+            and self._nursery is not None
+            and self._store.checkpoint_due(self.definition.name, self.instance)
+        ):
+            # In the background: checkpoint I/O never holds a turn or a reply.
+            self._checkpointing = trio.Event()
+            self._nursery.start_soon(self._checkpoint)
+
+    async def _checkpoint(self) -> None:
+        """Rewrite the stored document from the room's state, so the store can let go of the
+        commits it includes. A failure loses nothing (the commits stay in the store's journal)."""
+        assert self.storage is not None
+        try:
+            await self._store.checkpoint(
+                self.definition.name, self.instance, dict(self._encoded), self.storage.snapshot()
+            )
+        except StoreError as exc:
+            log.warning(
+                "%s: checkpoint failed (its commits stay in the journal): %s", self._where, exc
+            )
+        finally:
+            if self._checkpointing is not None:
+                self._checkpointing.set()
+                self._checkpointing = None
 
     async def _save_failed(self, error: StoreError, first: bool) -> None:
         if first:  # reported once per run of failures, not on every retry
@@ -588,13 +630,28 @@ class Actor:
                     for key in sorted(self._unsaved):
                         await self._persist_failed(key, error, None)
 
-    async def _final_flush(self) -> bool:
-        """Write every persisted key in full and wait until it is durable; False if it failed."""
+    async def _final_flush(self) -> str | None:
+        """Write every persisted key in full and wait until it is durable, then fold it into the
+        stored document (a checkpoint); what failed, if anything did."""
         async with self._turn_lock:
             with _as_turn_of(self._key):
                 for key, error in self._persist_changes(full=True):
                     await self._persist_failed(key, error, None)
-        return await self._commit.wait_durable()
+        if not await self._commit.wait_durable():
+            return "its state could not be saved"
+        if self._checkpointing is not None:
+            await self._checkpointing.wait()
+        if self._store.checkpoint_due(self.definition.name, self.instance, at_rest=True):
+            # A room only goes to sleep with everything in its document: a sleeping room's
+            # commits would otherwise wait in the journal until the next start.
+            self._checkpointing = trio.Event()
+            await self._checkpoint()
+            if self._store.checkpoint_due(self.definition.name, self.instance, at_rest=True):
+                return (
+                    "its changes are saved in the store's journal, but its document could not "
+                    "be written (they are applied at the next start)"
+                )
+        return None
 
     # --- output gate ------------------------------------------------------------------------
 

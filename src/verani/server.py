@@ -536,6 +536,9 @@ async def open_server(
         else None
     )
     try:
+        # Before anything is served: what a crash left in the store's journal goes into the
+        # documents, so every room wakes with every change it ever committed.
+        await store_obj.recover()
         supervisor = Supervisor(
             router.rooms,
             store_obj,

@@ -29,10 +29,23 @@ class RoomStorage:
         self._codec = codec
         self._data: dict[str, JSONValue] = dict(stored)
         self._on_change = on_change
+        # Keys put or deleted since the last take_changes(), for the next commit.
+        self._changed: set[str] = set()
 
     def snapshot(self) -> dict[str, JSONValue]:
         """The encoded key space, for the store (a copy: later puts do not change it)."""
         return dict(self._data)
+
+    def take_changes(self) -> tuple[dict[str, JSONValue], list[str], set[str]]:
+        """What changed since the last call: the keys put (with their values), the keys
+        deleted, and every changed key (for :meth:`restore_changes` if the commit fails)."""
+        changed, self._changed = self._changed, set()
+        put = {k: self._data[k] for k in changed if k in self._data}
+        return put, sorted(changed - put.keys()), changed
+
+    def restore_changes(self, keys: set[str]) -> None:
+        """A commit of ``keys`` failed: they go in the next one again."""
+        self._changed |= keys
 
     @overload
     async def get(self, key: str) -> Any: ...
@@ -68,6 +81,7 @@ class RoomStorage:
             for k, v in entries.items()
         }
         self._data.update(encoded)
+        self._changed.update(encoded)
         if encoded:
             self._on_change()
 
@@ -78,7 +92,11 @@ class RoomStorage:
     async def delete(self, key: str | Iterable[str]) -> bool | int:
         """Remove ``key`` (returns whether it was there) or a list of keys (returns how many)."""
         keys = [_check_key(key)] if isinstance(key, str) else [_check_key(k) for k in key]
-        removed = sum(self._data.pop(k, _MISSING) is not _MISSING for k in keys)
+        removed = 0
+        for k in keys:
+            if self._data.pop(k, _MISSING) is not _MISSING:
+                removed += 1
+                self._changed.add(k)
         if removed:
             self._on_change()
         return bool(removed) if isinstance(key, str) else removed
@@ -86,6 +104,7 @@ class RoomStorage:
     async def delete_all(self) -> None:
         """Remove every key."""
         if self._data:
+            self._changed.update(self._data)
             self._data.clear()
             self._on_change()
 

@@ -1,7 +1,10 @@
 """Internal: the store interface and the pieces every store shares.
 
 A store keeps one document per room instance: the instance's persisted keys, each value already
-encoded to JSON by the caller. This module does no I/O, so it can be used by any store.
+encoded to JSON by the caller. A room commits what each write changed (:class:`Changes`); a store
+may write those changes somewhere cheaper than the document (the file store's journal) and fold
+them into the document later (a checkpoint). This module does no I/O, so it can be used by any
+store.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import datetime
 import hashlib
 import re
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeAlias
 
 import attrs
@@ -20,6 +23,7 @@ __all__ = [
     "DOCUMENT_FORMAT",
     "FORMAT_VERSION",
     "MIGRATIONS",
+    "Changes",
     "JSONValue",
     "Migration",
     "Store",
@@ -32,11 +36,12 @@ __all__ = [
 
 JSONValue: TypeAlias = bool | int | float | str | list["JSONValue"] | dict[str, "JSONValue"] | None
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 """The document format this version of verani writes; it reads this one and older ones.
 
 Version 2 added the ``storage`` section (``actor.storage``); a version 1 document reads as one
-with empty storage.
+with empty storage. Version 3 added ``seq``, the last journal record the document includes; an
+older document includes none (``seq`` 0).
 """
 
 Migration = Callable[[dict[str, Any]], dict[str, Any]]
@@ -46,8 +51,12 @@ def _v1_to_v2(doc: dict[str, Any]) -> dict[str, Any]:
     return {**doc, "version": 2, "storage": {}}
 
 
+def _v2_to_v3(doc: dict[str, Any]) -> dict[str, Any]:
+    return {**doc, "version": 3, "seq": 0}
+
+
 #: ``MIGRATIONS[v]`` turns a parsed version ``v`` document into a version ``v + 1`` one.
-MIGRATIONS: Mapping[int, Migration] = {1: _v1_to_v2}
+MIGRATIONS: Mapping[int, Migration] = {1: _v1_to_v2, 2: _v2_to_v3}
 
 _ROOM_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _SAFE_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
@@ -65,7 +74,8 @@ class StoredDocument:
     ``state`` maps each persisted key to its already-encoded JSON value; ``storage`` is the
     instance's ``actor.storage`` key space, encoded the same way. ``saved_at`` is the time of the
     save that wrote the document (aware, UTC). ``format_version`` is the format the document was
-    written in (older documents are migrated when read).
+    written in (older documents are migrated when read). ``seq`` numbers the last commit the
+    document includes (commits after it, if any, are still in the store's journal).
     """
 
     room: str
@@ -74,6 +84,27 @@ class StoredDocument:
     saved_at: datetime.datetime
     format_version: int
     storage: dict[str, JSONValue] = attrs.field(factory=dict)
+    seq: int = 0
+
+
+@attrs.frozen
+class Changes:
+    """What one commit changes in one room instance's document: the persisted keys it sets
+    (encoded), the ``actor.storage`` keys it puts (encoded) and the ones it deletes."""
+
+    state: Mapping[str, JSONValue] = attrs.field(factory=dict)
+    storage_put: Mapping[str, JSONValue] = attrs.field(factory=dict)
+    storage_delete: Sequence[str] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.state or self.storage_put or self.storage_delete)
+
+    def apply(self, state: dict[str, JSONValue], storage: dict[str, JSONValue]) -> None:
+        """Apply these changes to a document's ``state`` and ``storage``, in place."""
+        state.update(self.state)
+        for key in self.storage_delete:
+            storage.pop(key, None)
+        storage.update(self.storage_put)
 
 
 #: The ``format`` field of every stored document.
@@ -85,6 +116,7 @@ def new_document(
     instance: str,
     state: Mapping[str, JSONValue],
     storage: Mapping[str, JSONValue] | None,
+    seq: int = 0,
 ) -> dict[str, Any]:
     """The document a store writes for one save (``saved_at`` is now, as an aware datetime)."""
     return {
@@ -93,6 +125,7 @@ def new_document(
         "room": room,
         "instance": instance,
         "saved_at": datetime.datetime.now(datetime.UTC),
+        "seq": seq,
         "state": state,
         "storage": storage or {},
     }
@@ -132,6 +165,42 @@ class Store(abc.ABC):
         When this returns, the new document is stored; if it raises
         :class:`verani.errors.StoreError`, the previous document is still the stored one.
         """
+
+    async def commit(self, room: str, instance: str, changes: Changes) -> None:
+        """Make ``changes`` to the document of ``room``/``instance`` durable.
+
+        When this returns they are stored (a later :meth:`load` sees them, whatever happens to
+        the process); if it raises :class:`verani.errors.StoreError`, none of them are. The
+        default reads the document, applies the changes and saves it whole; a store with a
+        cheaper way (the file store's journal) overrides it.
+        """
+        doc = await self.load(room, instance)
+        state = dict(doc.state) if doc is not None else {}
+        storage = dict(doc.storage) if doc is not None else {}
+        changes.apply(state, storage)
+        await self.save(room, instance, state, storage)
+
+    async def checkpoint(
+        self,
+        room: str,
+        instance: str,
+        state: Mapping[str, JSONValue],
+        storage: Mapping[str, JSONValue] | None = None,
+    ) -> None:
+        """Rewrite the document whole from a room's own state, which includes every commit it
+        made so far (see :meth:`checkpoint_due`). The default is :meth:`save`."""
+        await self.save(room, instance, state, storage)
+
+    def checkpoint_due(self, room: str, instance: str, *, at_rest: bool = False) -> bool:
+        """Whether the document of ``room``/``instance`` should be rewritten whole from the
+        room's state (:meth:`save`) so the store can let go of its commits: ``at_rest`` asks for
+        a room about to hibernate (any commit not yet in the document), otherwise for a room
+        still awake (enough commits piled up). Stores without a journal: never."""
+        return False
+
+    async def recover(self) -> None:  # noqa: B027 - an optional hook, not an abstract method
+        """Bring every document up to date with what was committed before a crash; run once
+        before serving. The default has nothing to do."""
 
     @abc.abstractmethod
     async def delete(self, room: str, instance: str) -> bool:

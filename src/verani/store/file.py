@@ -1,4 +1,5 @@
-"""Internal: the file store: one JSON document per room instance under a directory."""
+"""Internal: the file store: one JSON document per room instance under a directory, and a journal
+of the changes not yet in the documents (:mod:`verani.store.journal`)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from verani.errors import CorruptDocumentError, StoreError, store_errors
 from verani.store.base import (
     DOCUMENT_FORMAT,
     FORMAT_VERSION,
+    Changes,
     JSONValue,
     Store,
     StoredDocument,
@@ -27,6 +29,7 @@ from verani.store.base import (
     new_document,
     validate_room_name,
 )
+from verani.store.journal import Journal, Record, fsync_dir, read_segment
 
 __all__ = ["FileStore"]
 
@@ -45,9 +48,17 @@ class FileStore(Store):
 
     A document is indented JSON a person can read::
 
-        {"format": "verani.room", "version": 2, "room": "...", "instance": "...",
-         "saved_at": "2025-01-31T12:00:00.123456Z", "state": {"key": <value>, ...},
+        {"format": "verani.room", "version": 3, "room": "...", "instance": "...",
+         "saved_at": "2025-01-31T12:00:00.123456Z", "seq": 12, "state": {"key": <value>, ...},
          "storage": {"key": <value>, ...}}
+
+    A room's commits (:meth:`commit`) are appended to the journal, ``DIRECTORY/journal/``, where
+    the commits of every room made at the same time share one write and one sync; only what each
+    changed is written. Documents are checkpoints: rewritten whole (:meth:`save`) when a room
+    hibernates or its journal records pile up, and then the journal segments no record needs are
+    removed. ``seq`` is the last commit a document includes. :meth:`recover`, run before
+    serving, folds whatever a crash left in the journal into the documents; until then
+    :meth:`load` and :meth:`peek` apply it as they read.
 
     Each save writes a temp file next to the document and renames it over the document, so a
     reader (or a crash) sees the old document or the new one, never a mix. With
@@ -55,7 +66,7 @@ class FileStore(Store):
     saved document also survives a power loss or kernel crash. ``durability="os"`` skips the
     fsyncs: much faster, and still safe against a crash of the process, but after a power loss
     the last saves may be missing (the older document is found instead). Use it for tests and
-    development.
+    development. Journal appends follow the same choice (``fdatasync`` or none).
 
     Saves and loads of the same document run one at a time, in the order they were called, so the
     last save called is the one left on disk. The file work runs in worker threads, at most
@@ -82,6 +93,14 @@ class FileStore(Store):
         self._directory = pathlib.Path(directory).absolute()
         self._fsync = durability == "fsync"
         self._locks: dict[pathlib.Path, trio.Lock] = {}
+        self._journal = Journal(
+            self._directory / "journal",
+            fsync=self._fsync,
+            threads=self._threads,
+            make_dirs=self._make_dirs,
+        )
+        #: Documents rewritten whole from an awake or hibernating room's state.
+        self.checkpoints = 0
 
     @property
     def directory(self) -> pathlib.Path:
@@ -108,10 +127,13 @@ class FileStore(Store):
         overwritten by a fresh room.
         """
         path = self.path_for(room, instance)
+        await self._journal.open()
         async with self._lock(path):
-            return await trio.to_thread.run_sync(
+            doc = await trio.to_thread.run_sync(
                 self._load_sync, path, room, instance, limiter=self._threads
             )
+        self._journal.loaded((room, instance), doc.seq if doc is not None else 0)
+        return await self._with_journal(room, instance, doc)
 
     async def save(
         self,
@@ -121,15 +143,41 @@ class FileStore(Store):
         storage: Mapping[str, JSONValue] | None = None,
     ) -> None:
         """Write ``state`` and ``storage`` as the document of ``room``/``instance``, atomically
-        (see the class).
+        (see the class); it replaces the document and every commit before it.
 
         ``state`` values must already be JSON values (``orjson`` writes NaN and infinities as
         null, so encode those first). Raises TypeError when they are not, and
         :class:`~verani.errors.StoreError` when the document cannot be written; the previous
         document is then left as it was.
         """
+        await self._write_document(room, instance, state, storage)
+        self.saves += 1
+
+    async def checkpoint(
+        self,
+        room: str,
+        instance: str,
+        state: Mapping[str, JSONValue],
+        storage: Mapping[str, JSONValue] | None = None,
+    ) -> None:
+        """:meth:`save` for a room's own state, which includes every commit it made so far: the
+        journal segments only it needed are removed."""
+        await self._write_document(room, instance, state, storage)
+        self.checkpoints += 1
+
+    async def _write_document(
+        self,
+        room: str,
+        instance: str,
+        state: Mapping[str, JSONValue],
+        storage: Mapping[str, JSONValue] | None,
+    ) -> None:
         path = self.path_for(room, instance)
-        document = new_document(room, instance, state, storage)
+        await self._journal.open()
+        key = (room, instance)
+        # Read before any await: the caller's state includes every commit up to here.
+        seq = self._journal.last_seq(key)
+        document = new_document(room, instance, state, storage, seq)
         # Encoded here, not in the worker thread: the caller may change `state` once we yield.
         try:
             data = orjson.dumps(document, option=orjson.OPT_INDENT_2 | orjson.OPT_UTC_Z)
@@ -137,10 +185,12 @@ class FileStore(Store):
             raise TypeError(f"state of {_name(room, instance)} is not JSON: {exc}") from exc
         started = time.perf_counter()
         async with self._lock(path):
+            if seq < self._journal.doc_seq(key):
+                return  # a newer checkpoint got there first; this one would go back in time
             await trio.to_thread.run_sync(
                 self._save_sync, path, room, instance, data + b"\n", limiter=self._threads
             )
-        self.saves += 1
+            await self._journal.checkpointed(key, seq)
         _log.debug(
             "%s: saved %d bytes (%s) in %.2f ms",
             _name(room, instance),
@@ -149,15 +199,100 @@ class FileStore(Store):
             (time.perf_counter() - started) * 1000,
         )
 
+    async def commit(self, room: str, instance: str, changes: Changes) -> None:
+        """Append ``changes`` to the journal; returns once they are durable (see the class).
+
+        Raises TypeError when a value is not JSON, and :class:`~verani.errors.StoreError` when
+        the journal cannot be written (none of the changes are stored then).
+        """
+        self.path_for(room, instance)  # the names' checks, as for a document
+        await self._journal.open()
+        key = (room, instance)
+        if not self._journal.knows(key):
+            await self.load(room, instance)  # where its commits are numbered from
+        started = time.perf_counter()
+        seq = await self._journal.append(room, instance, changes)
+        self.saves += 1
+        _log.debug(
+            "%s: committed #%d (%d keys, %d storage keys) in %.2f ms",
+            _name(room, instance),
+            seq,
+            len(changes.state),
+            len(changes.storage_put) + len(changes.storage_delete),
+            (time.perf_counter() - started) * 1000,
+        )
+
+    def checkpoint_due(self, room: str, instance: str, *, at_rest: bool = False) -> bool:
+        """See :meth:`Store.checkpoint_due`: at rest, any commit not in the document; awake,
+        1 MiB of them, or one in a segment that is no longer the one appended to."""
+        return self._journal.checkpoint_due((room, instance), at_rest=at_rest)
+
+    async def recover(self) -> None:
+        """Fold every commit in the journal into its document, durably, then empty the journal.
+
+        A torn or corrupt record ends what is read of its segment (a warning names the file and
+        offset); what came before it is applied, nothing after it.
+        """
+        await self._journal.open()
+        for room, instance in sorted(self._journal.instances()):
+            try:
+                path = self.path_for(room, instance)
+            except ValueError as exc:
+                _log.warning("journal: skipping a record for an invalid name: %s", exc)
+                continue
+            try:
+                doc = await self.load(room, instance)
+            except CorruptDocumentError:
+                doc = await self._with_journal(room, instance, None)
+            if doc is None:
+                await trio.to_thread.run_sync(
+                    self._delete_sync, path, room, instance, limiter=self._threads
+                )
+            else:
+                await self._write_document(room, instance, doc.state, doc.storage)
+                _log.info("journal: recovered %s up to commit #%d", _name(room, instance), doc.seq)
+        await self._journal.clear()
+
+    async def _with_journal(
+        self, room: str, instance: str, doc: StoredDocument | None
+    ) -> StoredDocument | None:
+        """``doc`` with the journal's later commits of ``room``/``instance`` applied."""
+        key = (room, instance)
+        numbers = self._journal.pending_segments(key)
+        if not numbers:
+            return doc
+        records = await trio.to_thread.run_sync(
+            self._records_sync, numbers, key, limiter=self._threads
+        )
+        return _apply(room, instance, doc, records)
+
+    def _records_sync(self, numbers: list[int], key: tuple[str, str]) -> list[Record]:
+        found: list[Record] = []
+        for number in sorted(numbers):
+            path = self._journal.directory / f"{number:08d}.wal"
+            with store_errors(f"cannot read the journal segment {path}"):
+                try:
+                    data = path.read_bytes()
+                except FileNotFoundError:
+                    continue
+            records, _, _ = read_segment(data)
+            found.extend(r for r in records if (r.room, r.instance) == key)
+        return found
+
     async def peek(self, room: str, instance: str) -> tuple[StoredDocument, int] | None:
         """Read the document and its size in bytes without ever writing: an unreadable document
         raises :class:`~verani.errors.CorruptDocumentError` and stays where it is. For tools
         such as ``verani inspect`` that may run beside a server (atomic renames mean they see
         the old document or the new one)."""
         path = self.path_for(room, instance)
-        return await trio.to_thread.run_sync(
+        await self._journal.open()
+        found = await trio.to_thread.run_sync(
             self._peek_sync, path, room, instance, limiter=self._threads
         )
+        doc = await self._with_journal(room, instance, found[0] if found else None)
+        if doc is None:
+            return None
+        return doc, found[1] if found else 0
 
     def _peek_sync(
         self, path: pathlib.Path, room: str, instance: str
@@ -173,12 +308,21 @@ class FileStore(Store):
             ) from None
 
     async def delete(self, room: str, instance: str) -> bool:
-        """Remove the document of ``room``/``instance`` (durably with ``fsync``)."""
+        """Remove the document of ``room``/``instance`` (durably with ``fsync``), and whatever
+        the journal holds of it."""
         path = self.path_for(room, instance)
+        await self._journal.open()
+        key = (room, instance)
+        journaled = bool(self._journal.pending_segments(key))
+        if journaled:
+            # Recorded first: a crash before the file is gone must not bring the commits back.
+            await self._journal.append(room, instance, Changes(), drop=True)
         async with self._lock(path):
-            return await trio.to_thread.run_sync(
+            existed = await trio.to_thread.run_sync(
                 self._delete_sync, path, room, instance, limiter=self._threads
             )
+            await self._journal.checkpointed(key, self._journal.last_seq(key))
+        return existed or journaled
 
     async def set_aside(self, room: str, instance: str, reason: str) -> str | None:
         """Copy the document to ``<file>.corrupt-<UTC time>`` (it stays in place) and log why."""
@@ -198,7 +342,17 @@ class FileStore(Store):
         """
         if room is not None:
             validate_room_name(room)
-        return await trio.to_thread.run_sync(self._list_sync, room, limiter=self._threads)
+        await self._journal.open()
+        found = await trio.to_thread.run_sync(self._list_sync, room, limiter=self._threads)
+        journaled = {k for k in self._journal.instances() if room is None or k[0] == room}
+        return sorted(set(found) | journaled)
+
+    async def aclose(self) -> None:
+        """Close the journal; when every commit in it is in a document (as after every room
+        hibernated), its segments are removed."""
+        self._journal.close()
+        if self._journal.opened and not self._journal.instances():
+            await self._journal.clear()
 
     @contextlib.asynccontextmanager
     async def _lock(self, path: pathlib.Path) -> AsyncIterator[None]:
@@ -229,7 +383,7 @@ class FileStore(Store):
                 os.replace(tmp, path)
                 tmp = None
                 if self._fsync:
-                    _fsync_dir(path.parent)
+                    fsync_dir(path.parent)
             except OSError:
                 if tmp is not None:  # the write failed midway: no half-written file is left
                     with contextlib.suppress(OSError):
@@ -243,7 +397,7 @@ class FileStore(Store):
             except FileNotFoundError:
                 return False
         if self._fsync:
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
         return True
 
     def _make_dirs(self, directory: pathlib.Path) -> None:
@@ -257,7 +411,7 @@ class FileStore(Store):
             return
         if self._fsync:
             # The new directory's entry must be durable too, or the document may vanish with it.
-            _fsync_dir(directory.parent)
+            fsync_dir(directory.parent)
 
     def _load_sync(self, path: pathlib.Path, room: str, instance: str) -> StoredDocument | None:
         data = _read(path, room, instance)
@@ -318,14 +472,6 @@ def _short(value: object) -> str:
     # Instance names may be thousands of characters long; messages only need to identify them.
     shown = repr(value)
     return shown if len(shown) <= 100 else shown[:100] + "..."
-
-
-def _fsync_dir(directory: pathlib.Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _aside_name(path: pathlib.Path) -> pathlib.Path:
@@ -396,6 +542,9 @@ def _parse(
     storage = doc.get("storage")
     if not isinstance(storage, dict):
         raise _Unreadable(f"storage is {type(storage).__name__}, not an object")
+    seq = doc.get("seq")
+    if type(seq) is not int or seq < 0:
+        raise _Unreadable(f"seq is {_short(seq)}, not an integer >= 0")
     return StoredDocument(
         room=room,
         instance=instance,
@@ -403,6 +552,39 @@ def _parse(
         saved_at=when.astimezone(datetime.UTC),
         format_version=version,
         storage=storage,
+        seq=seq,
+    )
+
+
+def _apply(
+    room: str, instance: str, doc: StoredDocument | None, records: list[Record]
+) -> StoredDocument | None:
+    """``doc`` (None: no document) with the commits of ``records`` after its ``seq`` applied."""
+    seq = doc.seq if doc is not None else 0
+    state = dict(doc.state) if doc is not None else {}
+    storage = dict(doc.storage) if doc is not None else {}
+    exists = doc is not None
+    for record in records:
+        if record.seq <= seq:
+            continue
+        seq = record.seq
+        if record.drop:
+            state, storage, exists = {}, {}, False
+        else:
+            record.changes.apply(state, storage)
+            exists = True
+    if not exists:
+        return None
+    if doc is not None and seq == doc.seq:
+        return doc
+    return StoredDocument(
+        room=room,
+        instance=instance,
+        state=state,
+        saved_at=doc.saved_at if doc is not None else datetime.datetime.now(datetime.UTC),
+        format_version=FORMAT_VERSION,
+        storage=storage,
+        seq=seq,
     )
 
 

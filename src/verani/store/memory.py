@@ -48,6 +48,7 @@ class MemoryStore(Store):
             saved_at=datetime.datetime.fromisoformat(doc["saved_at"]),
             format_version=doc["version"],
             storage=doc["storage"],
+            seq=doc["seq"],
         )
 
     async def save(
