@@ -205,11 +205,11 @@ class FileStore(Store):
         Raises TypeError when a value is not JSON, and :class:`~verani.errors.StoreError` when
         the journal cannot be written (none of the changes are stored then).
         """
-        self.path_for(room, instance)  # the names' checks, as for a document
         await self._journal.open()
         key = (room, instance)
         if not self._journal.knows(key):
-            await self.load(room, instance)  # where its commits are numbered from
+            # The names' checks (as for a document), and where its commits are numbered from.
+            await self.load(room, instance)
         started = time.perf_counter()
         seq = await self._journal.append(room, instance, changes)
         self.saves += 1
