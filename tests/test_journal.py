@@ -320,3 +320,22 @@ def test_sigkill_under_multi_room_load_loses_nothing_any_client_was_shown(
             doc = orjson.loads(restarted.path_for("counter", room).read_bytes())
             assert shown <= doc["state"]["count"] <= before + sent, (room, before, sent, shown)
         assert segments(restarted) == []
+
+
+async def test_numbering_never_goes_back_while_old_records_remain(tmp_path: pathlib.Path) -> None:
+    # Room b keeps the segment alive; room a is checkpointed (and forgotten by the index), then
+    # changes again: after a crash its old records must not be applied over the new state.
+    store = FileStore(tmp_path)
+    await store.commit("room", "b", Changes({"n": 1}))
+    await store.commit("room", "a", Changes({"v": "old"}))
+    await store.checkpoint("room", "a", {"v": "old"})
+    await store.commit("room", "a", Changes({"v": "new"}))
+    await store.checkpoint("room", "a", {"v": "new"})
+    await store.save("room", "a", {"v": "newest"})
+    crashed(store)
+    assert segments(store)  # b's record keeps the segment, with a's old records in it
+    restarted = FileStore(tmp_path)
+    await restarted.recover()
+    assert (await restarted.load("room", "a")).state == {"v": "newest"}  # type: ignore[union-attr]
+    assert (await restarted.load("room", "b")).state == {"n": 1}  # type: ignore[union-attr]
+    crashed(restarted)

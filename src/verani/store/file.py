@@ -175,6 +175,8 @@ class FileStore(Store):
         path = self.path_for(room, instance)
         await self._journal.open()
         key = (room, instance)
+        if not self._journal.knows(key):
+            await self._learn_seq(room, instance)
         # Read before any await: the caller's state includes every commit up to here.
         seq = self._journal.last_seq(key)
         document = new_document(room, instance, state, storage, seq)
@@ -208,8 +210,7 @@ class FileStore(Store):
         await self._journal.open()
         key = (room, instance)
         if not self._journal.knows(key):
-            # The names' checks (as for a document), and where its commits are numbered from.
-            await self.load(room, instance)
+            await self._learn_seq(room, instance)
         started = time.perf_counter()
         seq = await self._journal.append(room, instance, changes)
         self.saves += 1
@@ -252,6 +253,18 @@ class FileStore(Store):
                 await self._write_document(room, instance, doc.state, doc.storage)
                 _log.info("journal: recovered %s up to commit #%d", _name(room, instance), doc.seq)
         await self._journal.clear()
+
+    async def _learn_seq(self, room: str, instance: str) -> None:
+        """Where the commits of an instance this store has not seen yet are numbered from: its
+        document's ``seq``. Numbers never go back while a segment may hold older records."""
+        path = self.path_for(room, instance)  # also the names' checks
+        try:
+            found = await trio.to_thread.run_sync(
+                self._peek_sync, path, room, instance, limiter=self._threads
+            )
+        except CorruptDocumentError:
+            found = None  # it is set aside when loaded; numbering starts afresh
+        self._journal.loaded((room, instance), found[0].seq if found is not None else 0)
 
     async def _with_journal(
         self, room: str, instance: str, doc: StoredDocument | None

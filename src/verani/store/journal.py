@@ -280,7 +280,12 @@ class Journal:
             if not held and number != self._active:
                 done.append(number)
         if seq >= self._seq.get(key, 0):
+            # All in the document: nothing of it is kept here (ten thousand hibernated rooms
+            # cost no memory); its next commit reads its seq from the document again.
             self._since.pop(key, None)
+            if not any(key in held for held in self._segments.values()):
+                self._seq.pop(key, None)
+                self._doc_seq.pop(key, None)
         else:
             # Commits made after the checkpoint's snapshot: they are in the active segment.
             self._since[key] = (0, self._active or 0)
@@ -288,12 +293,6 @@ class Journal:
             del self._segments[number]
         if done:
             await trio.to_thread.run_sync(self._remove_sync, done, limiter=self._threads)
-
-    def forget(self, key: Key) -> None:
-        """``key`` hibernated with everything in its document: its next load says where it is."""
-        if key not in self._since and not any(key in held for held in self._segments.values()):
-            self._seq.pop(key, None)
-            self._doc_seq.pop(key, None)
 
     # --- appending ------------------------------------------------------------------------
 
