@@ -320,6 +320,35 @@ def test_argument_errors_with_click_runner(tmp_path: pathlib.Path) -> None:
         assert "Example:" in help_text, command
 
 
+def test_usage_errors_are_verani_errors_then_the_usage_line_exit_2(tmp_path: pathlib.Path) -> None:
+    # The real command: click's own format would be "Usage: ...", a blank line, "Error: ...".
+    cases = {
+        ("emit", "http://x/ws", "e"): (
+            "Invalid value for URL: must start with ws:// or wss://",
+            "verani emit [OPTIONS] URL EVENT [JSON]",
+        ),
+        ("serve",): ("Missing argument 'FILE_OR_DIR...'.", "verani serve [OPTIONS] FILE_OR_DIR..."),
+        ("hibernate", "--store", str(tmp_path)): (
+            "give either ROOM[/INSTANCE] or --all",
+            "verani hibernate [OPTIONS] [ROOM[/INSTANCE]]",
+        ),
+        ("inspect", "--bogus"): (
+            "No such option '--bogus'.",
+            "verani inspect [OPTIONS] [ROOM[/INSTANCE]]",
+        ),
+        ("bogus",): ("No such command 'bogus'.", "verani [OPTIONS] COMMAND [ARGS]..."),
+    }
+    for args, (message, usage) in cases.items():
+        result = run(*args)
+        usage = usage.replace("verani", "python -m verani")  # how run() starts it
+        command = usage.split(" [")[0]
+        assert (result.returncode, result.stdout, result.stderr) == (
+            2,
+            "",
+            f"verani: error: {message}\nUsage: {usage}\nTry '{command} -h' for help.\n",
+        ), args
+
+
 def test_serve_options_for_limits_are_one_table_of_server_config_fields() -> None:
     from verani.cli import CONFIG_OPTIONS, config_from_options, serve
 

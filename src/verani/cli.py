@@ -7,6 +7,7 @@ save), 2 bad usage or a server that cannot start.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import datetime
 import logging
@@ -15,7 +16,7 @@ import platform
 import re
 import signal
 import ssl
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import IO, Any, Literal
 
 import attrs
@@ -69,13 +70,62 @@ class JsonLogFormatter(logging.Formatter):
         return orjson.dumps(entry).decode()
 
 
+def _show_error(message: str, file: IO[Any] | None) -> None:
+    click.echo(f"verani: error: {message}", file=file, err=file is None)
+
+
 class VeraniCommandError(click.ClickException):
     """An error the ``verani`` command reports as ``verani: error: MESSAGE`` on standard error,
     exiting with the subclass's ``exit_code``."""
 
     def show(self, file: IO[Any] | None = None) -> None:
         """Write ``verani: error: MESSAGE`` to ``file`` (standard error by default)."""
-        click.echo(f"verani: error: {self.format_message()}", file=file, err=file is None)
+        _show_error(self.format_message(), file)
+
+
+class VeraniUsageError(click.UsageError):
+    """Bad usage (exit status 2), shown in the same format as every other error, then the
+    command's usage line and where to find help."""
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        """Write ``verani: error: MESSAGE``, the usage line and the help hint to ``file``
+        (standard error by default)."""
+        _show_error(self.format_message(), file)
+        if self.ctx is not None:
+            hint = f"Try '{self.ctx.command_path} -h' for help."
+            click.echo(f"{self.ctx.get_usage()}\n{hint}", file=file, err=file is None)
+
+
+@contextlib.contextmanager
+def _usage_errors_shown_as_verani_errors() -> Iterator[None]:
+    try:
+        yield
+    except (VeraniUsageError, click.exceptions.NoArgsIsHelpError):
+        raise  # already in verani's format; `verani` alone shows the help
+    except click.UsageError as exc:
+        raise VeraniUsageError(exc.format_message(), exc.ctx) from None
+
+
+class VeraniGroup(click.Group):
+    """The ``verani`` group. Click reports its own usage errors (a missing argument, a bad
+    option value) as ``Usage: ... Error: ...``; here every one of them, whether raised while
+    parsing or by a command, is shown as ``verani: error: ...`` like the command's other errors.
+    """
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        with _usage_errors_shown_as_verani_errors():
+            return super().make_context(info_name, args, parent, **extra)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        # A subcommand's arguments are parsed here, in the group's invoke.
+        with _usage_errors_shown_as_verani_errors():
+            return super().invoke(ctx)
 
 
 class CommandFailed(VeraniCommandError):
@@ -91,7 +141,7 @@ class CannotStart(VeraniCommandError):
     exit_code = 2
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=VeraniGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="verani")
 def main() -> None:
     """Realtime rooms with persisted state and hibernation, on Trio."""
