@@ -7,10 +7,7 @@ import pathlib
 import re
 import signal
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import attrs
 import orjson
@@ -22,35 +19,9 @@ import trio_websocket
 from verani import ServerConfig
 from verani.store import FileStore
 
-from helpers import connect, http_request, upgrade_request
+from helpers import ROOMS, connect, http_request, run, serving, upgrade_request
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-COUNTER = str(ROOT / "rooms" / "counter.py")
-VERANI = [sys.executable, "-m", "verani"]
-
-
-def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*VERANI, *args], capture_output=True, text=True, timeout=timeout)
-
-
-@contextmanager
-def serving(store: pathlib.Path, *extra: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    proc = subprocess.Popen(
-        [*VERANI, "serve", COUNTER, "--port", "0", "--store", str(store), *extra],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        match = re.search(r"serving on (ws://\S+)", line)
-        assert match, (line, proc.stderr.read() if proc.stderr else "")
-        yield proc, match.group(1)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate(timeout=10)  # also closes the pipes
+COUNTER = str(ROOMS / "counter.py")
 
 
 async def _count_up(url: str, times: int) -> int:
@@ -315,7 +286,7 @@ def test_argument_errors_with_click_runner(tmp_path: pathlib.Path) -> None:
     assert result.exit_code == 2 and "Missing argument 'FILE_OR_DIR...'" in result.output
     result = runner.invoke(main, ["serve", COUNTER, "--log-format", "xml"])
     assert result.exit_code == 2
-    for command in ("serve", "inspect", "hibernate", "emit"):
+    for command in ("serve", "inspect", "hibernate", "emit", "listen"):
         help_text = runner.invoke(main, [command, "--help"]).output
         assert "Example:" in help_text, command
 
