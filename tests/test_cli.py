@@ -231,6 +231,34 @@ def test_inspect_without_and_with_a_server_and_emit(tmp_path: pathlib.Path) -> N
     assert {p: p.stat().st_mtime_ns for p in store.rglob("*.json")} == before
 
 
+def test_inspect_says_stored_not_served_for_a_room_the_running_server_does_not_serve(
+    tmp_path: pathlib.Path,
+) -> None:
+    # Left by an earlier `verani serve rooms/`; this server serves only the counter room.
+    trio.run(FileStore(tmp_path).save, "chat", "default", {"history": []})
+    with serving(tmp_path) as (proc, _):
+        listing = run("inspect", "--store", str(tmp_path))
+        assert re.search(
+            r"chat/default\s+stored \(not served\)\s+\d+\s+\S+\s+-\n", listing.stdout
+        ), listing.stdout
+        detail = run("inspect", "chat/default", "--store", str(tmp_path))
+        assert detail.stdout.startswith(
+            "chat/default  (stored, its room is not served by the running server)\n"
+        ), detail.stdout
+        rows = orjson.loads(run("inspect", "--store", str(tmp_path), "--json").stdout)
+        assert [(r["room"], r["status"], r["served"]) for r in rows["instances"]] == [
+            ("chat", "stored", False)
+        ]
+        shown = orjson.loads(
+            run("inspect", "chat/default", "--store", str(tmp_path), "--json").stdout
+        )
+        assert (shown["status"], shown["served"], shown["live"]) == ("stored", False, None)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    rows = orjson.loads(run("inspect", "--store", str(tmp_path), "--json").stdout)
+    assert [(r["status"], r["served"]) for r in rows["instances"]] == [("stored", None)]
+
+
 def test_inspect_shows_special_types_readably_and_never_moves_a_corrupt_file(
     tmp_path: pathlib.Path,
 ) -> None:

@@ -544,7 +544,7 @@ def _print_rows(rows: list[dict[str, Any]], as_json: bool, store: str) -> None:
     table = [header] + [
         (
             f"{r['room']}/{r['instance']}",
-            r["status"] if not r["error"] else f"{r['status']} (unreadable)",
+            _status_text(r),
             "-" if r["bytes"] is None else str(r["bytes"]),
             r["saved_at"] or "-",
             "-" if r["sessions"] is None else str(r["sessions"]),
@@ -558,9 +558,20 @@ def _print_rows(rows: list[dict[str, Any]], as_json: bool, store: str) -> None:
         )
 
 
+def _status_text(row: dict[str, Any]) -> str:
+    """``stored (not served, unreadable)``: an instance's status and what qualifies it."""
+    notes = [
+        *(["not served"] if row["served"] is False else []),
+        *(["unreadable"] if row["error"] else []),
+    ]
+    return f"{row['status']} ({', '.join(notes)})" if notes else str(row["status"])
+
+
 def _print_report(report: dict[str, Any]) -> None:
     live, stored = report["live"], report["stored"]
     title = f"{report['room']}/{report['instance']}  ({report['status']}"
+    if report["served"] is False:
+        title += ", its room is not served by the running server"
     if live:
         title += f", {len(live['sessions'])} session(s)"
         if "hibernates_in" in live:
