@@ -94,15 +94,25 @@ def test_serve_startup_errors_exit_2(tmp_path: pathlib.Path) -> None:
     assert result.returncode == 2
 
 
-def test_serve_port_in_use(tmp_path: pathlib.Path) -> None:
+def test_serve_port_in_use_fails_and_leaves_nothing_behind(tmp_path: pathlib.Path) -> None:
     import socket
 
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("mine")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = run("serve", COUNTER, "--port", str(port), "--store", str(tmp_path))
-    assert result.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in result.stderr
+        for store in (tmp_path / "new" / "store", existing):
+            result = run("serve", COUNTER, "--port", str(port), "--store", str(store))
+            assert (result.returncode, result.stdout) == (2, ""), result.stderr
+            assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    # Neither the directories it would have made nor its lock file: only what was there.
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == [
+        "existing",
+        "existing/notes.txt",
+    ]
 
 
 @pytest.mark.skipif(os.name != "posix", reason="signals")

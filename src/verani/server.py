@@ -535,6 +535,7 @@ async def open_server(
         if isinstance(store_obj, FileStore)
         else None
     )
+    started = False
     try:
         # Held frames are released in bursts; half the outbound queue leaves room for them.
         supervisor = Supervisor(
@@ -560,6 +561,7 @@ async def open_server(
                 nursery.start_soon(server._liveness)
                 if control and isinstance(store_obj, FileStore):
                     await nursery.start(serve_control, server, store_obj.directory)
+                started = True
                 try:
                     yield server
                 finally:
@@ -581,7 +583,8 @@ async def open_server(
     finally:
         await store_obj.aclose()
         if lock is not None:
-            lock.release()
+            # A start that failed (the port in use, say) leaves no store behind it.
+            lock.release(undo=not started)
 
 
 async def _nursery_task(*, task_status: trio.TaskStatus[trio.Nursery]) -> None:
