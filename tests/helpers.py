@@ -57,11 +57,12 @@ def running(*args: str) -> Iterator[subprocess.Popen[str]]:
 
 
 @contextmanager
-def serving(store: pathlib.Path, *extra: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    """``verani serve`` of the counter room on a free port; yields it and its ``ws://`` URL."""
-    with running(
-        "serve", str(ROOMS / "counter.py"), "--port", "0", "--store", str(store), *extra
-    ) as proc:
+def serving(
+    store: pathlib.Path, *extra: str, rooms: pathlib.Path = ROOMS / "counter.py"
+) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """``verani serve`` of ``rooms`` (the counter room by default) on a free port; yields it
+    and its ``ws://`` URL."""
+    with running("serve", str(rooms), "--port", "0", "--store", str(store), *extra) as proc:
         assert proc.stdout is not None
         line = proc.stdout.readline()
         match = re.search(r"serving on (ws://\S+)", line)

@@ -1,9 +1,14 @@
-"""README.md's "Testing your rooms", done as a newcomer does it: its `pyproject.toml` block and its
-test file, copied as written into a new project beside copies of the rooms, run by pytest in a
-subprocess from the project's root and from its `tests/` directory."""
+"""README.md done as a newcomer does it.
+
+"Testing your rooms": its `pyproject.toml` block and its test file, copied as written into a new
+project beside copies of the rooms, run by pytest in a subprocess from the project's root and
+from its `tests/` directory. "Example rooms": each command to try a room, run by the shell
+against `verani serve rooms/`.
+"""
 
 from __future__ import annotations
 
+import os
 import pathlib
 import re
 import shutil
@@ -12,7 +17,7 @@ import sys
 
 import pytest
 
-from helpers import ROOMS, ROOT
+from helpers import ROOMS, ROOT, serving
 
 README = (ROOT / "README.md").read_text()
 
@@ -23,6 +28,13 @@ def block(language: str, first_line: str) -> str:
         if found.group(1).startswith(first_line):
             return found.group(1)
     raise AssertionError(f"README.md has no {language} block starting {first_line!r}")
+
+
+def block_after(text: str) -> str:
+    """The contents of the first fenced block after ``text`` in the README."""
+    found = re.search(rf"{re.escape(text)}.*?```\w*\n(.*?)```", README, re.DOTALL)
+    assert found, f"README.md has no block after {text!r}"
+    return found.group(1)
 
 
 @pytest.fixture
@@ -56,3 +68,43 @@ def test_the_readme_test_file_passes_as_written(project: pathlib.Path, where: st
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "3 passed" in result.stdout, result.stdout
+
+
+#: What each room's command must print: its room's answer, in the order of the README's lines.
+ANSWERS = [
+    "counter:update",
+    "chat:message",
+    "presence:update",
+    "notify:sent",
+    "channels:joined",
+    "whoami",
+    "rate_limited",
+]
+
+
+def test_each_example_room_command_works_as_written(tmp_path: pathlib.Path) -> None:
+    commands = block_after("One command to try each").splitlines()
+    assert len(commands) == len(ANSWERS)
+    # The commands run as typed in a terminal where the environment is activated.
+    env = {**os.environ, "PATH": f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}"}
+    with serving(tmp_path, rooms=ROOMS) as (_, url):
+
+        def start(command: str) -> subprocess.Popen[str]:
+            return subprocess.Popen(
+                ["bash", "-c", command.replace("ws://127.0.0.1:8787", url)],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+
+        # Each in its own room, so they may run at once, as from several terminals; all but the
+        # last, whose eight clients must reach the room faster than its bucket refills.
+        started = [start(command) for command in commands[:-1]]
+        results = [(proc, *proc.communicate(timeout=60)) for proc in started]
+        last = start(commands[-1])
+        results.append((last, *last.communicate(timeout=60)))
+    for command, answer, (proc, out, err) in zip(commands, ANSWERS, results, strict=True):
+        assert proc.returncode == 0, (command, err)
+        assert f'"type":"{answer}"' in out, (command, out)
