@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pathlib
 import re
+import shlex
 import signal
 import subprocess
 import time
@@ -19,7 +20,7 @@ import trio_websocket
 from verani import ServerConfig
 from verani.store import FileStore
 
-from helpers import ROOMS, connect, http_request, run, serving, upgrade_request
+from helpers import ROOMS, ROOT, connect, http_request, run, serving, upgrade_request
 
 COUNTER = str(ROOMS / "counter.py")
 
@@ -356,6 +357,15 @@ def test_usage_errors_are_verani_errors_then_the_usage_line_exit_2(tmp_path: pat
             "",
             f"verani: error: {message}\nUsage: {usage}\nTry '{command} -h' for help.\n",
         ), args
+
+
+def test_cli_md_usage_error_sample_is_what_the_command_prints() -> None:
+    sample = re.search(r"```\n\$ verani (.*?)\n(.*?)```", (ROOT / "cli.md").read_text(), re.DOTALL)
+    assert sample, "cli.md lost its usage error sample"
+    result = run(*shlex.split(sample.group(1)))
+    assert result.returncode == 2
+    # run() starts the command as `python -m verani`, and click names it so in the usage line.
+    assert result.stderr.replace("python -m verani", "verani") == sample.group(2)
 
 
 def test_serve_options_for_limits_are_one_table_of_server_config_fields() -> None:
