@@ -8,6 +8,8 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import orjson
 import pytest
@@ -43,14 +45,22 @@ def test_listen_prints_every_frame_until_its_time_is_up(tmp_path: pathlib.Path) 
     assert 2.5 < elapsed < 10  # it stopped because --for was up, not for any other reason
 
 
-@pytest.mark.parametrize("command", ["listen", "emit"])
-def test_ctrl_c_stops_quietly_with_exit_130(tmp_path: pathlib.Path, command: str) -> None:
-    with serving(tmp_path) as (_, url):
+@contextmanager
+def watching(store: pathlib.Path, command: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """``verani listen`` (or ``verani emit ... --wait 60``) on the counter room of a new server,
+    once the room's greeting has arrived; yields it and the server's URL."""
+    with serving(store) as (_, url):
         args = ["counter:get", "--wait", "60"] if command == "emit" else []
         with running(command, f"{url}/ws/counter", *args) as proc:
             assert read_line(proc) == SYNC_ZERO + "\n"
-            proc.send_signal(signal.SIGINT)
-            _, err = proc.communicate(timeout=10)
+            yield proc, url
+
+
+@pytest.mark.parametrize("command", ["listen", "emit"])
+def test_ctrl_c_stops_quietly_with_exit_130(tmp_path: pathlib.Path, command: str) -> None:
+    with watching(tmp_path, command) as (proc, _):
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=10)
     assert (proc.returncode, err) == (130, "")
 
 
@@ -58,14 +68,11 @@ def test_ctrl_c_stops_quietly_with_exit_130(tmp_path: pathlib.Path, command: str
 def test_a_closed_output_stops_quietly_with_exit_0(tmp_path: pathlib.Path, command: str) -> None:
     # `verani emit URL EVENT | head -1`, made deterministic: the reader goes away after one line,
     # then the room sends another frame, whose write finds the pipe closed.
-    with serving(tmp_path) as (_, url):
-        args = ["counter:get", "--wait", "60"] if command == "emit" else []
-        with running(command, f"{url}/ws/counter", *args) as proc:
-            assert read_line(proc) == SYNC_ZERO + "\n"
-            assert proc.stdout is not None
-            proc.stdout.close()
-            increment(url)
-            _, err = proc.communicate(timeout=10)  # well before --wait's 60 s
+    with watching(tmp_path, command) as (proc, url):
+        assert proc.stdout is not None
+        proc.stdout.close()
+        increment(url)
+        _, err = proc.communicate(timeout=10)  # well before --wait's 60 s
     assert (proc.returncode, err) == (0, "")
 
 
