@@ -23,6 +23,7 @@ with the cause (say, connection refused: no server runs there).
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from typing import Any
 
@@ -88,5 +89,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
+    # As `cat` does: when the reader of the output goes away (`... | head -1`), stop quietly.
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     args = parse_args(sys.argv[1:])
     sys.exit(trio.run(main, args.url, args.wait))

@@ -4,7 +4,9 @@ each a real command in its own process."""
 
 from __future__ import annotations
 
+import os
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
@@ -63,3 +65,21 @@ def test_the_example_client_says_at_once_why_it_cannot_connect() -> None:
         f"the last attempt failed: {refused}"
     )
     assert elapsed < 10
+
+
+def test_the_example_client_stops_quietly_when_its_reader_is_gone(tmp_path: pathlib.Path) -> None:
+    # `python examples/counter_client.py | head -1`, with `head` gone before the first line.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    with serving(tmp_path) as (_, url):
+        try:
+            result = subprocess.run(
+                [sys.executable, str(EXAMPLE), f"{url}/ws/counter"],
+                stdout=write_end,
+                stderr=subprocess.PIPE,
+                text=True,
+                timeout=60,
+            )
+        finally:
+            os.close(write_end)
+    assert (result.returncode, result.stderr) == (-signal.SIGPIPE, "")
