@@ -107,8 +107,13 @@ def test_serve_port_in_use_fails_and_leaves_nothing_behind(tmp_path: pathlib.Pat
         port = taken.getsockname()[1]
         for store in (tmp_path / "new" / "store", existing):
             result = run("serve", COUNTER, "--port", str(port), "--store", str(store))
-            assert (result.returncode, result.stdout) == (2, ""), result.stderr
-            assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+            assert (result.returncode, result.stdout, result.stderr) == (
+                2,
+                "",
+                f"verani: error: cannot listen on 127.0.0.1:{port}: Address already in use "
+                "(another program listens there, perhaps another verani server: stop it, or "
+                "choose another port; port 0 picks a free one)\n",
+            )
     # Neither the directories it would have made nor its lock file: only what was there.
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == [
         "existing",

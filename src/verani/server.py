@@ -550,7 +550,15 @@ async def open_server(
         try:
             listeners = await trio.open_tcp_listeners(port, host=host)
         except OSError as exc:
-            raise ServeError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+            hint = (
+                " (another program listens there, perhaps another verani server: stop it, or "
+                "choose another port; port 0 picks a free one)"
+                if exc.errno == errno.EADDRINUSE
+                else ""
+            )
+            raise ServeError(
+                f"cannot listen on {host}:{port}: {exc.strerror or exc}{hint}"
+            ) from None
         sockname = listeners[0].socket.getsockname()
         server.host, server.port = sockname[0], sockname[1]
         with single_error():
