@@ -21,6 +21,7 @@ import hmac
 import logging
 import os
 import re
+import sys
 import uuid
 from typing import Any
 
@@ -58,9 +59,16 @@ def _sign(payload: str, secret: bytes) -> str:
 
 
 def make_token(user_id: str, role: str = "user", *, secret: str | None = None) -> str:
-    """A token for ``user_id`` with ``role``, signed with ``secret`` (default: the room's)."""
-    if not NAME.fullmatch(user_id) or not NAME.fullmatch(role):
-        raise ValueError(f"user id and role must match {NAME.pattern}: {user_id!r}, {role!r}")
+    """A token for ``user_id`` with ``role``, signed with ``secret`` (default: the room's).
+
+    Raises :class:`ValueError` naming the one that is not 1 to 64 letters, digits, ``_`` or ``-``.
+    """
+    for what, value in (("user id", user_id), ("role", role)):
+        if not NAME.fullmatch(value):
+            raise ValueError(
+                f"{what} {value!r} cannot be in a token: use 1 to 64 letters, digits, '_' or '-' "
+                f"(no '.': it separates the token's parts)"
+            )
     key = secret.encode() if secret is not None else _secret()
     return f"{user_id}.{role}.{_sign(f'{user_id}.{role}', key)}"
 
@@ -108,9 +116,18 @@ def whoami(ctx: Ctx, data: Any) -> None:
     ctx.emit.emit("whoami", {"userId": meta.user_id, "role": meta.role})
 
 
-if __name__ == "__main__":  # a token to try the room by hand
-    import sys
+def main(args: list[str]) -> int:
+    """``python rooms/auth.py USER_ID [ROLE]``: print a token to try the room by hand."""
+    if not 1 <= len(args) <= 2:
+        print("usage: python rooms/auth.py USER_ID [ROLE]", file=sys.stderr)
+        return 2
+    try:
+        print(make_token(*args))
+    except ValueError as exc:
+        print(f"rooms/auth.py: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
-    if not 2 <= len(sys.argv) <= 3:
-        sys.exit("usage: python rooms/auth.py USER_ID [ROLE]")
-    print(make_token(*sys.argv[1:]))
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,4 +1,5 @@
-"""Test helpers: a minimal WebSocket client speaking the wire protocol, and raw HTTP requests.
+"""Test helpers: the ``verani`` command in subprocesses, a minimal WebSocket client speaking the
+wire protocol, and raw HTTP requests.
 
 The client writes and reads frames with the client's half of :mod:`verani.protocol`, never with
 the server's code: the server decodes with ``decode_frame`` and encodes with ``encode_event``,
@@ -13,8 +14,10 @@ import logging
 import os
 import pathlib
 import re
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import orjson
@@ -28,6 +31,43 @@ from verani.protocol import decode_server_frame, encode_client_event, server_eve
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 ROOMS = ROOT / "rooms"
+
+
+#: The ``verani`` command, run as its entry point does.
+VERANI = [sys.executable, "-m", "verani"]
+
+
+def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run ``verani ARGS...`` to its end."""
+    return subprocess.run([*VERANI, *args], capture_output=True, text=True, timeout=timeout)
+
+
+@contextmanager
+def running(*args: str) -> Iterator[subprocess.Popen[str]]:
+    """``verani ARGS...`` in the background, its output in pipes; killed if still running."""
+    proc = subprocess.Popen(
+        [*VERANI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=10)  # also closes the pipes
+
+
+@contextmanager
+def serving(
+    store: pathlib.Path, *extra: str, rooms: pathlib.Path = ROOMS / "counter.py"
+) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """``verani serve`` of ``rooms`` (the counter room by default) on a free port; yields it
+    and its ``ws://`` URL."""
+    with running("serve", str(rooms), "--port", "0", "--store", str(store), *extra) as proc:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        match = re.search(r"serving on (ws://\S+)", line)
+        assert match, (line, proc.stderr.read() if proc.stderr else "")
+        yield proc, match.group(1)
 
 
 class Client:

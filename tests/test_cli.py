@@ -5,12 +5,10 @@ from __future__ import annotations
 import os
 import pathlib
 import re
+import shlex
 import signal
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import attrs
 import orjson
@@ -22,35 +20,9 @@ import trio_websocket
 from verani import ServerConfig
 from verani.store import FileStore
 
-from helpers import connect, http_request, upgrade_request
+from helpers import ROOMS, ROOT, connect, http_request, run, serving, upgrade_request
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-COUNTER = str(ROOT / "rooms" / "counter.py")
-VERANI = [sys.executable, "-m", "verani"]
-
-
-def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*VERANI, *args], capture_output=True, text=True, timeout=timeout)
-
-
-@contextmanager
-def serving(store: pathlib.Path, *extra: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    proc = subprocess.Popen(
-        [*VERANI, "serve", COUNTER, "--port", "0", "--store", str(store), *extra],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        match = re.search(r"serving on (ws://\S+)", line)
-        assert match, (line, proc.stderr.read() if proc.stderr else "")
-        yield proc, match.group(1)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate(timeout=10)  # also closes the pipes
+COUNTER = str(ROOMS / "counter.py")
 
 
 async def _count_up(url: str, times: int) -> int:
@@ -132,15 +104,30 @@ def test_serve_startup_errors_exit_2(tmp_path: pathlib.Path) -> None:
     assert result.returncode == 2
 
 
-def test_serve_port_in_use(tmp_path: pathlib.Path) -> None:
+def test_serve_port_in_use_fails_and_leaves_nothing_behind(tmp_path: pathlib.Path) -> None:
     import socket
 
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("mine")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = run("serve", COUNTER, "--port", str(port), "--store", str(tmp_path))
-    assert result.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in result.stderr
+        for store in (tmp_path / "new" / "store", existing):
+            result = run("serve", COUNTER, "--port", str(port), "--store", str(store))
+            assert (result.returncode, result.stdout, result.stderr) == (
+                2,
+                "",
+                f"verani: error: cannot listen on 127.0.0.1:{port}: Address already in use "
+                "(another program listens there, perhaps another verani server: stop it, or "
+                "choose another port; port 0 picks a free one)\n",
+            )
+    # Neither the directories it would have made nor its lock file: only what was there.
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == [
+        "existing",
+        "existing/notes.txt",
+    ]
 
 
 @pytest.mark.skipif(os.name != "posix", reason="signals")
@@ -269,6 +256,34 @@ def test_inspect_without_and_with_a_server_and_emit(tmp_path: pathlib.Path) -> N
     assert {p: p.stat().st_mtime_ns for p in store.rglob("*.json")} == before
 
 
+def test_inspect_says_stored_not_served_for_a_room_the_running_server_does_not_serve(
+    tmp_path: pathlib.Path,
+) -> None:
+    # Left by an earlier `verani serve rooms/`; this server serves only the counter room.
+    trio.run(FileStore(tmp_path).save, "chat", "default", {"history": []})
+    with serving(tmp_path) as (proc, _):
+        listing = run("inspect", "--store", str(tmp_path))
+        assert re.search(
+            r"chat/default\s+stored \(not served\)\s+\d+\s+\S+\s+-\n", listing.stdout
+        ), listing.stdout
+        detail = run("inspect", "chat/default", "--store", str(tmp_path))
+        assert detail.stdout.startswith(
+            "chat/default  (stored, its room is not served by the running server)\n"
+        ), detail.stdout
+        rows = orjson.loads(run("inspect", "--store", str(tmp_path), "--json").stdout)
+        assert [(r["room"], r["status"], r["served"]) for r in rows["instances"]] == [
+            ("chat", "stored", False)
+        ]
+        shown = orjson.loads(
+            run("inspect", "chat/default", "--store", str(tmp_path), "--json").stdout
+        )
+        assert (shown["status"], shown["served"], shown["live"]) == ("stored", False, None)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    rows = orjson.loads(run("inspect", "--store", str(tmp_path), "--json").stdout)
+    assert [(r["status"], r["served"]) for r in rows["instances"]] == [("stored", None)]
+
+
 def test_inspect_shows_special_types_readably_and_never_moves_a_corrupt_file(
     tmp_path: pathlib.Path,
 ) -> None:
@@ -324,9 +339,47 @@ def test_argument_errors_with_click_runner(tmp_path: pathlib.Path) -> None:
     assert result.exit_code == 2 and "Missing argument 'FILE_OR_DIR...'" in result.output
     result = runner.invoke(main, ["serve", COUNTER, "--log-format", "xml"])
     assert result.exit_code == 2
-    for command in ("serve", "inspect", "hibernate", "emit"):
+    for command in ("serve", "inspect", "hibernate", "emit", "listen"):
         help_text = runner.invoke(main, [command, "--help"]).output
         assert "Example:" in help_text, command
+
+
+def test_usage_errors_are_verani_errors_then_the_usage_line_exit_2(tmp_path: pathlib.Path) -> None:
+    # The real command: click's own format would be "Usage: ...", a blank line, "Error: ...".
+    cases = {
+        ("emit", "http://x/ws", "e"): (
+            "Invalid value for URL: must start with ws:// or wss://",
+            "verani emit [OPTIONS] URL EVENT [JSON]",
+        ),
+        ("serve",): ("Missing argument 'FILE_OR_DIR...'.", "verani serve [OPTIONS] FILE_OR_DIR..."),
+        ("hibernate", "--store", str(tmp_path)): (
+            "give either ROOM[/INSTANCE] or --all",
+            "verani hibernate [OPTIONS] [ROOM[/INSTANCE]]",
+        ),
+        ("inspect", "--bogus"): (
+            "No such option '--bogus'.",
+            "verani inspect [OPTIONS] [ROOM[/INSTANCE]]",
+        ),
+        ("bogus",): ("No such command 'bogus'.", "verani [OPTIONS] COMMAND [ARGS]..."),
+    }
+    for args, (message, usage) in cases.items():
+        result = run(*args)
+        usage = usage.replace("verani", "python -m verani")  # how run() starts it
+        command = usage.split(" [")[0]
+        assert (result.returncode, result.stdout, result.stderr) == (
+            2,
+            "",
+            f"verani: error: {message}\nUsage: {usage}\nTry '{command} -h' for help.\n",
+        ), args
+
+
+def test_cli_md_usage_error_sample_is_what_the_command_prints() -> None:
+    sample = re.search(r"```\n\$ verani (.*?)\n(.*?)```", (ROOT / "cli.md").read_text(), re.DOTALL)
+    assert sample, "cli.md lost its usage error sample"
+    result = run(*shlex.split(sample.group(1)))
+    assert result.returncode == 2
+    # run() starts the command as `python -m verani`, and click names it so in the usage line.
+    assert result.stderr.replace("python -m verani", "verani") == sample.group(2)
 
 
 def test_serve_options_for_limits_are_one_table_of_server_config_fields() -> None:

@@ -132,12 +132,34 @@ async def test_giving_up_after_max_attempts(autojump_clock: Any) -> None:
     async with open_client(url, reconnection=options) as client:
         client.on_state_change = states.append
         start = trio.current_time()
-        with pytest.raises(ClientError, match="gave up after 3 reconnection attempts"):
+        with pytest.raises(
+            ClientError,
+            match=r"gave up after 3 reconnection attempts; the last attempt failed: "
+            r"Error connecting to \('127\.0\.0\.1', \d+\): Connection refused$",
+        ):
             await client.wait_for_connection()
         assert client.state == "error"
         # Backoff: 1 + 2 + 4 seconds between the four attempts.
         assert trio.current_time() - start == pytest.approx(7, abs=0.5)
     assert states[-3:] == ["reconnecting", "error", "disconnected"]
+
+
+async def test_waiting_for_a_connection_says_why_the_attempts_fail(autojump_clock: Any) -> None:
+    # A stopped server: the client retries (1 s, 1.5 s, ...) and the wait ends naming the cause.
+    port = free_port()
+    options = ReconnectOptions(jitter=0)
+    async with open_client(f"ws://127.0.0.1:{port}/ws/counter", reconnection=options) as client:
+        errors: list[BaseException] = []
+        client.on_error = errors.append
+        with pytest.raises(ClientError) as waited:
+            await client.wait_for_connection(timeout=3)
+        assert str(waited.value) == (
+            f"ws://127.0.0.1:{port}/ws/counter: not connected within 3s (state reconnecting); "
+            f"the last attempt failed: Error connecting to ('127.0.0.1', {port}): "
+            "Connection refused"
+        )
+        # Each failure was reported as it happened, not only at the end of the wait.
+        assert len(errors) == 3  # at 0 s, 1 s and 2.5 s
 
 
 async def test_queue_overflow_drops_the_oldest(autojump_clock: Any) -> None:

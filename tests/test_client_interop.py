@@ -303,18 +303,27 @@ def test_keepalive_drops_and_reconnects_without_pongs(
 
 def test_example_counter_client_runs_the_seeds_sequence() -> None:
     with counter_server() as server:
-        result = subprocess.run(
-            [sys.executable, str(EXAMPLE), server.url("alice")],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd=ROOT,
-        )
+        runs = [
+            subprocess.run(
+                [sys.executable, str(EXAMPLE), server.url("alice")],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                cwd=ROOT,
+            )
+            for _ in range(2)
+        ]
         assert "CONNECTED alice" in server.lines
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == [
+    for result in runs:
+        assert (result.returncode, result.stderr) == (0, "")
+    first, second = (result.stdout.splitlines() for result in runs)
+    assert first[:4] == [
         "Current count: 0",
-        "Count updated to 1",
-        "Count updated to -1",
-        "Current count: 0",
+        "Count updated to 1 by alice",
+        "Count updated to 2 by alice",
+        "Count updated to 3 by alice",
     ]
+    assert first[4].startswith("Disconnecting with the count at 3.")
+    # The example leaves the count alone: the next run starts where this one ended.
+    assert second[0] == "Current count: 3 (last updated by alice)"
+    assert second[-1].startswith("Disconnecting with the count at 6.")

@@ -8,6 +8,8 @@ from an earlier turn would have come first.
 from __future__ import annotations
 
 import inspect
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -223,6 +225,29 @@ async def test_the_user_id_is_the_tokens_not_the_clients_claim(
             monkeypatch.setenv("VERANI_AUTH_SECRET", "rotated")
             status, _, _ = await http_request(server.port, upgrade_request(f"/ws/auth?token={ann}"))
             assert status == 401
+
+
+def test_the_token_script_prints_a_token_or_the_error_with_exit_2(
+    auth: tuple[list[RoomDefinition[Any]], Any],
+) -> None:
+    def script(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, str(ROOMS / "auth.py"), *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=30)
+
+    _, module = auth  # the fixture gave this process and the script's the same secret
+    made = script("ann", "admin")
+    assert made.returncode == 0 and made.stderr == "", made.stderr
+    assert module.verify_token(made.stdout.strip()) == ("ann", "admin")
+
+    dotted = script("a.b")
+    assert (dotted.returncode, dotted.stdout, dotted.stderr) == (
+        2,
+        "",
+        "rooms/auth.py: error: user id 'a.b' cannot be in a token: use 1 to 64 letters, digits, "
+        "'_' or '-' (no '.': it separates the token's parts)\n",
+    )
+    bare = script()
+    assert (bare.returncode, bare.stderr) == (2, "usage: python rooms/auth.py USER_ID [ROLE]\n")
 
 
 # --- rate_limit -------------------------------------------------------------------------------

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import pathlib
 from typing import Any
 
 import pytest
 import trio
 
-from verani import RoomContext, define_room
+from verani import RoomContext, RoomLoadError, define_room
 from verani.store import FileStore, MemoryStore
 from verani.testing import ClientClosed, open_test_server
 
@@ -95,3 +96,26 @@ async def test_memory_store_counts_coalesced_saves(autojump_clock: Any) -> None:
             await client.receive("counter:update")
         assert (await server.state("counter"))["count"] == 20
         assert 1 <= store.saves <= 20
+
+
+async def test_relative_room_paths_are_found_from_the_test_file_up(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # as if pytest ran somewhere with no rooms/ in it
+    # Not in tmp_path, not in tests/: found in the directory above this file.
+    async with open_test_server("rooms/counter.py") as server:
+        assert [room.name for room in server.rooms] == ["counter"]
+    (tmp_path / "here").mkdir()
+    (tmp_path / "here" / "mine.py").write_text(
+        "from verani import define_room\nmine = define_room(name='mine')\n"
+    )
+    async with open_test_server("mine.py", relative_to=tmp_path / "here") as server:
+        assert [room.name for room in server.rooms] == ["mine"]
+    with pytest.raises(RoomLoadError) as missing:
+        async with open_test_server("rooms/nope.py"):
+            pass  # pragma: no cover - never entered
+    here = pathlib.Path(__file__).parent
+    assert str(missing.value) == (
+        f"room file rooms/nope.py does not exist: looked in the working directory ({tmp_path}), "
+        f"then in {here} and every directory above it"
+    )

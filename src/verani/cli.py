@@ -1,4 +1,4 @@
-"""Internal: the ``verani`` command (``serve``, ``inspect``, ``hibernate``, ``emit``).
+"""Internal: the ``verani`` command (``serve``, ``inspect``, ``hibernate``, ``emit``, ``listen``).
 
 Commands parse options, call into the library and print. The project's errors are turned into
 exit codes here only: 0 done, 1 the request failed (no server, no such room, a room could not
@@ -7,31 +7,25 @@ save), 2 bad usage or a server that cannot start.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import datetime
+import functools
 import logging
 import os
 import platform
 import re
 import signal
 import ssl
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import IO, Any, Literal
 
 import attrs
 import click
 import orjson
 import trio
-import trio_websocket
 
-from .client import (
-    ClientError,
-    Stream,
-    WebSocketURL,
-    describe_connect_error,
-    open_stream,
-    websocket_over,
-)
+from .client import ClientError, WebSocketURL
 from .codec import make_codec
 from .control import control_request
 from .errors import (
@@ -44,10 +38,10 @@ from .errors import (
 )
 from .inspection import inspect_instance, list_instances
 from .loader import load_rooms
-from .protocol import encode_client_event
 from .render import render
 from .room import DEFAULT_IDLE_TIMEOUT, RoomDefinition
 from .server import ServeError, Server, ServerConfig, open_server
+from .shell_client import Ending, detach_stdout, run_session
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 _DEFAULTS = ServerConfig()
@@ -69,13 +63,62 @@ class JsonLogFormatter(logging.Formatter):
         return orjson.dumps(entry).decode()
 
 
+def _show_error(message: str, file: IO[Any] | None) -> None:
+    click.echo(f"verani: error: {message}", file=file, err=file is None)
+
+
 class VeraniCommandError(click.ClickException):
     """An error the ``verani`` command reports as ``verani: error: MESSAGE`` on standard error,
     exiting with the subclass's ``exit_code``."""
 
     def show(self, file: IO[Any] | None = None) -> None:
         """Write ``verani: error: MESSAGE`` to ``file`` (standard error by default)."""
-        click.echo(f"verani: error: {self.format_message()}", file=file, err=file is None)
+        _show_error(self.format_message(), file)
+
+
+class VeraniUsageError(click.UsageError):
+    """Bad usage (exit status 2), shown in the same format as every other error, then the
+    command's usage line and where to find help."""
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        """Write ``verani: error: MESSAGE``, the usage line and the help hint to ``file``
+        (standard error by default)."""
+        _show_error(self.format_message(), file)
+        if self.ctx is not None:
+            hint = f"Try '{self.ctx.command_path} -h' for help."
+            click.echo(f"{self.ctx.get_usage()}\n{hint}", file=file, err=file is None)
+
+
+@contextlib.contextmanager
+def _usage_errors_shown_as_verani_errors() -> Iterator[None]:
+    try:
+        yield
+    except (VeraniUsageError, click.exceptions.NoArgsIsHelpError):
+        raise  # already in verani's format; `verani` alone shows the help
+    except click.UsageError as exc:
+        raise VeraniUsageError(exc.format_message(), exc.ctx) from None
+
+
+class VeraniGroup(click.Group):
+    """The ``verani`` group. Click reports its own usage errors (a missing argument, a bad
+    option value) as ``Usage: ... Error: ...``; here every one of them, whether raised while
+    parsing or by a command, is shown as ``verani: error: ...`` like the command's other errors.
+    """
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        with _usage_errors_shown_as_verani_errors():
+            return super().make_context(info_name, args, parent, **extra)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        # A subcommand's arguments are parsed here, in the group's invoke.
+        with _usage_errors_shown_as_verani_errors():
+            return super().invoke(ctx)
 
 
 class CommandFailed(VeraniCommandError):
@@ -91,7 +134,7 @@ class CannotStart(VeraniCommandError):
     exit_code = 2
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=VeraniGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="verani")
 def main() -> None:
     """Realtime rooms with persisted state and hibernation, on Trio."""
@@ -501,7 +544,7 @@ def _print_rows(rows: list[dict[str, Any]], as_json: bool, store: str) -> None:
     table = [header] + [
         (
             f"{r['room']}/{r['instance']}",
-            r["status"] if not r["error"] else f"{r['status']} (unreadable)",
+            _status_text(r),
             "-" if r["bytes"] is None else str(r["bytes"]),
             r["saved_at"] or "-",
             "-" if r["sessions"] is None else str(r["sessions"]),
@@ -515,9 +558,20 @@ def _print_rows(rows: list[dict[str, Any]], as_json: bool, store: str) -> None:
         )
 
 
+def _status_text(row: dict[str, Any]) -> str:
+    """``stored (not served, unreadable)``: an instance's status and what qualifies it."""
+    notes = [
+        *(["not served"] if row["served"] is False else []),
+        *(["unreadable"] if row["error"] else []),
+    ]
+    return f"{row['status']} ({', '.join(notes)})" if notes else str(row["status"])
+
+
 def _print_report(report: dict[str, Any]) -> None:
     live, stored = report["live"], report["stored"]
     title = f"{report['room']}/{report['instance']}  ({report['status']}"
+    if report["served"] is False:
+        title += ", its room is not served by the running server"
     if live:
         title += f", {len(live['sessions'])} session(s)"
         if "hibernates_in" in live:
@@ -562,6 +616,23 @@ def _print_values(title: str, values: dict[str, Any]) -> None:
         click.echo(f"  {key}: {shown}")
 
 
+def _connection_options(command: Callable[..., None]) -> Callable[..., None]:
+    """The options of ``verani emit`` and ``verani listen`` that say how to connect."""
+    command = click.option(
+        "--cafile",
+        type=click.Path(exists=True, dir_okay=False),
+        help="Trust the CA certificates in this PEM file (instead of the system's) for wss://.",
+    )(command)
+    return click.option(
+        "--timeout",
+        default=10.0,
+        show_default=True,
+        type=click.FloatRange(min=0, min_open=True),
+        metavar="SECONDS",
+        help="Seconds allowed to connect: TCP, TLS and the WebSocket handshake together.",
+    )(command)
+
+
 @main.command()
 @click.argument("url")
 @click.argument("event")
@@ -573,18 +644,7 @@ def _print_values(title: str, values: dict[str, Any]) -> None:
     type=click.FloatRange(min=0),
     help="Seconds to print what comes back before disconnecting.",
 )
-@click.option(
-    "--timeout",
-    default=10.0,
-    show_default=True,
-    type=click.FloatRange(min=0, min_open=True),
-    help="Seconds allowed to connect: TCP, TLS and the WebSocket handshake together.",
-)
-@click.option(
-    "--cafile",
-    type=click.Path(exists=True, dir_okay=False),
-    help="Trust the CA certificates in this PEM file (instead of the system's) for wss://.",
-)
+@_connection_options
 def emit(
     url: str, event: str, data: str | None, wait: float, timeout: float, cafile: str | None
 ) -> None:
@@ -592,7 +652,7 @@ def emit(
 
     Each received frame is printed as one JSON line. A wss:// URL is TLS with certificate
     verification. Exit status: 0 sent, 1 the connection failed, timed out or was refused (the
-    HTTP status and body are printed), 2 bad usage.
+    HTTP status and body are printed), 2 bad usage, 130 Ctrl-C.
 
     \b
     Example:
@@ -604,78 +664,86 @@ def emit(
         payload = None if data is None else orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise click.BadParameter(f"not JSON: {exc}", param_hint="JSON") from None
+    address, ssl_context = _address(url, cafile)
+    ending = _session(address, timeout, ssl_context, send=(event, payload), seconds=wait)
+    if ending.closed_by_server is not None:
+        # The event was sent: what the server did next is only reported.
+        click.echo(f"closed by the server: {ending.closed_by_server}", err=True)
+
+
+@main.command()
+@click.argument("url")
+@click.option(
+    "--for",
+    "duration",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="SECONDS",
+    help="Stop after this many seconds, with exit status 0.  [default: until Ctrl-C]",
+)
+@_connection_options
+def listen(url: str, duration: float | None, timeout: float, cafile: str | None) -> None:
+    """Connect to URL and print every frame the room sends, until Ctrl-C or --for SECONDS.
+
+    Each received frame is printed as one JSON line, as soon as it arrives: what another user of
+    the room sees, without sending anything. Exit status: 0 the time was up (or the reader of
+    the output went away), 1 the connection failed, was refused, or the server closed it,
+    2 bad usage, 130 Ctrl-C.
+
+    \b
+    Example:
+      verani listen ws://127.0.0.1:8787/ws/counter?userId=bob
+      verani listen ws://127.0.0.1:8787/ws/chat --for 60 > chat.jsonl
+      verani listen ws://127.0.0.1:8787/ws/counter | jq -c .data
+    """
+    address, ssl_context = _address(url, cafile)
+    ending = _session(address, timeout, ssl_context, send=None, seconds=duration)
+    if ending.closed_by_server is not None:
+        raise CommandFailed(f"the server closed the connection ({ending.closed_by_server})")
+
+
+def _address(url: str, cafile: str | None) -> tuple[WebSocketURL, ssl.SSLContext | None]:
     try:
         address = WebSocketURL.parse(url)
     except ValueError:
         raise click.BadParameter("must start with ws:// or wss://", param_hint="URL") from None
-    ssl_context = _emit_ssl_context(address, cafile)
-    try:
-        trio.run(_emit, address, event, payload, wait, timeout, ssl_context)
-    except ClientError as exc:
-        raise CommandFailed(str(exc)) from None
-
-
-def _emit_ssl_context(address: WebSocketURL, cafile: str | None) -> ssl.SSLContext | None:
     if not address.secure:
         if cafile is not None:
             raise click.BadParameter("is for wss:// URLs only", param_hint="--cafile")
-        return None
+        return address, None
     try:
-        return ssl.create_default_context(cafile=cafile)
+        return address, ssl.create_default_context(cafile=cafile)
     except ssl.SSLError as exc:
         raise click.BadParameter(
             f"no CA certificate could be read from {cafile}: {exc}", param_hint="--cafile"
         ) from None
 
 
-async def _emit(
+def _session(
     address: WebSocketURL,
-    event: str,
-    data: Any,
-    wait: float,
     timeout: float,
     ssl_context: ssl.SSLContext | None,
-) -> None:
-    """Raises :class:`ClientError` saying why, if connecting fails."""
-    stream: Stream | None = None
-    failure: BaseException | None = None
+    *,
+    send: tuple[str, Any] | None,
+    seconds: float | None,
+) -> Ending:
+    """Run :func:`run_session`; the endings every command treats alike become exits here."""
     try:
-        async with trio.open_nursery() as nursery:
-            with trio.fail_after(timeout):
-                stream = await open_stream(address, ssl_context)
-                ws = await websocket_over(nursery, stream, address)
-            await _exchange(ws, event, data, wait)
-            nursery.cancel_scope.cancel()
-    except* (OSError, trio.TooSlowError, trio_websocket.HandshakeError, ClientError) as group:
-        failure = group.exceptions[0]
-    finally:
-        if stream is not None:
-            # trio-websocket leaves the socket open when the server refuses the handshake.
-            await trio.aclose_forcefully(stream)
-    if isinstance(failure, trio_websocket.ConnectionRejected):
-        raise ClientError(
-            f"{address.url} refused the connection: {describe_connect_error(failure)}"
+        ending = trio.run(
+            functools.partial(
+                run_session,
+                address,
+                timeout=timeout,
+                ssl_context=ssl_context,
+                send=send,
+                seconds=seconds,
+            )
         )
-    if failure is not None:
-        cause = describe_connect_error(failure, timeout)
-        raise ClientError(f"cannot connect to {address.url}: {cause}") from failure
-
-
-async def _exchange(
-    ws: trio_websocket.WebSocketConnection, event: str, data: Any, wait: float
-) -> None:
-    try:
-        await ws.send_message(encode_client_event(event, data))
-    except trio_websocket.ConnectionClosed as closed:
-        click.echo(f"closed by the server: {closed.reason}", err=True)
-        return
-    with trio.move_on_after(wait):
-        while True:
-            try:
-                message = await ws.get_message()
-            except trio_websocket.ConnectionClosed as closed:
-                click.echo(f"closed by the server: {closed.reason}", err=True)
-                return
-            click.echo(message if isinstance(message, str) else repr(message))
-    with trio.move_on_after(1):  # a polite close; the stream is closed regardless
-        await ws.aclose()
+    except ClientError as exc:
+        raise CommandFailed(str(exc)) from None
+    if ending.output_closed:
+        # As `cat` into `head`: a reader that has seen enough is not a failure.
+        detach_stdout()
+        raise click.exceptions.Exit(0)
+    if ending.interrupted:
+        raise click.exceptions.Exit(128 + signal.SIGINT)
+    return ending

@@ -229,6 +229,8 @@ class VeraniClient:
         # receive() and events() waiting for events: (event or None, channel, just one?)
         self._waiters: list[tuple[str | None, trio.MemorySendChannel[tuple[str, Any]], bool]] = []
         self._last_pong = 0.0
+        #: Why the latest attempt to connect failed; None once one succeeds.
+        self._last_failure: str | None = None
         # Events no receive() has taken yet (bounded), so an event that arrives just before
         # receive() is called — the sync sent on connecting, say — is not missed.
         self._backlog: deque[tuple[str, dict[str, Any]]] = deque(maxlen=256)
@@ -332,23 +334,33 @@ class VeraniClient:
         """Whether the client is connected now."""
         return self.state == "connected"
 
-    async def wait_for_connection(self) -> None:
-        """Return once connected; raise :class:`ClientError` after ``2 * connection_timeout``,
-        or when the client gives up (state ``error``), is disconnected or closed."""
-        with trio.move_on_after(2 * self.connection_timeout) as scope:
+    async def wait_for_connection(self, timeout: float | None = None) -> None:
+        """Return once connected; raise :class:`ClientError` after ``timeout`` seconds (default
+        ``2 * connection_timeout``), or when the client gives up (state ``error``), is
+        disconnected or closed. The error says why the latest attempt to connect failed."""
+        limit = 2 * self.connection_timeout if timeout is None else timeout
+        with trio.move_on_after(limit) as scope:
             while self.state != "connected":
                 if self.state == "error":
                     raise ClientError(
-                        f"{self.url}: gave up after {self.reconnect_attempts} reconnection attempts"
+                        f"{self.url}: gave up after {self.reconnect_attempts} reconnection "
+                        f"attempts{self._why_not_connected()}"
                     )
                 if self._closed or not self._wanted:
                     raise ClientError(f"{self.url}: the client was disconnected")
                 await self._state_changed.wait()
         if scope.cancelled_caught:
             raise ClientError(
-                f"{self.url}: not connected within {2 * self.connection_timeout:g}s "
-                f"(state {self.state})"
+                f"{self.url}: not connected within {limit:g}s (state {self.state})"
+                f"{self._why_not_connected()}"
             )
+
+    def _why_not_connected(self) -> str:
+        # Without it, a client that retried for 20 s against a stopped server says only that
+        # it is not connected, not that every attempt was refused.
+        if self._last_failure is None:
+            return ""
+        return f"; the last attempt failed: {self._last_failure}"
 
     def reconnect(self) -> None:
         """Drop the current connection (if any) and connect again at once, with fresh attempts."""
@@ -438,6 +450,7 @@ class VeraniClient:
                         ws = await websocket_over(nursery, stream, address)
                     self._ws = ws
                     self.reconnect_attempts = 0
+                    self._last_failure = None
                     self._set_state("connected")
                     self._callback("on_open", self.on_open)
                     nursery.start_soon(self._writer, ws)
@@ -479,7 +492,7 @@ class VeraniClient:
         del scope
         if failure is None or ws_now is not None:
             return None  # connected, then dropped: not a failed attempt
-        cause = describe_connect_error(failure, self.connection_timeout)
+        cause = self._last_failure = describe_connect_error(failure, self.connection_timeout)
         error = ClientError(f"cannot connect to {self.url}: {cause}")
         error.__cause__ = failure
         return error

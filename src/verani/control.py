@@ -18,6 +18,7 @@ import pathlib
 import shutil
 import socket
 import tempfile
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -41,17 +42,25 @@ _MAX_REPLY = 256 * 1024 * 1024
 class StoreLock:
     """An exclusive, process-lifetime lock on a store directory."""
 
-    def __init__(self, directory: pathlib.Path, fd: int) -> None:
+    def __init__(
+        self, directory: pathlib.Path, fd: int, created: tuple[pathlib.Path, ...] = ()
+    ) -> None:
         self.directory = directory
         self._fd = fd
+        #: What taking the lock created (the lock file, directories), newest first.
+        self._created = created
 
     @classmethod
     def acquire(cls, directory: pathlib.Path) -> StoreLock:
         """Take the lock, or raise :class:`StoreLockedError` naming the server that holds it."""
+        lock_file = directory / LOCK_FILE
+        missing = [d for d in (directory, *directory.parents) if not d.exists()]
+        created = ([] if lock_file.exists() else [lock_file]) + missing
         try:
             directory.mkdir(parents=True, exist_ok=True)
-            fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+            fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
+            _remove(missing)
             raise StoreLockedError(
                 f"cannot use store directory {directory}: {exc.strerror or exc}"
             ) from None
@@ -66,7 +75,7 @@ class StoreLock:
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        return cls(directory, fd)
+        return cls(directory, fd, tuple(created))
 
     @staticmethod
     def is_held(directory: pathlib.Path) -> bool:
@@ -83,11 +92,29 @@ class StoreLock:
             os.close(fd)
         return False
 
-    def release(self) -> None:
-        """Give the lock up (closing the file releases it)."""
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+    def release(self, *, undo: bool = False) -> None:
+        """Give the lock up (closing the file releases it).
+
+        ``undo``: the server never started, so remove what taking the lock created — the lock
+        file, and each directory it made that is still empty — leaving the disk as it was.
+        """
+        if self._fd < 0:
+            return
+        if undo:
+            # Still locked while removing: no other server can take this lock file meanwhile.
+            _remove(self._created)
+        os.close(self._fd)
+        self._fd = -1
+
+
+def _remove(paths: Iterable[pathlib.Path]) -> None:
+    """Remove each file, and each directory if empty, in order; what cannot go stays."""
+    for path in paths:
+        with contextlib.suppress(OSError):
+            if path.is_dir():
+                path.rmdir()
+            else:
+                path.unlink()
 
 
 async def serve_control(

@@ -32,8 +32,10 @@ async def list_instances(
     """One summary row per room instance in the store or awake in the server, sorted.
 
     Row: ``room``, ``instance``, ``status`` (``awake``, ``hibernated``, or ``stored`` when no
-    server runs), ``bytes`` and ``saved_at`` of the stored document (None when not stored or
-    unreadable), ``sessions`` (None without a server), ``error`` (why the document is unreadable).
+    server runs or the running one does not serve that room), ``served`` (whether the running
+    server serves the room; None without a server), ``bytes`` and ``saved_at`` of the stored
+    document (None when not stored or unreadable), ``sessions`` (None without a server or when
+    it does not serve the room), ``error`` (why the document is unreadable).
     """
     store = FileStore(store_dir)
     status = await _server(store_dir, {"op": "status"})
@@ -62,11 +64,9 @@ async def list_instances(
             doc, size = found
             row["bytes"], row["saved_at"] = size, doc.saved_at.isoformat()
         info = live.get(key)
-        if status is None:
-            row["status"], row["sessions"] = "stored", None
-        else:
-            row["status"] = "awake" if info and info["awake"] else "hibernated"
-            row["sessions"] = info["sessions"] if info else 0
+        row["served"] = None if status is None else key[0] in status["rooms"]
+        row["status"] = _status(row["served"], info is not None and info["awake"])
+        row["sessions"] = None if not row["served"] else info["sessions"] if info else 0
         rows.append(row)
     return rows
 
@@ -105,12 +105,21 @@ async def inspect_instance(
         raise RoomNotFoundError(
             f"room {room!r} has no instance {instance!r} (nothing stored, not live)"
         )
-    status = "stored" if reply is None else "awake" if live and live["awake"] else "hibernated"
+    served = None if reply is None else bool(reply["served"])
     return {
         "room": room,
         "instance": instance,
-        "status": status,
+        "status": _status(served, bool(live and live["awake"])),
+        "served": served,
         "stored": stored,
         "error": error,
         "live": live,
     }
+
+
+def _status(served: bool | None, awake: bool) -> str:
+    # A room the running server does not serve is not asleep in it: `verani hibernate` and a
+    # connection would both be refused. Only its stored document exists.
+    if not served:
+        return "stored"
+    return "awake" if awake else "hibernated"

@@ -32,7 +32,10 @@ def verani_rooms() -> list[Any]:
 
 
 @pytest.fixture
-async def verani_server(verani_rooms: list[Any]) -> AsyncIterator[TestServer]:
-    """A test server (in-memory store, 127.0.0.1 port 0) serving ``verani_rooms``."""
-    async with open_test_server(*verani_rooms) as server:
+async def verani_server(
+    verani_rooms: list[Any], request: pytest.FixtureRequest
+) -> AsyncIterator[TestServer]:
+    """A test server (in-memory store, 127.0.0.1 port 0) serving ``verani_rooms``; relative
+    room paths are found as :func:`open_test_server` finds them, from the test's file."""
+    async with open_test_server(*verani_rooms, relative_to=request.path) as server:
         yield server

@@ -535,6 +535,7 @@ async def open_server(
         if isinstance(store_obj, FileStore)
         else None
     )
+    started = False
     try:
         # Before anything is served: what a crash left in the store's journal goes into the
         # documents, so every room wakes with every change it ever committed.
@@ -550,7 +551,15 @@ async def open_server(
         try:
             listeners = await trio.open_tcp_listeners(port, host=host)
         except OSError as exc:
-            raise ServeError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+            hint = (
+                " (another program listens there, perhaps another verani server: stop it, or "
+                "choose another port; port 0 picks a free one)"
+                if exc.errno == errno.EADDRINUSE
+                else ""
+            )
+            raise ServeError(
+                f"cannot listen on {host}:{port}: {exc.strerror or exc}{hint}"
+            ) from None
         sockname = listeners[0].socket.getsockname()
         server.host, server.port = sockname[0], sockname[1]
         with single_error():
@@ -561,6 +570,7 @@ async def open_server(
                 nursery.start_soon(server._liveness)
                 if control and isinstance(store_obj, FileStore):
                     await nursery.start(serve_control, server, store_obj.directory)
+                started = True
                 try:
                     yield server
                 finally:
@@ -582,7 +592,8 @@ async def open_server(
     finally:
         await store_obj.aclose()
         if lock is not None:
-            lock.release()
+            # A start that failed (the port in use, say) leaves no store behind it.
+            lock.release(undo=not started)
 
 
 async def _nursery_task(*, task_status: trio.TaskStatus[trio.Nursery]) -> None:

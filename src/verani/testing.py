@@ -22,15 +22,17 @@ the clock behind the test's back). Clients speak the wire protocol over real Web
 from __future__ import annotations
 
 import os
+import pathlib
+import sys
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 import orjson
 import trio
 import trio_websocket
 
-from .errors import ClientClosed, VeraniError, single_error
+from .errors import ClientClosed, RoomLoadError, VeraniError, single_error
 from .loader import load_rooms
 from .protocol import decode_server_frame, encode_client_event, event_data
 from .room import DEFAULT_IDLE_TIMEOUT, RoomDefinition
@@ -216,18 +218,54 @@ class TestServer:
         await self._stop_server()
 
 
-@asynccontextmanager
-async def open_test_server(
+def open_test_server(
     *rooms: RoomDefinition[Any] | str | os.PathLike[str],
     store: Store | None = None,
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
     config: ServerConfig | None = None,
-) -> AsyncIterator[TestServer]:
+    relative_to: str | os.PathLike[str] | None = None,
+) -> AbstractAsyncContextManager[TestServer]:
     """Serve ``rooms`` (definitions, or paths of room files) on 127.0.0.1 for a test.
 
     ``store`` defaults to a fresh :class:`~verani.store.MemoryStore`; pass a
     :class:`~verani.store.FileStore` on ``tmp_path`` to test against files.
+
+    A relative room path is looked up in the working directory first; if it is not there, in
+    the directory of ``relative_to`` (a file or a directory; default: the file that calls
+    ``open_test_server``, the test) and then in each directory above it. So
+    ``"rooms/counter.py"`` is found whether pytest runs from the project's root or from
+    ``tests/``. A path found nowhere raises :class:`~verani.RoomLoadError` saying where it looked.
     """
+    if relative_to is None:
+        relative_to = sys._getframe(1).f_code.co_filename
+    near = pathlib.Path(relative_to).absolute()
+    definitions = [
+        room if isinstance(room, RoomDefinition) else _find_room_file(room, near) for room in rooms
+    ]
+    return _serve_for_test(definitions, store, idle_timeout, config)
+
+
+def _find_room_file(path: str | os.PathLike[str], near: pathlib.Path) -> pathlib.Path:
+    relative = pathlib.Path(path)
+    if relative.is_absolute() or relative.exists():
+        return relative
+    start = near if near.is_dir() else near.parent
+    for directory in (start, *start.parents):
+        if (directory / relative).exists():
+            return directory / relative
+    raise RoomLoadError(
+        f"room file {relative} does not exist: looked in the working directory "
+        f"({pathlib.Path.cwd()}), then in {start} and every directory above it"
+    )
+
+
+@asynccontextmanager
+async def _serve_for_test(
+    rooms: list[RoomDefinition[Any] | pathlib.Path],
+    store: Store | None,
+    idle_timeout: float,
+    config: ServerConfig | None,
+) -> AsyncIterator[TestServer]:
     definitions: list[RoomDefinition[Any]] = []
     paths = [r for r in rooms if not isinstance(r, RoomDefinition)]
     definitions.extend(r for r in rooms if isinstance(r, RoomDefinition))
