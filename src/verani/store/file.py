@@ -175,18 +175,24 @@ class FileStore(Store):
         path = self.path_for(room, instance)
         await self._journal.open()
         key = (room, instance)
-        if not self._journal.knows(key):
-            await self._learn_seq(room, instance)
-        # Read before any await: the caller's state includes every commit up to here.
-        seq = self._journal.last_seq(key)
-        document = new_document(room, instance, state, storage, seq)
-        # Encoded here, not in the worker thread: the caller may change `state` once we yield.
+        # Encoded now, not in the worker thread: the caller may change `state` once we yield.
+        # A room's own checkpoint is of an instance the store knows: its seq is read now, as its
+        # state includes every commit up to here. Any other save is numbered under the lock.
+        seq = self._journal.last_seq(key) if self._journal.knows(key) else None
         try:
-            data = orjson.dumps(document, option=orjson.OPT_INDENT_2 | orjson.OPT_UTC_Z)
+            if seq is not None:
+                data = _document_bytes(room, instance, state, storage, seq)
+            else:
+                snapshot = orjson.dumps([state, storage or {}])
         except orjson.JSONEncodeError as exc:
             raise TypeError(f"state of {_name(room, instance)} is not JSON: {exc}") from exc
         started = time.perf_counter()
         async with self._lock(path):
+            if seq is None:
+                await self._learn_seq(room, instance)
+                seq = self._journal.last_seq(key)
+                state, storage = orjson.loads(snapshot)
+                data = _document_bytes(room, instance, state, storage, seq)
             if seq < self._journal.doc_seq(key):
                 return  # a newer checkpoint got there first; this one would go back in time
             await trio.to_thread.run_sync(
@@ -567,6 +573,17 @@ def _parse(
         storage=storage,
         seq=seq,
     )
+
+
+def _document_bytes(
+    room: str,
+    instance: str,
+    state: Mapping[str, JSONValue],
+    storage: Mapping[str, JSONValue] | None,
+    seq: int,
+) -> bytes:
+    document = new_document(room, instance, state, storage, seq)
+    return orjson.dumps(document, option=orjson.OPT_INDENT_2 | orjson.OPT_UTC_Z)
 
 
 def _apply(
