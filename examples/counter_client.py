@@ -29,7 +29,7 @@ from typing import Any
 
 import trio
 
-from verani.client import ClientError, open_client
+from verani.client import NotConnectedError, open_client
 
 DEFAULT_URL = "ws://127.0.0.1:8787/ws/counter?userId=alice"
 INCREMENTS = 3
@@ -49,7 +49,7 @@ async def main(url: str, wait: float) -> int:
         client.on("counter:update", on_update)
         try:
             await client.wait_for_connection(timeout=wait)
-        except ClientError as exc:
+        except NotConnectedError as exc:
             print(f"counter_client: {exc}", file=sys.stderr)
             return 1
 

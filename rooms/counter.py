@@ -11,7 +11,7 @@ from typing import Any
 
 import attrs
 
-from verani import RoomContext, define_room
+from verani import ClientError, RoomContext, define_room
 
 log = logging.getLogger("rooms.counter")
 
@@ -44,12 +44,15 @@ MAX_AMOUNT = 2**53 - 1
 def _amount(data: Any) -> int:
     amount = data.get("amount", 1) if isinstance(data, dict) else 1
     # Missing means 1, as the seed's `data?.amount ?? 1`; a non-integer amount is refused (the
-    # handler error reaches on_error) rather than silently turning the count into a float.
+    # sender gets verani:error with this message) rather than silently turning the count into
+    # a float.
     if not isinstance(amount, int) or isinstance(amount, bool):
-        raise TypeError(f"amount must be an integer, not {amount!r}")
+        raise ClientError(f"amount must be an integer, not {amount!r}", code="bad_amount")
     if abs(amount) > MAX_AMOUNT:
         # Keeps the count a number JavaScript clients read exactly.
-        raise ValueError(f"amount must be at most {MAX_AMOUNT} in size, not {amount}")
+        raise ClientError(
+            f"amount must be at most {MAX_AMOUNT} in size, not {amount}", code="bad_amount"
+        )
     return amount
 
 

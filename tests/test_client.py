@@ -13,7 +13,7 @@ import trio
 import trio_websocket
 
 from verani import RoomContext, define_room
-from verani.client import ClientError, ReconnectOptions, open_client
+from verani.client import NotConnectedError, ReconnectOptions, open_client
 from verani.testing import open_test_server
 
 from helpers import ROOMS
@@ -133,7 +133,7 @@ async def test_giving_up_after_max_attempts(autojump_clock: Any) -> None:
         client.on_state_change = states.append
         start = trio.current_time()
         with pytest.raises(
-            ClientError,
+            NotConnectedError,
             match=r"gave up after 3 reconnection attempts; the last attempt failed: "
             r"Error connecting to \('127\.0\.0\.1', \d+\): Connection refused$",
         ):
@@ -151,7 +151,7 @@ async def test_waiting_for_a_connection_says_why_the_attempts_fail(autojump_cloc
     async with open_client(f"ws://127.0.0.1:{port}/ws/counter", reconnection=options) as client:
         errors: list[BaseException] = []
         client.on_error = errors.append
-        with pytest.raises(ClientError) as waited:
+        with pytest.raises(NotConnectedError) as waited:
             await client.wait_for_connection(timeout=3)
         assert str(waited.value) == (
             f"ws://127.0.0.1:{port}/ws/counter: not connected within 3s (state reconnecting); "
@@ -184,7 +184,7 @@ async def test_disconnect_stays_disconnected_until_reconnect(autojump_clock: Any
             await client.wait_for_connection()
             client.disconnect()
             assert client.state == "disconnected"
-            with pytest.raises(ClientError, match="disconnected"):
+            with pytest.raises(NotConnectedError, match="disconnected"):
                 await client.wait_for_connection()
             await trio.sleep(120)
             assert client.state == "disconnected"
@@ -224,7 +224,7 @@ async def test_a_handshake_that_never_completes_times_out(autojump_clock: Any) -
         async with open_client(url, connection_timeout=2) as client:
             errors: list[BaseException] = []
             client.on_error = errors.append
-            with pytest.raises(ClientError, match="not connected within 4s"):
+            with pytest.raises(NotConnectedError, match="not connected within 4s"):
                 await client.wait_for_connection()
             assert errors and "cannot connect" in str(errors[0])
         nursery.cancel_scope.cancel()
@@ -248,7 +248,7 @@ async def test_refused_handshakes_are_reported_and_retried(
         async with open_client(f"{server.url}/ws/nowhere", reconnection=options) as client:
             errors: list[BaseException] = []
             client.on_error = errors.append
-            with pytest.raises(ClientError, match="gave up"):
+            with pytest.raises(NotConnectedError, match="gave up"):
                 await client.wait_for_connection()
             assert len(errors) == 2
             assert "HTTP 404 no room is served at /ws/nowhere" in str(errors[0])
@@ -268,7 +268,7 @@ async def test_receive_gets_events_that_arrived_before_it_was_called(autojump_cl
 
 async def test_errors_in_the_block_come_out_as_themselves(autojump_clock: Any) -> None:
     url = f"ws://127.0.0.1:{free_port()}/ws/x"
-    with pytest.raises(ClientError, match=r"not connected within 0\.2s"):
+    with pytest.raises(NotConnectedError, match=r"not connected within 0\.2s"):
         async with open_client(url, connection_timeout=0.1) as client:
             await client.wait_for_connection()
     with pytest.raises(KeyError):

@@ -20,7 +20,7 @@ import pytest
 import trio
 import trustme
 
-from verani.client import ClientError, ReconnectOptions, open_client
+from verani.client import NotConnectedError, ReconnectOptions, open_client
 from verani.testing import open_test_server
 
 from helpers import ROOMS, VERANI
@@ -146,9 +146,9 @@ async def test_wss_with_an_untrusted_certificate_fails_before_sending_anything(
             async with open_client(url, reconnection=once) as client:  # the system's CAs
                 errors: list[BaseException] = []
                 client.on_error = errors.append
-                with pytest.raises(ClientError, match="gave up"):
+                with pytest.raises(NotConnectedError, match="gave up"):
                     await client.wait_for_connection()
-    assert len(errors) == 1 and isinstance(errors[0], ClientError)
+    assert len(errors) == 1 and isinstance(errors[0], NotConnectedError)
     assert re.search(
         rf"cannot connect to wss://localhost:{port}/\S+: TLS handshake with localhost:{port} "
         r"failed: certificate verify failed: \S",
@@ -174,7 +174,7 @@ async def test_wss_sends_a_tls_client_hello_first_and_never_the_request_in_the_c
             async with open_client(url, reconnection=once, connection_timeout=1) as client:
                 errors: list[BaseException] = []
                 client.on_error = errors.append
-                with pytest.raises(ClientError, match="gave up"):
+                with pytest.raises(NotConnectedError, match="gave up"):
                     await client.wait_for_connection()
     assert received[:2] == TLS_RECORD, bytes(received[:40])
     assert b"GET" not in received and b"SECRET" not in received

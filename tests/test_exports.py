@@ -24,6 +24,7 @@ import verani
 #: Every name of ``verani.__all__``: adding or removing one means editing this list on purpose.
 API = {
     "CallCycleError",
+    "ClientError",
     "ClientFrame",
     "ConnectionMeta",
     "ControlError",
@@ -58,7 +59,7 @@ API = {
 
 #: The public submodules and the ``__all__`` of each.
 SUBMODULES = {
-    "verani.client": {"ClientError", "ReconnectOptions", "VeraniClient", "open_client"},
+    "verani.client": {"NotConnectedError", "ReconnectOptions", "VeraniClient", "open_client"},
     "verani.testing": {"ClientClosed", "TestClient", "TestServer", "open_test_server"},
     "verani.store": {
         "FORMAT_VERSION",

@@ -74,6 +74,14 @@ async def test_unpersistable_value_is_reported_and_previous_value_kept(tmp_path:
                 await client.next_event("put:ok")
                 await client.emit("put_fn")
                 await client.next_event("put:ok")
+                # The sender hears that the value was refused (the details stay in the log).
+                _, refused = await client.next_event("verani:error")
+                assert refused == {
+                    "type": "verani:error",
+                    "code": "persist_error",
+                    "event": "put_fn",
+                    "message": "the room could not save 'items'; its previous value is kept",
+                }
                 await client.emit("put", "b")  # still holds the function: fails again
                 await client.next_event("put:ok")
             assert (await stored(store, "bag"))["items"] == ["a"]

@@ -136,11 +136,23 @@ async def test_handler_error_reaches_on_error_and_the_room_goes_on(tmp_path: Any
                 await ann.next_event("notes:sync")
                 await bob.next_event("notes:sync")
                 await ann.emit("notes:boom", {})
+                # The sender is told, without the details (they are in the server log).
+                assert (await ann.next_event()) == (
+                    "verani:error",
+                    {
+                        "type": "verani:error",
+                        "code": "handler_error",
+                        "event": "notes:boom",
+                        "message": "the room could not handle 'notes:boom'; the error is in the "
+                        "server's log",
+                    },
+                )
                 await ann.emit("notes:add", {"text": "after"})
-                # Both sockets still work, and the room was neither reset nor stopped.
+                # Both sockets still work, and the room was neither reset nor stopped; the other
+                # socket heard nothing of the error.
                 for client in (ann, bob):
-                    _, data = await client.next_event("notes:added")
-                    assert data["notes"] == ["after"]
+                    event, data = await client.next_event()
+                    assert (event, data["notes"]) == ("notes:added", ["after"])
                 assert events == [("error", "RuntimeError", "handler exploded", "ann")]
 
 

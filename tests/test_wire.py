@@ -83,8 +83,16 @@ async def test_bad_frames_change_nothing_and_get_an_error_event(
                 await eve.emit("counter:nope", {})
                 _, data = await eve.next_event("verani:error")
                 assert (data["code"], data["event"]) == ("unknown_event", "counter:nope")
-                # A handler that refuses its input (amount must be an integer) changes nothing.
-                await eve.emit("counter:increment", {"amount": "lots"})
+                # A handler that refuses its input (amount must be an integer) changes nothing,
+                # and the sender is told why (the room raised verani.ClientError).
+                await eve.emit("counter:increment", {"amount": 1.5})
+                _, data = await eve.next_event("verani:error")
+                assert data == {
+                    "type": "verani:error",
+                    "code": "bad_amount",
+                    "event": "counter:increment",
+                    "message": "amount must be an integer, not 1.5",
+                }
 
                 await eve.emit("counter:get")
                 _, data = await eve.next_event("counter:sync")

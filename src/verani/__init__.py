@@ -5,6 +5,7 @@ Define a room in a Python file with :func:`define_room`, serve it with ``verani 
 
 from .context import RoomActor, RoomContext
 from .errors import (
+    ClientError,
     ControlError,
     CorruptDocumentError,
     FrameEncodeError,
@@ -30,6 +31,7 @@ from .sessions import ConnectionMeta
 
 __all__ = [
     "CallCycleError",
+    "ClientError",
     "ClientFrame",
     "ConnectionMeta",
     "ControlError",

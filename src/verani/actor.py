@@ -25,6 +25,7 @@ import trio
 from .codec import Codec, JSONValue
 from .context import RoomActor, RoomContext, SocketEmitter
 from .errors import (
+    ClientError,
     CorruptDocumentError,
     NotPersistableError,
     PersistenceError,
@@ -448,10 +449,10 @@ class Actor:
             # Verani hands handlers `frame.data || {}`: a frame without data gives an empty dict.
             data = {} if frame.data is None else frame.data
             for handler in handlers:
-                await self._call(f"handler for {frame.type!r}", ctx, handler, ctx, data)
+                await self._handle(f"handler for {frame.type!r}", ctx, handler, ctx, data)
             if not handlers:
                 if hooks.on_message is not None:
-                    await self._call("on_message", ctx, hooks.on_message, ctx, frame)
+                    await self._handle("on_message", ctx, hooks.on_message, ctx, frame)
                 else:
                     log.warning(
                         "%s: no handler for event %r from client %s (user %s); dropped",
@@ -511,6 +512,27 @@ class Actor:
             await self._on_error(error, ctx)
         return error is None
 
+    async def _handle(
+        self, what: str, ctx: RoomContext[Any], fn: Callable[..., Any], *args: Any
+    ) -> None:
+        """Run a handler of a client's event; what it raises is answered to that client: a
+        :class:`ClientError` with its own code and message, anything else as ``handler_error``
+        (and ``on_error``), so a sender never meets silence."""
+        error = await self._run_user_code(what, fn, *args)
+        if error is None:
+            return
+        event = ctx.frame.type if ctx.frame is not None else None
+        if isinstance(error, ClientError):
+            answer = {"code": error.code, "event": event, "message": str(error)}
+        else:
+            await self._on_error(error, ctx)
+            answer = {
+                "code": "handler_error",
+                "event": event,
+                "message": f"the room could not handle {event!r}; the error is in the server's log",
+            }
+        ctx.emit.emit(ERROR_EVENT, answer)
+
     async def _on_error(self, error: BaseException, ctx: RoomContext[Any] | None) -> None:
         hook = self.definition.hooks.on_error
         if hook is not None:
@@ -525,6 +547,9 @@ class Actor:
             result = fn(*args)
             if inspect.isawaitable(result):
                 await result
+        except ClientError as exc:
+            log.debug("%s: %s refused the event: %s", self._where, what, exc)
+            return exc
         except Exception as exc:
             log.error(
                 "%s: %s raised %s: %s", self._where, what, type(exc).__name__, exc, exc_info=exc
@@ -572,6 +597,16 @@ class Actor:
         failure = PersistenceError(key, f"{error}; the previous stored value is kept")
         failure.__cause__ = error
         log.error("%s: %s", self._where, failure)
+        if ctx is not None:
+            # The socket whose event made the value hears that it was refused.
+            ctx.emit.emit(
+                ERROR_EVENT,
+                {
+                    "code": "persist_error",
+                    "event": ctx.frame.type if ctx.frame is not None else None,
+                    "message": f"the room could not save {key!r}; its previous value is kept",
+                },
+            )
         hook = self.definition.hooks.on_persist_error
         if hook is not None:
             await self._run_user_code("on_persist_error", hook, key, failure)

@@ -25,7 +25,7 @@ import click
 import orjson
 import trio
 
-from .client import ClientError, WebSocketURL
+from .client import NotConnectedError, WebSocketURL
 from .codec import make_codec
 from .control import control_request
 from .errors import (
@@ -738,7 +738,7 @@ def _session(
                 seconds=seconds,
             )
         )
-    except ClientError as exc:
+    except NotConnectedError as exc:
         raise CommandFailed(str(exc)) from None
     if ending.output_closed:
         # As `cat` into `head`: a reader that has seen enough is not a failure.

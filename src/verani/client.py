@@ -33,7 +33,7 @@ import attrs
 import trio
 import trio_websocket
 
-from .errors import ClientError, ProtocolError, leaf_exceptions, single_error
+from .errors import NotConnectedError, ProtocolError, leaf_exceptions, single_error
 from .protocol import (
     PING_MESSAGE,
     decode_server_frame,
@@ -42,7 +42,7 @@ from .protocol import (
     server_event,
 )
 
-__all__ = ["ClientError", "ReconnectOptions", "VeraniClient", "open_client"]
+__all__ = ["NotConnectedError", "ReconnectOptions", "VeraniClient", "open_client"]
 
 log = logging.getLogger("verani.client")
 
@@ -122,7 +122,7 @@ async def open_stream(url: WebSocketURL, ssl_context: ssl.SSLContext | None = No
 
     It sets no deadline of its own: call it under the one that also bounds the WebSocket
     handshake that follows. On failure nothing is left open. A failed TLS handshake raises
-    :class:`ClientError` naming the cause (``certificate verify failed: ...``).
+    :class:`NotConnectedError` naming the cause (``certificate verify failed: ...``).
     """
     tcp = await trio.open_tcp_stream(url.host, url.port)
     if not url.secure:
@@ -138,7 +138,7 @@ async def open_stream(url: WebSocketURL, ssl_context: ssl.SSLContext | None = No
     except trio.BrokenResourceError as exc:
         await trio.aclose_forcefully(tcp)
         cause = exc.__cause__ or exc
-        raise ClientError(
+        raise NotConnectedError(
             f"TLS handshake with {url.host}:{url.port} failed: {describe_connect_error(cause)}"
         ) from exc
     except BaseException:
@@ -268,7 +268,7 @@ class VeraniClient:
         waiting for one if there is none; returns its data.
 
         Events are kept from the start (the last 256), so nothing that arrived between
-        ``wait_for_connection()`` and this call is missed. Raises :class:`ClientError` if the
+        ``wait_for_connection()`` and this call is missed. Raises :class:`NotConnectedError` if the
         client is closed first.
         """
         for i, (name, data) in enumerate(self._backlog):
@@ -282,7 +282,7 @@ class VeraniClient:
             with recv:
                 _, data = await recv.receive()
         except trio.EndOfChannel:
-            raise ClientError("the client was closed") from None
+            raise NotConnectedError("the client was closed") from None
         finally:
             if entry in self._waiters:
                 self._waiters.remove(entry)
@@ -314,7 +314,7 @@ class VeraniClient:
         oldest is dropped (as Verani's client does), with a warning.
         """
         if self._closed:
-            raise ClientError("the client is closed")
+            raise NotConnectedError("the client is closed")
         frame = encode_client_event(event, data)
         if len(self._queue) == self._queue.maxlen:
             log.warning(
@@ -335,22 +335,22 @@ class VeraniClient:
         return self.state == "connected"
 
     async def wait_for_connection(self, timeout: float | None = None) -> None:
-        """Return once connected; raise :class:`ClientError` after ``timeout`` seconds (default
-        ``2 * connection_timeout``), or when the client gives up (state ``error``), is
+        """Return once connected; raise :class:`NotConnectedError` after ``timeout`` seconds
+        (default ``2 * connection_timeout``), or when the client gives up (state ``error``), is
         disconnected or closed. The error says why the latest attempt to connect failed."""
         limit = 2 * self.connection_timeout if timeout is None else timeout
         with trio.move_on_after(limit) as scope:
             while self.state != "connected":
                 if self.state == "error":
-                    raise ClientError(
+                    raise NotConnectedError(
                         f"{self.url}: gave up after {self.reconnect_attempts} reconnection "
                         f"attempts{self._why_not_connected()}"
                     )
                 if self._closed or not self._wanted:
-                    raise ClientError(f"{self.url}: the client was disconnected")
+                    raise NotConnectedError(f"{self.url}: the client was disconnected")
                 await self._state_changed.wait()
         if scope.cancelled_caught:
-            raise ClientError(
+            raise NotConnectedError(
                 f"{self.url}: not connected within {limit:g}s (state {self.state})"
                 f"{self._why_not_connected()}"
             )
@@ -436,7 +436,7 @@ class VeraniClient:
             with trio.move_on_after(self.reconnection.delay(failures)):
                 await self._wake.wait()  # reconnect() cuts the wait short
 
-    async def _session(self) -> ClientError | None:
+    async def _session(self) -> NotConnectedError | None:
         """One connection, from connecting to its end; returns why connecting failed, if it did."""
         address = self._address
         stream: Stream | None = None
@@ -469,7 +469,7 @@ class VeraniClient:
                 OSError,
                 trio.TooSlowError,
                 trio_websocket.HandshakeError,
-                ClientError,
+                NotConnectedError,
             ) as group:
                 failure = group.exceptions[0]
             finally:
@@ -493,7 +493,7 @@ class VeraniClient:
         if failure is None or ws_now is not None:
             return None  # connected, then dropped: not a failed attempt
         cause = self._last_failure = describe_connect_error(failure, self.connection_timeout)
-        error = ClientError(f"cannot connect to {self.url}: {cause}")
+        error = NotConnectedError(f"cannot connect to {self.url}: {cause}")
         error.__cause__ = failure
         return error
 

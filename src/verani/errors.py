@@ -145,6 +145,21 @@ class CallCycleError(VeraniError, RuntimeError):
 
 
 class ClientError(VeraniError):
+    """Raised by a room's handler to refuse a client's event with a message that client reads.
+
+    The sender gets ``verani:error`` with ``code`` (``"bad_request"`` unless given), ``event`` and
+    ``message`` (``str(error)``). It is the room's answer, not a fault: logged at debug, never
+    passed to ``on_error``. Anything else a handler raises reaches the sender as code
+    ``handler_error`` with a generic message (the details stay in the server log) and goes to
+    ``on_error``.
+    """
+
+    def __init__(self, message: str, *, code: str = "bad_request") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class NotConnectedError(VeraniError):
     """The client could not do what was asked (not connected in time, gave up, closed)."""
 
 

@@ -20,7 +20,7 @@ import trio
 import trio_websocket
 
 from .client import Stream, WebSocketURL, describe_connect_error, open_stream, websocket_over
-from .errors import ClientError, leaf_exceptions
+from .errors import NotConnectedError, leaf_exceptions
 from .protocol import encode_client_event
 
 
@@ -47,11 +47,11 @@ async def run_session(
     """Connect to ``address``, send ``send`` (an event and its data) if given, and print what
     arrives for ``seconds`` (None: until something else ends it).
 
-    Raises :class:`ClientError` naming the cause when connecting fails, the server refuses the
+    Raises :class:`NotConnectedError` naming the cause when connecting fails, the server refuses the
     upgrade (with its HTTP status and body), or the connection breaks.
     """
     ending = Ending()
-    failure: ClientError | None = None
+    failure: NotConnectedError | None = None
     with trio.open_signal_receiver(signal.SIGINT) as interrupts:
         async with trio.open_nursery() as nursery:
 
@@ -75,7 +75,7 @@ async def _connect_and_print(
     send: tuple[str, Any] | None,
     seconds: float | None,
     ending: Ending,
-) -> ClientError | None:
+) -> NotConnectedError | None:
     # The failure is returned, not raised: raised here it would reach run_session's caller
     # wrapped in the exception group of run_session's own nursery.
     stream: Stream | None = None
@@ -89,7 +89,7 @@ async def _connect_and_print(
             connected = True
             await _converse(ws, send, seconds, ending)
             nursery.cancel_scope.cancel()
-    except* (OSError, trio.TooSlowError, trio_websocket.HandshakeError, ClientError) as group:
+    except* (OSError, trio.TooSlowError, trio_websocket.HandshakeError, NotConnectedError) as group:
         failure = group.exceptions[0]
     finally:
         if stream is not None:
@@ -98,15 +98,15 @@ async def _connect_and_print(
     if failure is None:
         return None
     if isinstance(failure, trio_websocket.ConnectionRejected):
-        return ClientError(
+        return NotConnectedError(
             f"{address.url} refused the connection: {describe_connect_error(failure)}"
         )
     cause = describe_connect_error(failure, timeout)
     if connected:
-        return ClientError(f"the connection to {address.url} broke: {cause}")
+        return NotConnectedError(f"the connection to {address.url} broke: {cause}")
     if _refused(failure):
         cause += f" (is a verani server running on {address.host}:{address.port}?)"
-    return ClientError(f"cannot connect to {address.url}: {cause}")
+    return NotConnectedError(f"cannot connect to {address.url}: {cause}")
 
 
 def _refused(exc: BaseException) -> bool:
