@@ -548,7 +548,8 @@ class Actor:
             if inspect.isawaitable(result):
                 await result
         except ClientError as exc:
-            log.debug("%s: %s refused the event: %s", self._where, what, exc)
+            # The room's answer to bad input, not a fault: one line, no traceback.
+            log.info("%s: %s refused the event: %s", self._where, what, exc)
             return exc
         except Exception as exc:
             log.error(

@@ -148,7 +148,7 @@ class ClientError(VeraniError):
     """Raised by a room's handler to refuse a client's event with a message that client reads.
 
     The sender gets ``verani:error`` with ``code`` (``"bad_request"`` unless given), ``event`` and
-    ``message`` (``str(error)``). It is the room's answer, not a fault: logged at debug, never
+    ``message`` (``str(error)``). It is the room's answer, not a fault: logged in one line, never
     passed to ``on_error``. Anything else a handler raises reaches the sender as code
     ``handler_error`` with a generic message (the details stay in the server log) and goes to
     ``on_error``.
