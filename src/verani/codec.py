@@ -8,7 +8,8 @@ becomes a tagged object ``{"$t": TAG, "v": ...}``. The tags: ``int`` (past 64 bi
 ``time`` (ISO text, plus ``"zone"`` for a ZoneInfo and ``"fold": 1``), ``date``, ``timedelta``
 (``[days, seconds, microseconds]``), ``decimal``, ``uuid``, ``regexp`` (source in ``"v"``, plus
 ``"flags"``) and ``any`` (a value that does not fit its declared type, written by the untyped
-rules so that it reads back as itself).
+rules so that it reads back as itself). A set's elements are written sorted, so that the same set
+is always the same document, whatever its hash order.
 
 attrs classes and dataclasses are written as plain objects of their fields, enums by value, and
 only where their type is declared: a document never names a class, so reading one cannot make the
@@ -410,6 +411,7 @@ def _sequence_hook(kind: Any, items: list[_Hook] | None, rest: _Hook) -> _Hook:
     """A list, set, frozenset or tuple: ``items`` gives a hook per position, else ``rest``."""
     tag = None if kind is list else kind.__name__
     inner = 1 if tag is None else 2  # a tagged list sits one JSON level further down
+    unordered = kind in (set, frozenset)
 
     def sized(elements: Any) -> bool:
         return type(elements) is list and (items is None or len(elements) == len(items))
@@ -429,6 +431,8 @@ def _sequence_hook(kind: Any, items: list[_Hook] | None, rest: _Hook) -> _Hook:
             except _ENCODE_ERRORS as exc:
                 raise _within_item(exc, i, kind) from None
         active.discard(id(value))
+        if unordered and len(out) > 1:
+            _in_stable_order(out)
         return out if tag is None else {"$t": tag, "v": out}
 
     def decode(raw: Any, depth: int) -> Any:
@@ -459,6 +463,16 @@ def _sequence_hook(kind: Any, items: list[_Hook] | None, rest: _Hook) -> _Hook:
         return type(value) is kind and (items is None or len(value) == len(items))
 
     return _Hook(fits, accepts, encode, decode)
+
+
+def _in_stable_order(elements: list[JSONValue]) -> None:
+    """Sort a set's written elements: a set iterates in hash order, which changes from one
+    process to the next (str hashes) and with the set's history, so the same set would be
+    written differently after a restart and read as a change."""
+    try:
+        elements.sort()  # all str or all numbers, the common case
+    except TypeError:  # mixed kinds, or tagged values: by their JSON text
+        elements.sort(key=orjson.dumps)
 
 
 def _dict_hook(key: _Hook, item: _Hook) -> _Hook:
