@@ -783,6 +783,19 @@ def _class_hook(
     return _Hook(lambda value: type(value) is cls, _is_plain, encode, decode)
 
 
+class _PlainHooks(dict[Any, bool]):
+    """Whether each declared type's hook is plain, looked up once: the shortcut of
+    :meth:`Codec.encode` and :meth:`Codec.decode` for JSON scalars, the per-turn case."""
+
+    def __init__(self, hook: Callable[[Any], _Hook]) -> None:
+        super().__init__()
+        self._hook = hook
+
+    def __missing__(self, declared: Any) -> bool:
+        plain = self[declared] = self._hook(declared).plain
+        return plain
+
+
 class Codec:
     """Encodes persisted values to JSON trees and decodes them back (see the module docstring).
 
@@ -809,7 +822,7 @@ class Codec:
         self._converter.register_structure_hook_factory(lambda t: True, lambda t: self._structure)
         for base in (int, float, str, bytes, bool, dt.datetime, dt.date):
             self._converter.register_structure_hook(base, self._structure)
-        self._plain: dict[Any, bool] = {}
+        self._plain = _PlainHooks(self._hook)
 
     def encode(self, value: object, declared: Any = Any, *, path: str = "$") -> JSONValue:
         """Return ``value`` as a JSON tree, written according to its ``declared`` type.
@@ -819,7 +832,11 @@ class Codec:
         ``value`` that cannot be stored: a function or other live object, an object of an
         undeclared class, a circular reference, or nesting past :data:`MAX_DEPTH`.
         """
-        if type(value) in _JSON_SCALARS and self._is_plain(declared) and _as_themselves((value,)):
+        try:
+            plain = type(value) in _JSON_SCALARS and self._plain[declared]
+        except TypeError:  # an unhashable declaration (Annotated[int, [...]]) has no entry
+            plain = False
+        if plain and _as_themselves((value,)):
             return value  # type: ignore[return-value]  # the per-turn case: a count, a name
         try:
             return self._hook(declared)(value)
@@ -835,7 +852,11 @@ class Codec:
         Never coerces: a stored value that does not fit ``declared`` comes back as itself.
         Raises :class:`~verani.errors.CorruptDocumentError` naming the path of malformed input.
         """
-        if type(raw) in _JSON_SCALARS and self._is_plain(declared):
+        try:
+            plain = type(raw) in _JSON_SCALARS and self._plain[declared]
+        except TypeError:
+            plain = False
+        if plain:
             return raw
         try:
             return self._structure(raw, declared)
@@ -848,16 +869,6 @@ class Codec:
     def _structure(self, raw: Any, declared: Any) -> Any:
         # The cattrs structure hook of every declared type.
         return _decode(self._hook(declared), raw, 0)
-
-    def _is_plain(self, declared: Any) -> bool:
-        # Whether the hook of ``declared`` is plain, without looking it up each time.
-        try:
-            plain = self._plain.get(declared)
-            if plain is None:
-                plain = self._plain[declared] = self._hook(declared).plain
-        except TypeError:  # unhashable declaration (e.g. Annotated[int, [...]])
-            return False
-        return plain
 
     def _hook(self, declared: Any) -> _Hook:
         try:
