@@ -157,9 +157,9 @@ def _enter(value: object, depth: int, active: set[int]) -> None:
 
 class _Malformed(ValueError):
     """What is wrong with one stored value. Where it is comes from the containers it is in, as
-    cattrs notes (:func:`_within_item`, and cattrs' own for the fields of a class), so that no
-    path is built until something fails; :func:`_describe` names the place with cattrs'
-    ``transform_error``.
+    cattrs notes (:func:`_within_item`, :func:`_within_field`, and cattrs' own on a class's
+    fields), so that no path is built until something fails; :func:`_describe` names the place
+    with cattrs' ``transform_error``.
     """
 
 
@@ -699,6 +699,8 @@ def _field_hooks(hook: _Hook, name: str, cls: type) -> _FieldHooks:
 
 
 class _Generated(typing.NamedTuple):
+    """What cattrs generates for a class, and what the codec keeps beside it."""
+
     unstructure: Callable[[Any], dict[str, JSONValue]]
     structure: Callable[[Any], Any]
     names: frozenset[str]
