@@ -8,7 +8,8 @@ becomes a tagged object ``{"$t": TAG, "v": ...}``. The tags: ``int`` (past 64 bi
 ``time`` (ISO text, plus ``"zone"`` for a ZoneInfo and ``"fold": 1``), ``date``, ``timedelta``
 (``[days, seconds, microseconds]``), ``decimal``, ``uuid``, ``regexp`` (source in ``"v"``, plus
 ``"flags"``) and ``any`` (a value that does not fit its declared type, written by the untyped
-rules so that it reads back as itself).
+rules so that it reads back as itself). A set's elements are written sorted, so that the same set
+is always the same document, whatever its hash order.
 
 attrs classes and dataclasses are written as plain objects of their fields, enums by value, and
 only where their type is declared: a document never names a class, so reading one cannot make the
@@ -51,6 +52,7 @@ from cattrs.errors import (
     IterableValidationError,
     IterableValidationNote,
 )
+from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 from cattrs.v import transform_error
 
 from verani.errors import CorruptDocumentError, NotPersistableError
@@ -155,8 +157,9 @@ def _enter(value: object, depth: int, active: set[int]) -> None:
 
 class _Malformed(ValueError):
     """What is wrong with one stored value. Where it is comes from the containers it is in, as
-    cattrs notes (:func:`_within_item`, :func:`_within_field`), so that no path is built until
-    something fails; :func:`_leaf_and_path` names the place with cattrs' ``transform_error``.
+    cattrs notes (:func:`_within_item`, :func:`_within_field`, and cattrs' own on a class's
+    fields), so that no path is built until something fails; :func:`_describe` names the place
+    with cattrs' ``transform_error``.
     """
 
 
@@ -166,14 +169,10 @@ _DECODE_ERRORS = (_Malformed, BaseValidationError)
 _ENCODE_ERRORS = (_Unpersistable, BaseValidationError)
 
 
-class _Shown:
-    """A note index that ``transform_error`` shows as the given text (``repr`` of an index)."""
+class _Shown(str):
+    """A note index that ``transform_error`` (which writes its ``repr``) shows as it is."""
 
-    def __init__(self, text: str) -> None:
-        self.text = text
-
-    def __repr__(self) -> str:
-        return self.text
+    __repr__ = str.__str__
 
 
 def _within_item(exc: Exception, index: Any, kind: Any) -> IterableValidationError:
@@ -191,14 +190,26 @@ def _within_field(exc: Exception, name: str, cls: type) -> ClassValidationError:
     return ClassValidationError(f"While structuring {cls.__qualname__}", [exc], cls)
 
 
-def _leaf_and_path(exc: Exception, path: str) -> tuple[BaseException, str]:
-    """The problem in ``exc`` (from a hook) and where it is, below ``path``."""
+def _describe(exc: Exception, path: str) -> tuple[str, str, BaseException | None]:
+    """Where the first problem in ``exc`` (raised by a hook) is, below ``path``; what it is; and
+    the exception behind it when that is not the codec's own (a class's validator)."""
     leaf: BaseException = exc
-    while isinstance(leaf, BaseValidationError):
-        leaf = leaf.exceptions[0]  # hooks stop at the first problem: one leaf per group
-    problem = str(leaf)
-    (line,) = transform_error(exc, path, lambda e, t: problem)
-    return leaf, line[len(problem) + len(" @ ") :]
+    group, noted = None, False
+    while isinstance(leaf, ClassValidationError | IterableValidationError):  # as transform_error
+        with_notes, without = leaf.group_exceptions()
+        group, noted = leaf, bool(with_notes)
+        leaf = with_notes[0][0] if with_notes else without[0]
+    where = transform_error(exc, path, lambda e, t: "")[0].removeprefix(" @ ")
+    if isinstance(leaf, _Malformed | _Unpersistable) or not isinstance(group, ClassValidationError):
+        return where, str(leaf), None
+    # The rest come from a structure function cattrs generated for the class.
+    name = group.cl.__qualname__
+    if isinstance(leaf, KeyError) and noted:  # cattrs' sign of a missing field, at its path
+        (field,) = leaf.args
+        return where.removesuffix(f".{field}"), f"missing field {field!r} of {name}", None
+    if isinstance(leaf, RecursionError):
+        return where, "nested too deeply to read", None
+    return where, f"stored fields do not make a {name}: {leaf!r}", leaf
 
 
 def _check_depth(depth: int) -> None:
@@ -410,6 +421,7 @@ def _sequence_hook(kind: Any, items: list[_Hook] | None, rest: _Hook) -> _Hook:
     """A list, set, frozenset or tuple: ``items`` gives a hook per position, else ``rest``."""
     tag = None if kind is list else kind.__name__
     inner = 1 if tag is None else 2  # a tagged list sits one JSON level further down
+    unordered = kind in (set, frozenset)
 
     def sized(elements: Any) -> bool:
         return type(elements) is list and (items is None or len(elements) == len(items))
@@ -429,6 +441,8 @@ def _sequence_hook(kind: Any, items: list[_Hook] | None, rest: _Hook) -> _Hook:
             except _ENCODE_ERRORS as exc:
                 raise _within_item(exc, i, kind) from None
         active.discard(id(value))
+        if unordered and len(out) > 1:
+            _in_stable_order(out)
         return out if tag is None else {"$t": tag, "v": out}
 
     def decode(raw: Any, depth: int) -> Any:
@@ -461,6 +475,16 @@ def _sequence_hook(kind: Any, items: list[_Hook] | None, rest: _Hook) -> _Hook:
     return _Hook(fits, accepts, encode, decode)
 
 
+def _in_stable_order(elements: list[JSONValue]) -> None:
+    """Sort a set's written elements: a set iterates in hash order, which changes from one
+    process to the next (str hashes) and with the set's history, so the same set would be
+    written differently after a restart and read as a change."""
+    try:
+        elements.sort()  # all str or all numbers, the common case
+    except TypeError:  # mixed kinds, or tagged values: by their JSON text
+        elements.sort(key=orjson.dumps)
+
+
 def _dict_hook(key: _Hook, item: _Hook) -> _Hook:
     def encode(value: dict[Any, Any], depth: int, active: set[int]) -> JSONValue:
         _enter(value, depth, active)
@@ -483,6 +507,8 @@ def _dict_hook(key: _Hook, item: _Hook) -> _Hook:
             except _ENCODE_ERRORS as exc:
                 raise _within_item(exc, k, dict) from None
             out = {"$t": "dict", "v": obj} if escaped else obj
+        elif key.plain and item.plain and _as_themselves(value) and _as_themselves(value.values()):
+            out = {"$t": "map", "v": [[k, element] for k, element in value.items()]}
         else:
             pairs: list[JSONValue] = []
             try:
@@ -517,6 +543,12 @@ def _dict_hook(key: _Hook, item: _Hook) -> _Hook:
     def decode_map(pairs: Any, depth: int) -> dict[Any, Any]:
         if type(pairs) is not list or any(type(p) is not list or len(p) != 2 for p in pairs):
             raise _Malformed("malformed 'map' tag: 'v' is not a list of [key, value]")
+        if (
+            key.plain
+            and item.plain
+            and all(type(k) in _JSON_SCALARS and type(v) in _JSON_SCALARS for k, v in pairs)
+        ):
+            return dict(pairs)
         out: dict[Any, Any] = {}
         for i, (raw_key, raw_value) in enumerate(pairs):
             try:
@@ -620,100 +652,150 @@ def _union_hook(members: list[_Hook]) -> _Hook:
     def fits(value: Any) -> bool:
         return any(member.fits(value) for member in members)
 
-    hook = _Hook(fits, lambda raw: first(raw) is not None, encode, decode)
+    # Plain members: a JSON scalar fits the first member that reads it, so it is written as is.
+    plain = all(member.plain for member in members)
+    hook = _Hook(fits, lambda raw: first(raw) is not None, encode, decode, plain)
     return hook
 
 
-@attrs.frozen
-class _Field:
-    name: str
-    alias: str | None  # the __init__ argument; None for an init=False field
-    required: bool
-    hook: _Hook
+class _Walk(threading.local):
+    """How deep the walk in progress is and (encoding) the containers on its path, for the field
+    hooks of the functions cattrs generates for a class: cattrs calls them with the field's
+    value alone. The class hook sets them around that call."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.active: set[int] = set()
 
 
-def _fields_of(cls: Any, lookup: Callable[[Any], _Hook]) -> list[_Field]:
-    try:
-        hints = typing.get_type_hints(cls)
-    except NameError as exc:
-        raise TypeError(f"cannot resolve the field types of {cls.__qualname__}: {exc}") from exc
-    if attrs.has(cls):
-        specs = [
-            (f.name, f.alias if f.init else None, f.init and f.default is attrs.NOTHING)
-            for f in attrs.fields(cls)
-        ]
-    else:
-        none = dataclasses.MISSING
-        specs = [
-            (f.name, f.name if f.init else None, f.init and f.default is f.default_factory is none)
-            for f in dataclasses.fields(cls)
-        ]
-    return [_Field(name, alias, req, lookup(hints.get(name, Any))) for name, alias, req in specs]
+_WALK = _Walk()
+
+_FieldHooks = tuple[Callable[[Any], JSONValue], Callable[[Any, Any], Any]]
 
 
-def _class_hook(cls: type, lookup: Callable[[Any], _Hook]) -> _Hook:
-    # Fields are resolved on first use, not here: a field's type may name the class itself.
-    spec = functools.cache(lambda: _fields_of(cls, lookup))
-    name = cls.__qualname__
+def _field_hooks(hook: _Hook, name: str, cls: type) -> _FieldHooks:
+    # _encode and _decode written out: a frame less per level of a recursive class, and the
+    # common case (a count, a name) spared the rest.
+    plain = hook.plain
+
+    def unstructure(value: Any) -> JSONValue:
+        if plain and _as_themselves((value,)):
+            return value  # type: ignore[no-any-return]
+        try:
+            if hook.fits(value):
+                return hook.encode(value, _WALK.depth, _WALK.active)
+            return _self_describing(hook, value, _WALK.depth, _WALK.active)
+        except _ENCODE_ERRORS as exc:  # cattrs notes where only errors in structuring are
+            raise _within_field(exc, name, cls) from None
+
+    def structure(raw: Any, _: Any) -> Any:
+        if plain and type(raw) in _JSON_SCALARS:
+            return raw
+        if (type(raw) is dict and raw.get("$t") == "any") or not hook.accepts(raw):
+            return _decode_any(raw, _WALK.depth)
+        return hook.decode(raw, _WALK.depth)
+
+    return unstructure, structure
+
+
+class _Generated(typing.NamedTuple):
+    """What cattrs generates for a class, and what the codec keeps beside it."""
+
+    unstructure: Callable[[Any], dict[str, JSONValue]]
+    structure: Callable[[Any], Any]
+    names: frozenset[str]
+    late: dict[str, _FieldHooks]  # the fields outside __init__
+
+
+def _class_hook(
+    declared: Any, converter: cattrs.Converter, lookup: Callable[[Any], _Hook]
+) -> _Hook:
+    """An attrs class or dataclass, written as an object of its fields by the functions cattrs
+    generates for it, with the codec's hooks as the fields' overrides. cattrs finds missing
+    fields and wraps what the class raises; a generic class's type variables are written
+    untyped.
+
+    Fields outside ``__init__`` are left to the codec: cattrs would set them with ``setattr``,
+    which a frozen class refuses, and would drop what their hooks raise.
+    """
+    cls = typing.get_origin(declared) or declared
+    unbound = getattr(declared, "__parameters__", ())  # cattrs' structure function wants them
+    target = declared[tuple(Any for _ in unbound)] if unbound else declared
+
+    @functools.cache
+    def generated() -> _Generated:
+        # Made on first use, not with the hook: a field's type may name the class itself.
+        try:
+            hints = typing.get_type_hints(cls)
+        except NameError as exc:
+            raise TypeError(f"cannot resolve the field types of {cls.__qualname__}: {exc}") from exc
+        fields = attrs.fields(cls) if attrs.has(cls) else dataclasses.fields(cls)
+        hooks = {f.name: _field_hooks(lookup(hints.get(f.name, Any)), f.name, cls) for f in fields}
+        overrides: dict[str, Any] = {
+            name: override(unstruct_hook=unstructure, struct_hook=structure)
+            for name, (unstructure, structure) in hooks.items()
+        }
+        return _Generated(
+            make_dict_unstructure_fn(target, converter, **overrides),
+            make_dict_structure_fn(
+                target, converter, _cattrs_detailed_validation=True, **overrides
+            ),
+            frozenset(hooks),
+            {f.name: hooks[f.name] for f in fields if not f.init},
+        )
 
     def encode(value: Any, depth: int, active: set[int]) -> JSONValue:
+        gen = generated()
         _enter(value, depth, active)
-        out: dict[str, JSONValue] = {}
-        for f in spec():
-            current = getattr(value, f.name, _MISSING)
-            if current is not _MISSING:  # an init=False field may never have been set
-                try:
-                    out[f.name] = _encode(f.hook, current, depth + 1, active)
-                except _ENCODE_ERRORS as exc:
-                    raise _within_field(exc, f.name, cls) from None
+        outer = _WALK.depth, _WALK.active
+        _WALK.depth, _WALK.active = depth + 1, active
+        try:
+            out = gen.unstructure(value)
+            for name, (field, _) in gen.late.items():
+                current = getattr(value, name, _MISSING)
+                if current is not _MISSING:  # it may never have been set
+                    out[name] = field(current)
+        finally:
+            _WALK.depth, _WALK.active = outer
         active.discard(id(value))
         return out
 
     def decode(raw: dict[str, Any], depth: int) -> Any:
+        gen = generated()
         _check_depth(depth)
-        unknown = raw.keys() - {f.name for f in spec()}
+        unknown = raw.keys() - gen.names  # before what is missing: the likelier mistake
         if unknown:
-            raise _Malformed(f"{name} has no field {', '.join(map(repr, sorted(unknown)))}")
-        kwargs: dict[str, Any] = {}
-        late: dict[str, Any] = {}
-        for f in spec():
-            if f.name in raw:
-                try:
-                    value = _decode(f.hook, raw[f.name], depth + 1)
-                except _DECODE_ERRORS as exc:
-                    raise _within_field(exc, f.name, cls) from None
-                if f.alias is None:
-                    late[f.name] = value
-                else:
-                    kwargs[f.alias] = value
-            elif f.required:
-                raise _Malformed(f"missing field {f.name!r} of {name}")
+            raise _Malformed(
+                f"{cls.__qualname__} has no field {', '.join(map(repr, sorted(unknown)))}"
+            )
+        outer = _WALK.depth
+        _WALK.depth = depth + 1
         try:
-            obj = cls(**kwargs)
-        except Exception as exc:  # the class's own validators refused the stored fields
-            raise _Malformed(f"stored fields do not make a {name}: {exc!r}") from exc
-        for field_name, value in late.items():
-            object.__setattr__(obj, field_name, value)
+            obj = gen.structure(raw)
+            for name, (_, field) in gen.late.items():
+                if name in raw:
+                    try:
+                        object.__setattr__(obj, name, field(raw[name], None))
+                    except _DECODE_ERRORS as exc:
+                        raise _within_field(exc, name, cls) from None
+        finally:
+            _WALK.depth = outer
         return obj
 
     return _Hook(lambda value: type(value) is cls, _is_plain, encode, decode)
 
 
-def _passthrough_types(declared: Any) -> frozenset[type]:
-    """The JSON scalar types whose values ``declared`` writes by :func:`_as_themselves`, so
-    :meth:`Codec.encode` can skip its hooks for them. Kept to declarations whose hooks provably
-    do that; anything else gets the empty set and the full path."""
-    if declared is Any:
-        return _JSON_SCALARS
-    if declared in _JSON_SCALARS:
-        return frozenset({declared})
-    if typing.get_origin(declared) in (typing.Union, types.UnionType):
-        members: frozenset[type] = frozenset(typing.get_args(declared))
-        # int and bool together: a bool fits both, and which one reads it back is the union's
-        # business, not this shortcut's.
-        if members <= _JSON_SCALARS and not {int, bool} <= members:
-            return members
-    return frozenset()
+class _PlainHooks(dict[Any, bool]):
+    """Whether each declared type's hook is plain, looked up once: the shortcut of
+    :meth:`Codec.encode` and :meth:`Codec.decode` for JSON scalars, the per-turn case."""
+
+    def __init__(self, hook: Callable[[Any], _Hook]) -> None:
+        super().__init__()
+        self._hook = hook
+
+    def __missing__(self, declared: Any) -> bool:
+        plain = self[declared] = self._hook(declared).plain
+        return plain
 
 
 class Codec:
@@ -722,8 +804,9 @@ class Codec:
     A codec owns a cattrs converter, made as cattrs' orjson converter is, and registers on it one
     hook factory per family of declared types (see :meth:`_families`). cattrs picks the factory
     for a declared type and caches the hook it builds, so each type is analysed once; a hook is a
-    valid cattrs unstructure hook, and errors inside it are cattrs' validation groups, whose
-    paths :func:`cattrs.transform_error` writes.
+    valid cattrs unstructure hook, and the converter's structure hooks read with it. For an attrs
+    class or a dataclass, cattrs generates the functions that walk its fields. Errors inside
+    hooks are cattrs' validation groups, whose paths :func:`cattrs.transform_error` writes.
     """
 
     def __init__(self) -> None:
@@ -741,7 +824,7 @@ class Codec:
         self._converter.register_structure_hook_factory(lambda t: True, lambda t: self._structure)
         for base in (int, float, str, bytes, bool, dt.datetime, dt.date):
             self._converter.register_structure_hook(base, self._structure)
-        self._passthrough: dict[Any, frozenset[type]] = {}
+        self._plain = _PlainHooks(self._hook)
 
     def encode(self, value: object, declared: Any = Any, *, path: str = "$") -> JSONValue:
         """Return ``value`` as a JSON tree, written according to its ``declared`` type.
@@ -751,22 +834,17 @@ class Codec:
         ``value`` that cannot be stored: a function or other live object, an object of an
         undeclared class, a circular reference, or nesting past :data:`MAX_DEPTH`.
         """
-        kind = type(value)
-        if kind in _JSON_SCALARS:
-            # Per-turn fast path (a count, a name): a JSON scalar written as itself.
-            try:
-                passes = self._passthrough.get(declared)
-                if passes is None:
-                    passes = self._passthrough[declared] = _passthrough_types(declared)
-            except TypeError:  # unhashable declaration (e.g. Annotated[int, [...]])
-                passes = frozenset()
-            if kind in passes and _as_themselves((value,)):
-                return value  # type: ignore[return-value]
+        try:
+            plain = type(value) in _JSON_SCALARS and self._plain[declared]
+        except TypeError:  # an unhashable declaration (Annotated[int, [...]]) has no entry
+            plain = False
+        if plain and _as_themselves((value,)):
+            return value  # type: ignore[return-value]  # the per-turn case: a count, a name
         try:
             return self._hook(declared)(value)
         except _ENCODE_ERRORS as exc:
-            leaf, where = _leaf_and_path(exc, path)
-            raise NotPersistableError(where, str(leaf)) from None
+            where, problem, _ = _describe(exc, path)
+            raise NotPersistableError(where, problem) from None
         except RecursionError:
             raise NotPersistableError(path, "nested too deeply to persist") from None
 
@@ -777,11 +855,16 @@ class Codec:
         Raises :class:`~verani.errors.CorruptDocumentError` naming the path of malformed input.
         """
         try:
+            plain = type(raw) in _JSON_SCALARS and self._plain[declared]
+        except TypeError:
+            plain = False
+        if plain:
+            return raw
+        try:
             return self._structure(raw, declared)
         except _DECODE_ERRORS as exc:
-            leaf, where = _leaf_and_path(exc, path)
-            # The cause is kept: a class's own validator that refused the stored fields.
-            raise CorruptDocumentError(f"{where}: {leaf}") from leaf.__cause__
+            where, problem, cause = _describe(exc, path)
+            raise CorruptDocumentError(f"{where}: {problem}") from cause
         except RecursionError:
             raise CorruptDocumentError(f"{path}: nested too deeply to read") from None
 
@@ -853,7 +936,7 @@ class Codec:
                     isinstance(kind(t), type)
                     and (attrs.has(kind(t)) or dataclasses.is_dataclass(kind(t)))
                 ),
-                lambda t: _class_hook(kind(t), self._hook),
+                lambda t: _class_hook(t, self._converter, self._hook),
             ),
             (
                 lambda t: kind(t) is dict,
