@@ -643,8 +643,16 @@ async def test_absurd_json_is_refused_and_changes_nothing(
         ('{"type":"counter:increment","data":{"amount":1e999999}}', "bad_frame", "infinity"),
         ('{"type":"counter:increment","data":{"amount":NaN}}', "bad_frame", "not valid JSON"),
         ('{"type": "x", "data": ' + big + "}", "unknown_event", "no handler for event 'x'"),
-        ('{"type":"counter:increment","data":{"amount":' + big + "}}", "bad_amount", "must be an integer"),
-        ('{"type":"counter:increment","data":{"amount":-1e308}}', "bad_amount", "must be an integer"),
+        (
+            '{"type":"counter:increment","data":{"amount":' + big + "}}",
+            "bad_amount",
+            "must be an integer",
+        ),
+        (
+            '{"type":"counter:increment","data":{"amount":-1e308}}',
+            "bad_amount",
+            "must be an integer",
+        ),
         ('{"type":"counter:increment","data":{"amount":true}}', "bad_amount", "must be an integer"),
         ('\ufeff{"type":"counter:increment"}', "bad_frame", "not valid JSON"),
         ('{"type":"counter:increment"}\x00', "bad_frame", "not valid JSON"),
