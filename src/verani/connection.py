@@ -21,7 +21,7 @@ from .actor import Connect, Disconnect, Message
 from .errors import FrameTooLargeError, ProtocolError, WebSocketClosed
 from .flow import Credit
 from .protocol import ERROR_EVENT, PING, PONG_FRAME, decode_frame, encode_event
-from .sessions import ConnectionMeta, Session
+from .sessions import ConnectionMeta, Session, defer_write
 from .supervisor import RoomInstance
 from .transport import MAX_BATCH_BYTES, WebSocket
 
@@ -62,6 +62,9 @@ class Connection:
         #: The size of the frame a write at once cut short (0: none): the transport holds its
         #: tail, which the writer sends before anything else; until then it counts as queued.
         self._tail_size = 0
+        #: A write at once waits for the end of the coalesced() block this socket's queue
+        #: was started in; the frames sent meanwhile join it.
+        self._deferred = False
         self._draining = False
         self._read_scope = trio.CancelScope()
         self._send_scope: trio.CancelScope | None = None
@@ -82,15 +85,20 @@ class Connection:
             return
         out = self._out
         out.append(frame)
+        if self._deferred:
+            return
         if len(out) > 1 or self._tail_size:
             # Behind frames already queued: the writer's.
             self._out_ready.set()
+        elif defer_write(self._write_now):
+            self._deferred = True
         else:
             self._write_now()
 
     def _write_now(self) -> None:
         """Write what is queued without waiting, as far as the kernel takes it; the writer
         sends the rest (and anything this cannot write: a write in progress, a TLS stream)."""
+        self._deferred = False
         out = self._out
         if self._close_code is not None or not out:
             return  # closing: the writer drains the queue, or it was dropped
