@@ -110,7 +110,7 @@ class Connection:
             self._read_scope.cancel()
             return
         if whole:
-            self.credit.sent(whole, sum(len(frame) for frame in out[:whole]))
+            self.credit.sent(whole, sum(map(len, out if whole == len(out) else out[:whole])))
         if cut:
             self._tail_size = len(out[whole])
         if whole + cut == len(out):
