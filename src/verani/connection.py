@@ -1,9 +1,12 @@
 """Internal: one accepted WebSocket — its session, reader, writer, flow control and close.
 
 A connection outlives its room's hibernation. Its reader hands client frames to the room (or
-answers keepalive itself, so a ping never wakes a hibernated room); its writer sends what the
-room queued, in as few writes as it can; its :class:`~verani.flow.Credit` bounds what waits for
-a slow reader, in frames and in bytes. Whatever goes wrong ends this socket only.
+answers keepalive itself, so a ping never wakes a hibernated room). A frame for a socket with
+nothing queued and no write in progress is written at once by the task that sends it, without
+waiting (a broadcast to 500 sockets does not wake 500 tasks); what the kernel does not take at
+once is queued, and the connection's writer sends the queue, in as few writes as it can, within
+the send deadline. Its :class:`~verani.flow.Credit` bounds what waits for a slow reader, in
+frames and in bytes. Whatever goes wrong ends this socket only.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from .actor import Connect, Disconnect, Message
 from .errors import FrameTooLargeError, ProtocolError, WebSocketClosed
 from .flow import Credit
 from .protocol import ERROR_EVENT, PING, PONG_FRAME, decode_frame, encode_event
-from .sessions import ConnectionMeta, Session
+from .sessions import ConnectionMeta, Session, defer_write
 from .supervisor import RoomInstance
 from .transport import MAX_BATCH_BYTES, WebSocket
 
@@ -56,6 +59,12 @@ class Connection:
         # a deque is over 600 (memory per idle socket).
         self._out: list[bytes] = []
         self._out_ready = trio.Event()
+        #: The size of the frame a write at once cut short (0: none): the transport holds its
+        #: tail, which the writer sends before anything else; until then it counts as queued.
+        self._tail_size = 0
+        #: A write at once waits for the end of the coalesced() block this socket's queue
+        #: was started in; the frames sent meanwhile join it.
+        self._deferred = False
         self._draining = False
         self._read_scope = trio.CancelScope()
         self._send_scope: trio.CancelScope | None = None
@@ -74,8 +83,42 @@ class Connection:
         if not self.credit.queue(len(frame)):
             self._too_slow(len(frame))
             return
-        self._out.append(frame)
-        self._out_ready.set()
+        out = self._out
+        out.append(frame)
+        if self._deferred:
+            return
+        if len(out) > 1 or self._tail_size:
+            # Behind frames already queued: the writer's.
+            self._out_ready.set()
+        elif defer_write(self._write_now):
+            self._deferred = True
+        else:
+            self._write_now()
+
+    def _write_now(self) -> None:
+        """Write what is queued without waiting, as far as the kernel takes it; the writer
+        sends the rest (and anything this cannot write: a write in progress, a TLS stream)."""
+        self._deferred = False
+        out = self._out
+        if self._close_code is not None or not out:
+            return  # closing: the writer drains the queue, or it was dropped
+        try:
+            whole, cut = self._ws.write_now(out)
+        except WebSocketClosed:
+            # The peer is gone (reset): as when the writer finds it so, the connection ends;
+            # the room learns it from the Disconnect, never from an error in its own turn.
+            self._read_scope.cancel()
+            return
+        if whole:
+            self.credit.sent(whole, sum(map(len, out if whole == len(out) else out[:whole])))
+        if cut:
+            self._tail_size = len(out[whole])
+        if whole + cut == len(out):
+            self._out = []
+        else:
+            del out[: whole + cut]
+        if self._out or cut:
+            self._out_ready.set()
 
     def over_budget(self) -> None:
         self._too_slow(0)
@@ -230,13 +273,15 @@ class Connection:
                 while True:
                     if self._close_code is not None and not self._draining:
                         break
-                    if self._ping_due:
+                    # A frame cut short is finished first (the Ping would follow its tail on the
+                    # wire anyway): the next write sends it, and it is counted as sent there.
+                    if self._ping_due and not self._tail_size:
                         self._ping_due = False
                         send_scope.deadline = trio.current_time() + timeout
                         await ws.send_ping()
                         send_scope.deadline = math.inf
                         continue
-                    if not self._out:
+                    if not self._out and not self._tail_size:
                         if self._draining:
                             break
                         self._out_ready = trio.Event()
@@ -247,11 +292,15 @@ class Connection:
                     batch, size = _take_batch(self._out)
                     if batch is self._out:
                         self._out = []
+                    # The transport sends the tail of a frame a write at once cut short first.
+                    frames = len(batch) + (1 if self._tail_size else 0)
+                    size += self._tail_size
+                    self._tail_size = 0
                     send_scope.deadline = trio.current_time() + timeout
                     await ws.send_frames(batch)
                     send_scope.deadline = math.inf
                     if self._close_code is None or self._draining:
-                        self.credit.sent(len(batch), size)
+                        self.credit.sent(frames, size)
                     # An idle socket keeps no reference to what it last sent.
                     del batch
             except WebSocketClosed:

@@ -25,7 +25,7 @@ from typing import Any
 import trio
 
 from .errors import StoreError
-from .sessions import Session, send_to
+from .sessions import Session, coalesced, send_to
 
 log = logging.getLogger("verani.actor")
 
@@ -60,8 +60,13 @@ class OutputGate:
         """A turn ended after write ``seq`` was scheduled, with write ``durable`` on disk: send
         its frames now, or hold them until ``seq`` is durable."""
         if not self._held and durable == seq:
-            for targets, frame in outputs or ():
-                send_to(targets, frame)
+            if outputs and len(outputs) > 1:
+                # The turn's frames to one socket go out in one write.
+                with coalesced():
+                    for targets, frame in outputs:
+                        send_to(targets, frame)
+            elif outputs:
+                send_to(*outputs[0])
             self._released(event)
             return
         self._held.append((seq, outputs or [], event))
@@ -82,14 +87,16 @@ class OutputGate:
             ready += 1
         released = held[:ready]
         del held[:ready]
-        for _, outputs, event in released:
-            self._released(event)
-            for targets, frame in outputs:
-                size = len(frame)
-                for session in targets:
-                    if session.credit.unhold(size):
-                        self._over_limit -= 1
-                send_to(targets, frame)
+        # Every frame released to one socket goes out in one write, not one per turn.
+        with coalesced():
+            for _, outputs, event in released:
+                self._released(event)
+                for targets, frame in outputs:
+                    size = len(frame)
+                    for session in targets:
+                        if session.credit.unhold(size):
+                            self._over_limit -= 1
+                    send_to(targets, frame)
 
     def abandon(self) -> list[Any]:
         """The room is gone before its writes were durable: drop every held frame (their sockets

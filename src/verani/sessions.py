@@ -1,4 +1,5 @@
-"""Internal: sessions (one per connected socket) and emit targeting: pure bookkeeping, no I/O.
+"""Internal: sessions (one per connected socket) and emit targeting: bookkeeping, no I/O of its
+own (:func:`coalesced` only decides when the sockets' writes are made).
 
 A session outlives its room's hibernation, as a Durable Object's socket attachment does: the meta
 stays with the socket, and the room finds its sessions again when it is revived.
@@ -6,8 +7,10 @@ stays with the socket, and the room finds its sessions again when it is revived.
 
 from __future__ import annotations
 
+import threading
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Protocol
 
 import attrs
@@ -54,7 +57,9 @@ class FrameSink(Protocol):
     """Where a session's outgoing frames go: the socket's bounded outbound queue."""
 
     def send_frame(self, frame: bytes) -> None:
-        """Queue an encoded frame without waiting; past the socket's credit, close it instead."""
+        """Send an encoded frame without waiting (written at once, or queued); past the socket's
+        credit, close it instead. Inside :func:`coalesced`, a write may wait for the block's
+        end (:func:`defer_write`)."""
 
     def close(self, code: int, reason: str) -> None:
         """Ask for the socket to be closed with ``code``; returns at once."""
@@ -130,9 +135,50 @@ class Sessions:
 
 
 def send_to(sessions: Iterable[Session], frame: bytes) -> int:
-    """Queue one already-encoded frame on each session; returns how many it was queued on."""
+    """Send one already-encoded frame to each session; returns how many it was sent to."""
     count = 0
     for session in sessions:
         session.sink.send_frame(frame)
         count += 1
     return count
+
+
+class _Deferred(threading.local):
+    # The writes waiting for the end of the coalesced() block running in this thread (None:
+    # none runs). Per thread, not per Trio task: a task started inside the block must not see
+    # it (a context variable would be copied into it, and outlive the block there).
+    writes: list[Callable[[], None]] | None = None
+
+
+_deferred = _Deferred()
+
+
+@contextmanager
+def coalesced() -> Iterator[None]:
+    """Frames sent inside the block go out at its end, one write per socket: a release of many
+    turns' frames costs a socket one write, not one per frame.
+
+    For synchronous code only (no ``await`` inside). The writes are made when the block exits,
+    with an error or not: no socket may be left with frames that nothing will write.
+    """
+    if _deferred.writes is not None:
+        yield  # the outer block writes
+        return
+    writes: list[Callable[[], None]] = []
+    _deferred.writes = writes
+    try:
+        yield
+    finally:
+        _deferred.writes = None
+        for write in writes:
+            write()
+
+
+def defer_write(write: Callable[[], None]) -> bool:
+    """Inside :func:`coalesced`, call ``write`` at the block's end and return True; outside,
+    return False (the caller writes now)."""
+    writes = _deferred.writes
+    if writes is None:
+        return False
+    writes.append(write)
+    return True

@@ -7,6 +7,10 @@ frame RFC 6455 asks for. This transport reads with a sans-IO :class:`~verani.fra
 (every RFC 6455 check, plus per-peer caps) and adds what a server of many sockets needs:
 
 - any number of text frames go out in one ``send_all`` (one syscall for a burst of events);
+- on a plain TCP socket, :meth:`WebSocket.write_now` writes frames at once from the task that
+  emits them, without waiting (a broadcast need not wake one writer task per socket); the tail
+  of a frame the kernel took only in part goes out first in the next write, so frames are never
+  interleaved on the wire;
 - a protocol violation is answered with a Close frame carrying its code (1002, 1007, 1008, 1009);
 - a message is limited in size while it is still arriving, not after it is buffered whole;
 - the reader yields to the scheduler every few hundred frames, so one peer's flood of tiny
@@ -19,7 +23,9 @@ bytes that follow it.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+import os
+import sys
+from collections.abc import Iterable, Sequence
 
 import trio
 
@@ -48,7 +54,15 @@ RECEIVE_SIZE = 64 * 1024
 #: writer build a huge buffer.
 MAX_BATCH_BYTES = 256 * 1024
 
+#: At most this many frames per :meth:`WebSocket.write_now`: two buffers each, and ``writev``
+#: takes no more than IOV_MAX (1,024 on Linux) at once.
+MAX_WRITE_NOW_FRAMES = 256
+
 _PING_FRAME = control_frame(PING, b"verani")
+
+# Writes at once go straight to the socket's file descriptor (Trio's socket has no synchronous
+# send), which only POSIX allows.
+_CAN_WRITE_NOW = sys.platform != "win32"
 
 
 class WebSocket:
@@ -69,6 +83,14 @@ class WebSocket:
         max_control_per_second: float = 100.0,
     ) -> None:
         self._stream = stream
+        # What write_now() may write to: a plain TCP socket. A TLS stream (or any other) has
+        # state of its own that only its send_all may advance.
+        self._socket = (
+            stream.socket if _CAN_WRITE_NOW and isinstance(stream, trio.SocketStream) else None
+        )
+        #: What write_now() left unsent of a frame the kernel took only in part: the next
+        #: write sends it first, before any other frame may start.
+        self._tail = b""
         self._reader = FrameReader(
             max_message_size=max_message_size,
             max_fragments=max_fragments,
@@ -118,6 +140,53 @@ class WebSocket:
             parts.append(text_frame_header(len(payload)))
             parts.append(payload)
         await self._send_data(b"".join(parts))
+
+    def write_now(self, payloads: Sequence[bytes]) -> tuple[int, bool]:
+        """Write text messages (UTF-8 ``payloads``, up to MAX_WRITE_NOW_FRAMES of them) without
+        waiting, as far as the kernel takes them at once.
+
+        Returns how many went out whole, and whether the one after them went out in part: its
+        tail is kept, and the next write (:meth:`send_frames`, a ping, a Close) sends it first.
+        ``(0, False)`` when nothing could be written now: a write is in progress or a tail waits,
+        the connection is closing, the stream is not a plain TCP socket, or the kernel's buffer
+        is full. Raises :class:`~verani.errors.WebSocketClosed` if the connection is lost.
+        """
+        sock = self._socket
+        if (
+            sock is None
+            or self._tail
+            or self._send_lock.locked()
+            or self._close_sent
+            or self.closed is not None
+        ):
+            return 0, False
+        fd = sock.fileno()
+        if fd < 0:
+            return 0, False
+        parts: list[bytes] = []
+        for payload in payloads[:MAX_WRITE_NOW_FRAMES]:
+            parts.append(text_frame_header(len(payload)))
+            parts.append(payload)
+        try:
+            # Python ignores SIGPIPE, so a peer gone is an EPIPE here, as in trio's own send.
+            written = os.writev(fd, parts)
+        except BlockingIOError:
+            return 0, False
+        except OSError:
+            self._broken = True
+            self.closed = self.closed or WebSocketClosed(1006, "connection lost")
+            raise self.closed from None
+        whole = 0
+        for i in range(0, len(parts), 2):
+            size = len(parts[i]) + len(parts[i + 1])
+            if written < size:
+                if written:
+                    self._tail = (parts[i] + parts[i + 1])[written:]
+                    return whole, True
+                break
+            written -= size
+            whole += 1
+        return whole, False
 
     async def send_ping(self) -> None:
         """Send a WebSocket Ping (a live peer answers with a Pong, which counts as traffic)."""
@@ -212,6 +281,8 @@ class WebSocket:
             # A Close frame went out while this send waited for the lock: nothing may follow.
             self._send_lock.release()
             raise self.closed or WebSocketClosed(1006, "connection closed")
+        if self._tail:
+            data, self._tail = self._tail + data, b""
         done = False
         try:
             await self._stream.send_all(data)
