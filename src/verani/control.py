@@ -199,6 +199,7 @@ async def _dispatch(server: Server, request: dict[str, Any]) -> dict[str, Any]:
             "rooms": {r.name: r.websocket_path for r in server.router.rooms},
             "stats": attrs.asdict(server.stats),
             "store_saves": server.supervisor.store.saves,
+            "store_writes": server.supervisor.store.writes,
             "revive_ms": list(server.supervisor.revive_ms),
             "instances": [
                 {"room": s.room, "instance": s.instance, "awake": s.awake, "sessions": s.sessions}

@@ -142,6 +142,12 @@ class Store(abc.ABC):
     #: by events to show how many changes each group commit carried).
     saves: int = 0
 
+    @property
+    def writes(self) -> int:
+        """Durable writes made for the saves counted in :attr:`saves`: fewer when one write
+        carries the commits of several rooms (the file store's journal)."""
+        return self.saves
+
     @abc.abstractmethod
     async def load(self, room: str, instance: str) -> StoredDocument | None:
         """Return the stored document of ``room``/``instance``, or None when nothing is stored.

@@ -207,6 +207,11 @@ class FileStore(Store):
             (time.perf_counter() - started) * 1000,
         )
 
+    @property
+    def writes(self) -> int:
+        """Journal appends (each with one ``fdatasync``) plus documents written whole."""
+        return self._journal.writes + self.checkpoints
+
     async def commit(self, room: str, instance: str, changes: Changes) -> None:
         """Append ``changes`` to the journal; returns once they are durable (see the class).
 
