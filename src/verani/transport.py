@@ -156,6 +156,7 @@ class WebSocket:
             sock is None
             or self._tail
             or self._send_lock.locked()
+            or self._broken
             or self._close_sent
             or self.closed is not None
         ):
