@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from typing import Any
 
 import orjson
 import pytest
@@ -19,11 +20,12 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
+from verani import open_server
 from verani.store import FileStore
 from verani.store.base import Changes
 from verani.store.journal import CHECKPOINT_BYTES, encode_record, read_segment
 
-from helpers import ROOMS, logged
+from helpers import ROOMS, connect, logged
 
 VERANI = [sys.executable, "-m", "verani"]
 
@@ -339,3 +341,22 @@ async def test_numbering_never_goes_back_while_old_records_remain(tmp_path: path
     assert (await restarted.load("room", "a")).state == {"v": "newest"}  # type: ignore[union-attr]
     assert (await restarted.load("room", "b")).state == {"n": 1}  # type: ignore[union-attr]
     crashed(restarted)
+
+
+async def test_hibernated_rooms_leave_nothing_in_the_journal_index(
+    tmp_path: pathlib.Path, counter_rooms: list[Any]
+) -> None:
+    store = FileStore(tmp_path)
+    with trio.fail_after(20):
+        async with open_server(counter_rooms, store=store) as server:
+            for i in range(5):
+                async with connect(server.url, f"/ws/counter/r{i}") as client:
+                    await client.next_event("counter:sync")
+                    if i % 2:  # some change something, some only look
+                        await client.emit("counter:increment", {"amount": 1})
+                        await client.next_event("counter:update")
+            while any(s.sessions for s in server.supervisor.status()):
+                await trio.sleep(0.01)
+            await server.hibernate("counter")
+            # Per-instance numbering is kept only while a room is awake or has commits waiting.
+            assert store._journal._seq == {} and store._journal._since == {}

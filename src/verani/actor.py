@@ -687,6 +687,7 @@ class Actor:
                     "its changes are saved in the store's journal, but its document could not "
                     "be written (they are applied at the next start)"
                 )
+        self._store.forget(self.definition.name, self.instance)
         return None
 
     # --- output gate ------------------------------------------------------------------------

@@ -204,6 +204,10 @@ class Store(abc.ABC):
         still awake (enough commits piled up). Stores without a journal: never."""
         return False
 
+    def forget(self, room: str, instance: str) -> None:  # noqa: B027 - an optional hook
+        """``room``/``instance`` went to sleep with everything in its document: let go of what
+        is kept in memory for it (its next load reads it again). The default keeps nothing."""
+
     async def recover(self) -> None:  # noqa: B027 - an optional hook, not an abstract method
         """Bring every document up to date with what was committed before a crash; run once
         before serving. The default has nothing to do."""

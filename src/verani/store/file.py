@@ -239,6 +239,11 @@ class FileStore(Store):
         1 MiB of them, or one in a segment that is no longer the one appended to."""
         return self._journal.checkpoint_due((room, instance), at_rest=at_rest)
 
+    def forget(self, room: str, instance: str) -> None:
+        """See :meth:`Store.forget`: the journal's index drops the instance unless a record of
+        it is still waiting for its document."""
+        self._journal.forget((room, instance))
+
     async def recover(self) -> None:
         """Fold every commit in the journal into its document, durably, then empty the journal.
 

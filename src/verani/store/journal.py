@@ -280,12 +280,7 @@ class Journal:
             if not held and number != self._active:
                 done.append(number)
         if seq >= self._seq.get(key, 0):
-            # All in the document: nothing of it is kept here (ten thousand hibernated rooms
-            # cost no memory); its next commit reads its seq from the document again.
-            self._since.pop(key, None)
-            if not any(key in held for held in self._segments.values()):
-                self._seq.pop(key, None)
-                self._doc_seq.pop(key, None)
+            self.forget(key)
         else:
             # Commits made after the checkpoint's snapshot: they are in the active segment.
             self._since[key] = (0, self._active or 0)
@@ -293,6 +288,18 @@ class Journal:
             del self._segments[number]
         if done:
             await trio.to_thread.run_sync(self._remove_sync, done, limiter=self._threads)
+
+    def forget(self, key: Key) -> None:
+        """Keep nothing for ``key`` unless a record of it is still waiting for its document:
+        ten thousand hibernated rooms cost no memory here, and a forgotten instance's next
+        commit reads its numbering from its document again."""
+        if self._seq.get(key, 0) > self._doc_seq.get(key, 0):
+            return  # a commit not yet in the document
+        if any(key in held for held in self._segments.values()):
+            return
+        self._since.pop(key, None)
+        self._seq.pop(key, None)
+        self._doc_seq.pop(key, None)
 
     # --- appending ------------------------------------------------------------------------
 
