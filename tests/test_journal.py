@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
 import random
 import shutil
@@ -20,7 +21,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from verani import open_server
+from verani import ControlError, open_server
+from verani.control import control_request
 from verani.store import FileStore
 from verani.store.base import Changes
 from verani.store.journal import CHECKPOINT_BYTES, encode_record, read_segment
@@ -245,10 +247,12 @@ test_the_journal_against_a_model_with_crashes_at_any_byte = JournalMachine.TestC
 
 
 async def _load_rooms_until_killed(
-    url: str, proc: subprocess.Popen[str], rooms: list[str], kill_at: int
+    url: str, proc: subprocess.Popen[str], rooms: list[str], kill_at: int, store: pathlib.Path
 ) -> dict[str, tuple[int, int, int]]:
     """Each room's client pipelines increments until the server is SIGKILLed once ``kill_at``
-    updates were shown in all; per room: (count before, increments sent, highest shown)."""
+    updates were shown in all; per room: (count before, increments sent, highest shown).
+    Meanwhile rooms are told to hibernate over and over, so the kill may also come during a
+    checkpoint or a segment's removal, not only during an append."""
     result: dict[str, list[int]] = {room: [0, 0, 0] for room in rooms}
     total = 0
 
@@ -284,9 +288,19 @@ async def _load_rooms_until_killed(
             # trio-websocket's client leaks its TCP stream when the peer vanishes.
             await trio.aclose_forcefully(ws._stream)
 
+    async def hibernate_again_and_again() -> None:
+        with contextlib.suppress(ControlError):  # until the server is gone
+            while proc.poll() is None:
+                room = rng.choice(rooms)
+                request = {"op": "hibernate", "room": "counter", "instance": room}
+                await control_request(store, request)
+                await trio.sleep(rng.uniform(0, 0.02))
+
+    rng = random.Random(kill_at)
     async with trio.open_nursery() as nursery:
         for room in rooms:
             nursery.start_soon(client, room)
+        nursery.start_soon(hibernate_again_and_again)
     return {room: (v[0], v[1], v[2]) for room, v in result.items()}
 
 
@@ -306,12 +320,23 @@ def test_sigkill_under_multi_room_load_loses_nothing_any_client_was_shown(
         try:
             assert proc.stdout is not None
             url = proc.stdout.readline().split("serving on ")[1].split()[0]
-            seen = trio.run(_load_rooms_until_killed, url, proc, rooms, rng.randrange(50, 600))
+            seen = trio.run(
+                _load_rooms_until_killed, url, proc, rooms, rng.randrange(50, 600), store
+            )
             assert proc.wait(timeout=10) == -signal.SIGKILL
         finally:
             if proc.poll() is None:
                 proc.kill()
             proc.communicate(timeout=10)
+        # Before any restart, `verani inspect` (no server) shows the journal applied.
+        shown = subprocess.run(
+            [*VERANI, "inspect", "counter/r0", "--store", str(store), "--json"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert shown.returncode == 0, shown.stderr
+        inspected = orjson.loads(shown.stdout)
         # Restarted: recovery applies the journal; every document is whole.
         restarted = FileStore(store)
         trio.run(restarted.recover)
@@ -321,6 +346,8 @@ def test_sigkill_under_multi_room_load_loses_nothing_any_client_was_shown(
                 continue  # this client never got in before the kill
             doc = orjson.loads(restarted.path_for("counter", room).read_bytes())
             assert shown <= doc["state"]["count"] <= before + sent, (room, before, sent, shown)
+            if room == "r0":
+                assert inspected["stored"]["state"]["count"] == doc["state"]["count"], inspected
         assert segments(restarted) == []
 
 

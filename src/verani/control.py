@@ -260,6 +260,10 @@ async def control_request(
             f"no verani server is running for store {store_dir} (pid {info.get('pid')} left a "
             f"stale {INFO_FILE}; {hint})"
         ) from None
+    except trio.BrokenResourceError as exc:
+        raise ControlError(
+            f"the verani server of store {store_dir} went away before answering: {exc}"
+        ) from None
     except trio.TooSlowError:
         raise ControlError(
             f"the verani server of store {store_dir} did not answer within {timeout}s"

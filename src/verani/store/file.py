@@ -11,6 +11,7 @@ import pathlib
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
+from datetime import UTC
 from typing import Any, Literal
 
 import orjson
@@ -293,20 +294,29 @@ class FileStore(Store):
         records = await trio.to_thread.run_sync(
             self._records_sync, numbers, key, limiter=self._threads
         )
-        return _apply(room, instance, doc, records)
+        return _apply(room, instance, doc, *records)
 
-    def _records_sync(self, numbers: list[int], key: tuple[str, str]) -> list[Record]:
+    def _records_sync(
+        self, numbers: list[int], key: tuple[str, str]
+    ) -> tuple[list[Record], datetime.datetime | None]:
+        """The records of ``key`` in those segments, and when the last segment holding one was
+        written (records carry no time of their own)."""
         found: list[Record] = []
+        written = None
         for number in sorted(numbers):
             path = self._journal.directory / f"{number:08d}.wal"
             with store_errors(f"cannot read the journal segment {path}"):
                 try:
                     data = path.read_bytes()
+                    mtime = path.stat().st_mtime
                 except FileNotFoundError:
                     continue
             records, _, _ = read_segment(data)
-            found.extend(r for r in records if (r.room, r.instance) == key)
-        return found
+            mine = [r for r in records if (r.room, r.instance) == key]
+            if mine:
+                found.extend(mine)
+                written = datetime.datetime.fromtimestamp(mtime, datetime.UTC)
+        return found, written
 
     async def peek(self, room: str, instance: str) -> tuple[StoredDocument, int] | None:
         """Read the document and its size in bytes without ever writing: an unreadable document
@@ -597,9 +607,14 @@ def _document_bytes(
 
 
 def _apply(
-    room: str, instance: str, doc: StoredDocument | None, records: list[Record]
+    room: str,
+    instance: str,
+    doc: StoredDocument | None,
+    records: list[Record],
+    written: datetime.datetime | None,
 ) -> StoredDocument | None:
-    """``doc`` (None: no document) with the commits of ``records`` after its ``seq`` applied."""
+    """``doc`` (None: no document) with the commits of ``records`` after its ``seq`` applied;
+    ``written``: when the last of them was written."""
     seq = doc.seq if doc is not None else 0
     state = dict(doc.state) if doc is not None else {}
     storage = dict(doc.storage) if doc is not None else {}
@@ -621,7 +636,7 @@ def _apply(
         room=room,
         instance=instance,
         state=state,
-        saved_at=doc.saved_at if doc is not None else datetime.datetime.now(datetime.UTC),
+        saved_at=written or (doc.saved_at if doc is not None else datetime.datetime.now(UTC)),
         format_version=FORMAT_VERSION,
         storage=storage,
         seq=seq,
