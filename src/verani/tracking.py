@@ -21,9 +21,9 @@ through the state instead: ``state.items[-1]["done"] = True``). A value already 
 copied: placed under a second persisted key, it stays one object and marks both keys. A tracking
 value taken out of the state still marks its old key when changed: at worst an extra write.
 
-Not seen: a change that bypasses the tracking type (``list.append(state.items, x)``,
-``object.__setattr__``), and changes inside values of other types (a frozen set's or a dict key's
-contents are immutable anyway). The full flush at hibernation and shutdown still saves those.
+Not seen: a change that bypasses the tracking types (``list.append(state.items, x)``,
+``object.__setattr__``). Values of other types are immutable (a tuple, a frozenset, a dict's keys)
+or refused by the codec. The full flush at hibernation and shutdown still saves what was missed.
 """
 
 from __future__ import annotations
@@ -105,15 +105,15 @@ def _into(container: Any, value: Any) -> Any:
     if type(value) in _ATOMS:
         return value
     owner: Owner | None = getattr(container, _OWNER, None)
-    return value if owner is None else _adopt(value, owner, {})
+    return value if owner is None else adopt(value, owner)
 
 
 def _all_into(container: Any, values: Iterable[Any]) -> list[Any]:
     owner: Owner | None = getattr(container, _OWNER, None)
     if owner is None:
         return list(values)
-    memo: dict[int, Any] = {}  # one memo: a value given twice stays one object
-    return [v if type(v) in _ATOMS else _adopt(v, owner, memo) for v in values]
+    memo: dict[int, Any] = {}
+    return [v if type(v) in _ATOMS else adopt(v, owner, memo) for v in values]
 
 
 # The tracking built-ins. Each mutating method adopts what it inserts, does the change with the
@@ -121,14 +121,40 @@ def _all_into(container: Any, values: Iterable[Any]) -> list[Any]:
 # slice assignment). A call that raises before changing anything marks nothing.
 
 
+def _as_plain(self: Any, protocol: SupportsIndex) -> tuple[Any, ...]:
+    """``__reduce_ex__`` of the tracking built-ins: copies and pickles are plain."""
+    plain = self.__class__  # the built-in, as the tracking types say
+    return (plain, (plain(self),))
+
+
+def _marking(method: Callable[..., Any]) -> Callable[..., Any]:
+    """A built-in's method that either changes the container or raises, then a mark."""
+
+    def marked(self: Any, *args: Any) -> Any:
+        result = method(self, *args)
+        _mark(self)
+        return result
+
+    return marked
+
+
+def _emptying(method: Callable[[Any], None]) -> Callable[[Any], None]:
+    """A built-in's ``clear``, marking only a container that had something to clear."""
+
+    def clear(self: Any) -> None:
+        if self:
+            method(self)
+            _mark(self)
+
+    return clear
+
+
 class TrackedList(list[Any]):
     """A ``list`` that marks its persisted key when changed in place."""
 
     __slots__ = (_OWNER,)
     __class__ = property(lambda self: list)
-
-    def __reduce_ex__(self, protocol: SupportsIndex) -> tuple[Any, ...]:
-        return (list, (list(self),))
+    __reduce_ex__ = _as_plain
 
     def append(self, value: Any, /) -> None:
         list.append(self, _into(self, value))
@@ -155,19 +181,10 @@ class TrackedList(list[Any]):
         list.insert(self, index, _into(self, value))
         _mark(self)
 
-    def pop(self, index: SupportsIndex = -1, /) -> Any:
-        value = list.pop(self, index)
-        _mark(self)
-        return value
-
-    def remove(self, value: Any, /) -> None:
-        list.remove(self, value)
-        _mark(self)
-
-    def clear(self) -> None:
-        if self:
-            list.clear(self)
-            _mark(self)
+    pop = _marking(list.pop)
+    remove = _marking(list.remove)
+    __delitem__ = _marking(list.__delitem__)
+    clear = _emptying(list.clear)
 
     def sort(self, *, key: Callable[[Any], Any] | None = None, reverse: bool = False) -> None:
         try:
@@ -188,10 +205,6 @@ class TrackedList(list[Any]):
             list.__setitem__(self, index, _into(self, value))
         _mark(self)
 
-    def __delitem__(self, index: Any, /) -> None:
-        list.__delitem__(self, index)
-        _mark(self)
-
 
 _MISSING: Any = object()
 
@@ -201,9 +214,7 @@ class TrackedDict(dict[Any, Any]):
 
     __slots__ = (_OWNER,)
     __class__ = property(lambda self: dict)
-
-    def __reduce_ex__(self, protocol: SupportsIndex) -> tuple[Any, ...]:
-        return (dict, (dict(self),))
+    __reduce_ex__ = _as_plain
 
     @classmethod
     def fromkeys(cls, keys: Iterable[Any], value: Any = None, /) -> dict[Any, Any]:
@@ -213,9 +224,9 @@ class TrackedDict(dict[Any, Any]):
         dict.__setitem__(self, key, _into(self, value))
         _mark(self)
 
-    def __delitem__(self, key: Any, /) -> None:
-        dict.__delitem__(self, key)
-        _mark(self)
+    __delitem__ = _marking(dict.__delitem__)
+    popitem = _marking(dict.popitem)
+    clear = _emptying(dict.clear)
 
     def pop(self, key: Any, default: Any = _MISSING, /) -> Any:
         if key in self:
@@ -225,16 +236,6 @@ class TrackedDict(dict[Any, Any]):
         if default is _MISSING:
             raise KeyError(key)
         return default
-
-    def popitem(self) -> tuple[Any, Any]:
-        item = dict.popitem(self)
-        _mark(self)
-        return item
-
-    def clear(self) -> None:
-        if self:
-            dict.clear(self)
-            _mark(self)
 
     def setdefault(self, key: Any, default: Any = None, /) -> Any:
         if key in self:
@@ -256,14 +257,25 @@ class TrackedDict(dict[Any, Any]):
         return self
 
 
+def _in_place(method: Callable[[Any, Any], None]) -> Callable[[Any, Any], Any]:
+    """A set's in-place operator (``|=``…) from its method: it takes sets only, as the
+    built-in's do (``s |= [1]`` is a TypeError)."""
+
+    def operator(self: Any, other: Any) -> Any:
+        if not isinstance(other, set | frozenset):
+            return NotImplemented
+        method(self, other)
+        return self
+
+    return operator
+
+
 class TrackedSet(set[Any]):
     """A ``set`` that marks its persisted key when changed in place."""
 
     __slots__ = (_OWNER,)
     __class__ = property(lambda self: set)
-
-    def __reduce_ex__(self, protocol: SupportsIndex) -> tuple[Any, ...]:
-        return (set, (set(self),))
+    __reduce_ex__ = _as_plain
 
     def __repr__(self) -> str:
         return repr(set(self))
@@ -278,19 +290,9 @@ class TrackedSet(set[Any]):
             set.discard(self, value)
             _mark(self)
 
-    def remove(self, value: Any, /) -> None:
-        set.remove(self, value)
-        _mark(self)
-
-    def pop(self) -> Any:
-        value = set.pop(self)
-        _mark(self)
-        return value
-
-    def clear(self) -> None:
-        if self:
-            set.clear(self)
-            _mark(self)
+    remove = _marking(set.remove)
+    pop = _marking(set.pop)
+    clear = _emptying(set.clear)
 
     def update(self, *others: Iterable[Any]) -> None:
         new = set().union(*others).difference(self)
@@ -318,31 +320,10 @@ class TrackedSet(set[Any]):
             set.update(self, _all_into(self, added))
             _mark(self)
 
-    # The operators take sets only, as the built-in's do (``s |= [1]`` is a TypeError).
-
-    def __ior__(self, other: Any, /) -> TrackedSet:  # type: ignore[misc]
-        if not isinstance(other, set | frozenset):
-            return NotImplemented
-        self.update(other)
-        return self
-
-    def __iand__(self, other: Any, /) -> TrackedSet:  # type: ignore[misc]
-        if not isinstance(other, set | frozenset):
-            return NotImplemented
-        self.intersection_update(other)
-        return self
-
-    def __isub__(self, other: Any, /) -> TrackedSet:  # type: ignore[misc]
-        if not isinstance(other, set | frozenset):
-            return NotImplemented
-        self.difference_update(other)
-        return self
-
-    def __ixor__(self, other: Any, /) -> TrackedSet:  # type: ignore[misc]
-        if not isinstance(other, set | frozenset):
-            return NotImplemented
-        self.symmetric_difference_update(other)
-        return self
+    __ior__ = _in_place(update)
+    __iand__ = _in_place(intersection_update)
+    __isub__ = _in_place(difference_update)
+    __ixor__ = _in_place(symmetric_difference_update)
 
 
 #: Every tracking type with the plain type it stands for (the user's class for attrs/dataclass
@@ -394,11 +375,11 @@ def _tracking_class(cls: type) -> type | None:
 
 
 def _make_tracking_class(cls: Any) -> type | None:
-    if not (attrs.has(cls) or hasattr(cls, "__dataclass_fields__")) or not isinstance(cls, type):
+    if not (attrs.has(cls) or hasattr(cls, "__dataclass_fields__")):
         return None
     fields = frozenset(_field_names(cls))
-    base_setattr: Callable[[Any, str, Any], None] = cls.__setattr__  # type: ignore[assignment]
-    base_delattr: Callable[[Any, str], None] = cls.__delattr__  # type: ignore[assignment]
+    base_setattr: Callable[[Any, str, Any], None] = cls.__setattr__
+    base_delattr: Callable[[Any, str], None] = cls.__delattr__
 
     def __setattr__(self: Any, name: str, value: Any) -> None:
         base_setattr(self, name, value)  # the class's validators, converters, frozenness
@@ -407,7 +388,7 @@ def _make_tracking_class(cls: Any) -> type | None:
             return
         if name in fields:
             stored = getattr(self, name)  # as the class's converters left it
-            adopted = stored if type(stored) in _ATOMS else _adopt(stored, owner, {})
+            adopted = adopt(stored, owner)
             if adopted is not stored:
                 object.__setattr__(self, name, adopted)
         owner.mark()
@@ -439,15 +420,18 @@ def _make_tracking_class(cls: Any) -> type | None:
 # --- adoption ---------------------------------------------------------------------------------
 
 
-def adopt(value: Any, owner: Owner) -> Any:
+def adopt(value: Any, owner: Owner, memo: dict[int, Any] | None = None) -> Any:
     """``value`` as it is kept under ``owner``: atoms as they are; a tracking value as it is,
     its owner extended to ``owner`` (through everything in it); anything else with every list,
     dict, set and attrs/dataclass instance in it copied into tracking types owned by ``owner``.
+
+    Values adopted with one ``memo`` (the items of one ``extend``) share their copies, so a
+    value given twice stays one object.
     """
     if type(value) in _ATOMS:
         return value
     try:
-        return _adopt(value, owner, {})
+        return _adopt(value, owner, {} if memo is None else memo)
     except RecursionError:  # nested past any depth the codec writes: it reports the key
         return value
 
