@@ -23,7 +23,7 @@ from typing import Any
 import attrs
 
 from .errors import RoomDefinitionError
-from .tracking import Owner, adopt
+from .tracking import ATOMS, Owner, adopt
 
 _CHANGES = "_verani_changes"
 _OWNERS = "_verani_owners"
@@ -170,12 +170,13 @@ def _tracked_subclass(room_name: str, cls: type[Any], keys: frozenset[str]) -> t
         changes = getattr(self, _CHANGES, None)
         if changes is not None:
             changes.add(name)
-            owner = getattr(self, _OWNERS).get(name)
-            if owner is not None:
-                stored = getattr(self, name)  # as the class's converters left it
-                adopted = adopt(stored, owner)
-                if adopted is not stored:
-                    object.__setattr__(self, name, adopted)
+            stored = getattr(self, name)  # as the class's converters left it
+            if type(stored) not in ATOMS:  # a count or a name: nothing to track inside
+                owner = getattr(self, _OWNERS).get(name)
+                if owner is not None:
+                    adopted = adopt(stored, owner)
+                    if adopted is not stored:
+                        object.__setattr__(self, name, adopted)
 
     namespace: dict[str, Callable[..., Any] | tuple[str, ...] | str] = {
         "__setattr__": __setattr__,

@@ -37,12 +37,12 @@ from typing import Any, SupportsIndex
 
 import attrs
 
-__all__ = ["PLAIN_TYPES", "Owner", "TrackedDict", "TrackedList", "TrackedSet", "adopt"]
+__all__ = ["ATOMS", "PLAIN_TYPES", "Owner", "TrackedDict", "TrackedList", "TrackedSet", "adopt"]
 
 _OWNER = "_verani_owner"
 
 #: Values that cannot change in place: adopted as they are, with no copy and no lookup.
-_ATOMS: frozenset[type] = frozenset(
+ATOMS: frozenset[type] = frozenset(
     {str, int, float, bool, type(None), bytes, complex, range, frozenset, re.Pattern}
     | {decimal.Decimal, uuid.UUID, dt.datetime, dt.date, dt.time, dt.timedelta}
 )
@@ -102,7 +102,7 @@ def _mark(value: Any) -> None:
 
 def _into(container: Any, value: Any) -> Any:
     """``value`` as ``container`` keeps it."""
-    if type(value) in _ATOMS:
+    if type(value) in ATOMS:
         return value
     owner: Owner | None = getattr(container, _OWNER, None)
     return value if owner is None else adopt(value, owner)
@@ -113,7 +113,7 @@ def _all_into(container: Any, values: Iterable[Any]) -> list[Any]:
     if owner is None:
         return list(values)
     memo: dict[int, Any] = {}
-    return [v if type(v) in _ATOMS else adopt(v, owner, memo) for v in values]
+    return [v if type(v) in ATOMS else adopt(v, owner, memo) for v in values]
 
 
 # The tracking built-ins. Each mutating method adopts what it inserts, does the change with the
@@ -428,7 +428,7 @@ def adopt(value: Any, owner: Owner, memo: dict[int, Any] | None = None) -> Any:
     Values adopted with one ``memo`` (the items of one ``extend``) share their copies, so a
     value given twice stays one object.
     """
-    if type(value) in _ATOMS:
+    if type(value) in ATOMS:
         return value
     try:
         return _adopt(value, owner, {} if memo is None else memo)
@@ -438,7 +438,7 @@ def adopt(value: Any, owner: Owner, memo: dict[int, Any] | None = None) -> Any:
 
 def _adopt(value: Any, owner: Owner, memo: dict[int, Any]) -> Any:
     kind = type(value)
-    if kind in _ATOMS:
+    if kind in ATOMS:
         return value
     if kind in PLAIN_TYPES:
         _join(value, owner)
@@ -478,7 +478,7 @@ def _adopt(value: Any, owner: Owner, memo: dict[int, Any]) -> Any:
 
 def _adopt_all(values: Iterable[Any], owner: Owner, memo: dict[int, Any]) -> Iterable[Any]:
     values = values if isinstance(values, list | tuple) else list(values)
-    if set(map(type, values)) <= _ATOMS:  # the common case, spared a call per element
+    if set(map(type, values)) <= ATOMS:  # the common case, spared a call per element
         return values
     return [_adopt(v, owner, memo) for v in values]
 
