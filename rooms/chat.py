@@ -97,8 +97,8 @@ def message(ctx: Ctx, data: Any) -> None:
     at = datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
     msg = ChatMessage(sender=ctx.meta.user_id, text=text, at=at.replace("+00:00", "Z"))
     state = ctx.actor.room_state
-    # Assign a new list rather than append: assignments are what mark a persisted key changed.
-    state.history = [*state.history, msg][-HISTORY_LIMIT:]
+    state.history.append(msg)  # changed in place: saved before the frames below leave
+    del state.history[:-HISTORY_LIMIT]
     state.typing.discard(ctx.meta.user_id)  # sending a message ends "is typing"
     # Everyone, the sender included: its own copy confirms the message was saved.
     ctx.actor.emit.emit("chat:message", msg.to_wire())
@@ -113,7 +113,6 @@ def typing(ctx: Ctx, data: Any) -> None:
     me, users = ctx.meta.user_id, ctx.actor.room_state.typing
     if is_typing == (me in users):
         return  # no change: clients repeat this on every keystroke
-    # In-place is fine here: `typing` is not persisted, so nothing needs to notice the change.
     if is_typing:
         users.add(me)
     else:

@@ -47,8 +47,7 @@ def notify(ctx: Ctx, data: Any) -> None:
         return
     state = ctx.actor.room_state
     count = state.unread.get(to, 0) + 1
-    # Assign a new dict rather than change it in place: assignments are what get persisted.
-    state.unread = {**state.unread, to: count}
+    state.unread[to] = count
     # Every socket of `to`, whatever its channels; returns how many sockets that was.
     delivered = ctx.actor.emit_to_user(
         to,
@@ -61,6 +60,6 @@ def notify(ctx: Ctx, data: Any) -> None:
 @notifications_room.on("notifications:read")
 def mark_read(ctx: Ctx, data: Any) -> None:
     me, state = ctx.meta.user_id, ctx.actor.room_state
-    state.unread = {user: n for user, n in state.unread.items() if user != me}
+    state.unread.pop(me, None)
     # All of my devices, so the badge clears on the phone when I read on the laptop.
     ctx.actor.emit_to_user(me, "notifications:unread", {"count": 0})

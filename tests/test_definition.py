@@ -12,7 +12,7 @@ import pytest
 from verani import RoomDefinitionError, RoomLoadError, define_room
 from verani.loader import load_rooms
 from verani.routing import Router
-from verani.state import take_changes
+from verani.state import take_changes, track
 
 
 @attrs.define
@@ -70,6 +70,30 @@ def test_dict_state_is_attribute_access_and_unknown_keys_raise() -> None:
         AttributeError, match="room 'd' has no state key 'cuont' \\(state keys: count, items\\)"
     ):
         one.cuont = 3
+
+
+@attrs.define
+class Converted:
+    tags: list[str] = attrs.field(
+        factory=list, converter=lambda v: v.split(",") if isinstance(v, str) else v
+    )
+    note: str = ""
+    scratch: list[str] = attrs.Factory(list)
+
+
+def test_deep_keys_record_in_place_changes_and_keep_what_the_class_stored() -> None:
+    room = define_room(name="deep", state=Converted, persisted_keys=["tags", "note"])
+    state = room.state_spec.new_untracked()
+    track(state, room.persisted_keys)
+    state.tags.append("a")
+    assert take_changes(state) == {"tags"}
+    state.tags = "x,y"  # the class's converter makes a list: that list is what gets tracked
+    state.tags.append("z")
+    assert state.tags == ["x", "y", "z"] and take_changes(state) == {"tags"}
+    state.scratch.append("not persisted")  # ephemeral keys are left as they are
+    state.note = "hi"
+    assert take_changes(state) == {"note"}
+    assert type(state.scratch) is list
 
 
 def test_typed_state_keeps_its_class_and_rejects_unknown_keys() -> None:

@@ -10,6 +10,7 @@ import errno
 import logging
 from typing import Any
 
+import attrs
 import pytest
 import trio
 import trio_websocket
@@ -107,9 +108,11 @@ async def test_throw_on_error_false_only_reports(tmp_path: Any) -> None:
 
 
 async def test_shallow_tracking_saves_in_place_changes_at_hibernation(tmp_path: Any) -> None:
+    # The opt-out keeps assignment-only tracking: an in-place change waits for the next write.
     store = FileStore(tmp_path)
+    room = bag_room([], persist_options={"shallow": True})
     with trio.fail_after(10):
-        async with open_server([bag_room([])], store=store) as server:
+        async with open_server([room], store=store) as server:
             async with connect(server.url, "/ws/bag") as client:
                 await client.emit("put", "a")
                 await client.next_event("put:ok")
@@ -124,14 +127,13 @@ async def test_shallow_tracking_saves_in_place_changes_at_hibernation(tmp_path: 
                 assert (await stored(store, "bag"))["items"] == ["a", "in-place", "b", "late"]
 
 
-async def test_deep_tracking_saves_in_place_changes_each_turn(tmp_path: Any) -> None:
+async def test_in_place_changes_are_saved_each_turn_by_default(tmp_path: Any) -> None:
     store = FileStore(tmp_path)
-    room = bag_room([], persist_options={"shallow": False})
     with trio.fail_after(10):
-        async with open_server([room], store=store) as server:
+        async with open_server([bag_room([])], store=store) as server:
             async with connect(server.url, "/ws/bag") as client:
                 await client.emit("append", "in-place")
-                await client.next_event("put:ok")
+                await client.next_event("put:ok")  # out only once the change is durable
                 assert (await stored(store, "bag"))["items"] == ["in-place"]
 
 
@@ -177,6 +179,135 @@ async def test_a_read_only_connection_after_a_restart_does_not_rewrite_the_docum
             # The sync frame waited for any write its turn caused.
             assert path.read_bytes() == written
     assert path.read_bytes() == written
+
+
+@attrs.define
+class Task:
+    title: str = ""
+    done: bool = False
+
+
+@attrs.define
+class BoardState:
+    tasks: list[Task] = attrs.Factory(list)
+    cards: list[dict[str, Any]] = attrs.Factory(list)
+    tags: set[str] = attrs.Factory(set)
+
+
+def board_room(**options: Any) -> Any:
+    """Every handler changes a persisted value in place; none assigns a state key."""
+    room = define_room(
+        name="board", state=BoardState, persisted_keys=["tasks", "cards", "tags"], **options
+    )
+    Ctx = RoomContext[BoardState]
+
+    @room.on("task")
+    def task(ctx: Ctx, data: Any) -> None:
+        ctx.actor.room_state.tasks.append(Task(data))
+        ctx.emit.emit("ok")
+
+    @room.on("done")
+    def done(ctx: Ctx, data: Any) -> None:
+        ctx.actor.room_state.tasks[data].done = True  # an attrs value inside a list
+        ctx.emit.emit("ok")
+
+    @room.on("card")
+    def card(ctx: Ctx, data: Any) -> None:
+        ctx.actor.room_state.cards.append({"text": data})
+        ctx.emit.emit("ok")
+
+    @room.on("vote")
+    def vote(ctx: Ctx, data: Any) -> None:
+        card = ctx.actor.room_state.cards[data]  # a dict inside a list
+        card["text"] = card["text"].upper()
+        card.setdefault("votes", []).append(ctx.meta.user_id)
+        ctx.emit.emit("ok")
+
+    @room.on("tag")
+    def tag(ctx: Ctx, data: Any) -> None:
+        ctx.actor.room_state.tags.add(data)
+        ctx.emit.emit("ok")
+
+    @room.on("untag")
+    def untag(ctx: Ctx, data: Any) -> None:
+        ctx.actor.room_state.tags.discard(data)
+        ctx.emit.emit("ok")
+
+    @room.on("look")
+    def look(ctx: Ctx, data: Any) -> None:
+        state = ctx.actor.room_state
+        ctx.emit.emit(
+            "seen",
+            {
+                "types": [
+                    isinstance(state.tasks, list),
+                    isinstance(state.tasks[0], Task),
+                    isinstance(state.cards[0], dict),
+                    isinstance(state.tags, set),
+                ],
+                "equal": [
+                    state.tasks == [Task("write", done=True)],
+                    state.cards == [{"text": "HI", "votes": ["ann"]}],
+                    state.tags == {"urgent"},
+                ],
+                "cards": state.cards,  # the wire encoder takes the tracking dicts as dicts
+            },
+        )
+
+    return room
+
+
+async def test_in_place_changes_nested_in_persisted_values_are_saved_each_turn(
+    tmp_path: Any,
+) -> None:
+    store = FileStore(tmp_path)
+    steps = [
+        ("task", "write", {"tasks": [{"title": "write", "done": False}]}),
+        ("done", 0, {"tasks": [{"title": "write", "done": True}]}),
+        ("card", "hi", {"cards": [{"text": "hi"}]}),
+        ("vote", 0, {"cards": [{"text": "HI", "votes": ["ann"]}]}),
+        ("tag", "urgent", {"tags": {"$t": "set", "v": ["urgent"]}}),
+        ("tag", "later", {"tags": {"$t": "set", "v": ["urgent", "later"]}}),
+        ("untag", "later", {"tags": {"$t": "set", "v": ["urgent"]}}),
+    ]
+    with trio.fail_after(10):
+        async with open_server([board_room()], store=store) as server:
+            async with connect(server.url, "/ws/board", user_id="ann") as client:
+                for event, data, expected in steps:
+                    await client.emit(event, data)
+                    await client.next_event("ok")
+                    for key, value in expected.items():
+                        saved = (await stored(store, "board"))[key]
+                        if key == "tags":
+                            saved["v"].sort(reverse=True)
+                        assert saved == value, (event, key)
+                await client.emit("look")
+                _, seen = await client.next_event("seen")
+                assert seen["types"] == [True] * 4 and seen["equal"] == [True] * 3
+                assert seen["cards"] == [{"text": "HI", "votes": ["ann"]}]
+        # After a restart the values read back from the store are tracked as well.
+        async with open_server([board_room()], store=store) as server:
+            async with connect(server.url, "/ws/board", user_id="bob") as client:
+                await client.emit("vote", 0)
+                await client.next_event("ok")
+                cards = (await stored(store, "board"))["cards"]
+                assert cards == [{"text": "HI", "votes": ["ann", "bob"]}]
+
+
+async def test_shallow_true_leaves_nested_in_place_changes_unsaved_until_hibernation(
+    tmp_path: Any,
+) -> None:
+    store = FileStore(tmp_path)
+    with trio.fail_after(10):
+        async with open_server([board_room(persist_options={"shallow": True})], store=store) as s:
+            async with connect(s.url, "/ws/board", user_id="ann") as client:
+                await client.emit("card", "hi")
+                await client.next_event("ok")
+                await client.emit("vote", 0)
+                await client.next_event("ok")
+                assert not store.path_for("board", "default").exists()  # nothing assigned
+                await s.hibernate("board")
+                assert (await stored(store, "board"))["cards"] == [{"text": "HI", "votes": ["ann"]}]
 
 
 async def test_output_waits_for_durability_and_writes_coalesce(tmp_path: Any) -> None:
@@ -335,8 +466,9 @@ async def test_frames_emitted_before_the_change_in_a_turn_wait_too(tmp_path: Any
 
 async def test_a_crash_while_hibernating_answers_the_request(tmp_path: Any) -> None:
     store = FaultyStore(tmp_path)
+    room = bag_room([], persist_options={"shallow": True})
     with trio.fail_after(10):
-        async with open_server([bag_room([])], store=store) as server:
+        async with open_server([room], store=store) as server:
             async with connect(server.url, "/ws/bag") as client:
                 await client.emit("append", "in place")  # unsaved until a full flush
                 await client.next_event("put:ok")

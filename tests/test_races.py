@@ -24,8 +24,8 @@ from verani.store import FileStore
 from helpers import connect
 
 
-def tally_room(log: list[str]) -> Any:
-    room = define_room(name="tally", state={"items": []}, persisted_keys=["items"])
+def tally_room(log: list[str], **options: Any) -> Any:
+    room = define_room(name="tally", state={"items": []}, persisted_keys=["items"], **options)
 
     @room.on_connect
     def hello(ctx: RoomContext[Any]) -> None:
@@ -66,8 +66,10 @@ async def test_a_message_during_the_final_flush_is_handled_once_after_revival(
 ) -> None:
     log: list[str] = []
     store = FaultyStore(tmp_path, durability="os")
+    # Assignment-only tracking, so that an in-place change is left for the final flush to write.
+    room = tally_room(log, persist_options={"shallow": True})
     with trio.fail_after(10):
-        async with open_server([tally_room(log)], store=store) as server:
+        async with open_server([room], store=store) as server:
             async with connect(server.url, "/ws/tally", user_id="ann") as ann:
                 await ann.next_event("sync")
                 await ann.emit("add", {"item": "a"})
@@ -97,8 +99,10 @@ async def test_a_message_during_the_final_flush_is_handled_once_after_revival(
 async def test_a_connection_during_the_final_flush_sees_the_flushed_state(tmp_path: Any) -> None:
     log: list[str] = []
     store = FaultyStore(tmp_path, durability="os")
+    # Assignment-only tracking, so that an in-place change is left for the final flush to write.
+    room = tally_room(log, persist_options={"shallow": True})
     with trio.fail_after(10):
-        async with open_server([tally_room(log)], store=store) as server:
+        async with open_server([room], store=store) as server:
             async with connect(server.url, "/ws/tally", user_id="ann") as ann:
                 await ann.next_event("sync")
                 await ann.emit("add", {"item": "a"})

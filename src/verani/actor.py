@@ -284,7 +284,7 @@ class Actor:
         dropped = sorted(set(stored) - self._persisted)
         if dropped:
             log.warning("%s: ignoring stored keys no longer persisted: %s", self._where, dropped)
-        track(state)
+        track(state, () if self.definition.persist_options.shallow else self._persisted)
         self.state = state
         self.storage = RoomStorage(
             self._codec, doc.storage if doc is not None else {}, self._storage_changed
@@ -561,13 +561,13 @@ class Actor:
     # --- persistence ------------------------------------------------------------------------
 
     def _persist_changes(self, *, full: bool = False) -> list[tuple[str, NotPersistableError]]:
-        """Encode the persisted keys this turn changed; schedule a write if any did."""
+        """Encode the persisted keys this turn changed (``full``: every persisted key, written
+        if its encoding differs from the last one); schedule a write if any changed."""
         assigned = take_changes(self.state) & self._persisted
-        compare = full or not self.definition.persist_options.shallow
         failures: list[tuple[str, NotPersistableError]] = []
         dirty = False
         for key in self.definition.persisted_keys:
-            if key not in assigned and not compare:
+            if key not in assigned and not full:
                 continue
             declared = self.definition.state_spec.key_types[key]
             try:

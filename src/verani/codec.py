@@ -16,7 +16,8 @@ only where their type is declared: a document never names a class, so reading on
 server import or call anything it does not already expect. Reading never coerces: a stored value
 that does not fit its declared type comes back as what it is. Types are exact: subclasses of the
 built-in types (``OrderedDict``, named tuples, an ``IntEnum`` where no type is declared) are
-refused rather than turned into their base type.
+refused rather than turned into their base type — except the state's own change-tracking copies
+(:mod:`verani.tracking`), which are written exactly as the type they stand for (:func:`_kind`).
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ from cattrs.v import transform_error
 
 from verani.errors import CorruptDocumentError, NotPersistableError
 
+from .tracking import PLAIN_TYPES
+
 __all__ = ["MAX_DEPTH", "Codec", "JSONValue", "dumps", "loads", "make_codec"]
 
 # One definition, shared with the store that writes these trees.
@@ -73,6 +76,13 @@ _MISSING = object()
 #: The types a JSON document holds as themselves. Reading takes any value of these as itself;
 #: writing does only where :func:`_as_themselves` says so.
 _JSON_SCALARS: frozenset[type] = frozenset({str, int, float, bool, _NoneType})
+
+
+def _kind(value: object) -> type:
+    """The type ``value`` is written as: its own, or for a change-tracking copy, the type it
+    stands for. The codec's one exception to exact types."""
+    kind = type(value)
+    return PLAIN_TYPES.get(kind, kind)
 
 
 def _as_themselves(values: Any) -> bool:
@@ -234,7 +244,7 @@ def _encode_any(value: Any, depth: int, active: set[int]) -> JSONValue:
     scalar = _SCALARS.get(type(value))
     if scalar is not None:
         return scalar[1](value)
-    container = _ANY_CONTAINERS.get(type(value))
+    container = _ANY_CONTAINERS.get(_kind(value))
     if container is not None:
         return container.encode(value, depth, active)
     raise _Unpersistable(_why_not(value))
@@ -470,7 +480,7 @@ def _sequence_hook(kind: Any, items: list[_Hook] | None, rest: _Hook) -> _Hook:
         return type(raw) is list if tag is None else _has_tag(raw, tag) and sized(raw.get("v"))
 
     def fits(value: Any) -> bool:
-        return type(value) is kind and (items is None or len(value) == len(items))
+        return _kind(value) is kind and (items is None or len(value) == len(items))
 
     return _Hook(fits, accepts, encode, decode)
 
@@ -568,7 +578,7 @@ def _dict_hook(key: _Hook, item: _Hook) -> _Hook:
     def accepts(raw: Any) -> bool:
         return _is_plain(raw) or _has_tag(raw, "dict", "map")
 
-    return _Hook(lambda value: type(value) is dict, accepts, encode, decode)
+    return _Hook(lambda value: _kind(value) is dict, accepts, encode, decode)
 
 
 ANY = _Hook(lambda value: True, lambda raw: True, _encode_any, _decode_any, plain=True)
@@ -782,7 +792,7 @@ def _class_hook(
             _WALK.depth = outer
         return obj
 
-    return _Hook(lambda value: type(value) is cls, _is_plain, encode, decode)
+    return _Hook(lambda value: _kind(value) is cls, _is_plain, encode, decode)
 
 
 class _PlainHooks(dict[Any, bool]):

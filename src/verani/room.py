@@ -51,14 +51,19 @@ _PATH_SEGMENT = re.compile(r"[A-Za-z0-9._~!$&'()*+,;=:@-]+")
 class PersistOptions:
     """How persisted keys are tracked and how a failed save is treated.
 
-    ``shallow`` (default, as Verani): only assignments to persisted keys are noticed; with
-    ``shallow=False`` in-place changes (``state.items.append(x)``) are found too, by comparing the
-    encoded value after each turn. ``throw_on_error`` (default): a key that cannot be saved is an
+    ``shallow=False`` (default; Verani's deep proxy): assignments to persisted keys and changes
+    made in place inside their values (``state.items.append(x)``, ``state.todos[0]["done"] =
+    True``, ``state.tags.add(t)``, ``state.players[0].score += 1``) are saved after the turn.
+    The state keeps tracking copies of the lists, dicts, sets and attrs/dataclass values put
+    under a persisted key, so change them through the state, not through a variable that held
+    them before they were put in. ``shallow=True`` (Verani's own default): only assignments are
+    noticed, the values are kept as they are, and an in-place change is saved with the key's next
+    assignment or at hibernation. ``throw_on_error`` (default): a key that cannot be saved is an
     error of the turn (``on_error`` sees it); otherwise it is only reported to
     ``on_persist_error`` and the log.
     """
 
-    shallow: bool = True
+    shallow: bool = False
     throw_on_error: bool = True
 
 

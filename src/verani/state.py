@@ -1,9 +1,13 @@
-"""Internal: room state: the typed state object, its declared key types, assignment tracking. Pure.
+"""Internal: room state: the typed state object, its declared key types, change tracking. Pure.
 
 A room's state is an instance of the user's attrs class or dataclass (or of an attrs class built
 from a dict of initial values). The runtime uses a subclass of it that records which keys were
 assigned, so ``ctx.actor.room_state.count += 1`` is noticed without the user calling ``put()``.
 The instance keeps the user's type for ``isinstance`` and for the type checker.
+
+Keys tracked *deeply* (the persisted keys, unless the room opts out with ``shallow=True``) also
+hold their values as :mod:`verani.tracking` copies, which record changes made in place
+(``state.items.append(x)``) under the key's name, in the same set as assignments.
 """
 
 from __future__ import annotations
@@ -13,14 +17,16 @@ import dataclasses
 import functools
 import keyword
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import attrs
 
 from .errors import RoomDefinitionError
+from .tracking import ATOMS, Owner, adopt
 
 _CHANGES = "_verani_changes"
+_OWNERS = "_verani_owners"
 
 
 @attrs.frozen
@@ -33,9 +39,9 @@ class StateSpec:
     key_types: Mapping[str, Any]
 
     def new(self) -> Any:
-        """A fresh state object with every key at its initial value, tracking on."""
+        """A fresh state object with every key at its initial value, assignments tracked."""
         state = self.tracked_class()
-        object.__setattr__(state, _CHANGES, set())
+        track(state)
         return state
 
     def new_untracked(self) -> Any:
@@ -43,16 +49,29 @@ class StateSpec:
         return self.tracked_class()
 
 
-def track(state: Any) -> None:
-    """Start recording assignments on a state object made by :meth:`StateSpec.new_untracked`."""
-    object.__setattr__(state, _CHANGES, set())
+def track(state: Any, deep: Iterable[str] = ()) -> None:
+    """Start recording assignments on a state object made by :meth:`StateSpec.new_untracked`,
+    and for the ``deep`` keys changes in place too (their current values become tracking
+    copies)."""
+    changes: set[str] = set()
+    owners: dict[str, Owner] = {}
+    for key in deep:
+        owners[key] = Owner(changes, key)
+        value = getattr(state, key)
+        adopted = adopt(value, owners[key])
+        if adopted is not value:
+            object.__setattr__(state, key, adopted)
+    object.__setattr__(state, _OWNERS, owners)
+    object.__setattr__(state, _CHANGES, changes)
 
 
 def take_changes(state: Any) -> set[str]:
-    """The keys assigned since the last call, and forget them."""
+    """The keys assigned or changed in place since the last call, and forget them."""
     changes: set[str] = getattr(state, _CHANGES)
-    object.__setattr__(state, _CHANGES, set())
-    return changes
+    # Emptied, not replaced: the owners of tracking values hold this set.
+    taken = set(changes)
+    changes.clear()
+    return taken
 
 
 def set_untracked(state: Any, key: str, value: Any) -> None:
@@ -151,10 +170,17 @@ def _tracked_subclass(room_name: str, cls: type[Any], keys: frozenset[str]) -> t
         changes = getattr(self, _CHANGES, None)
         if changes is not None:
             changes.add(name)
+            stored = getattr(self, name)  # as the class's converters left it
+            if type(stored) not in ATOMS:  # a count or a name: nothing to track inside
+                owner = getattr(self, _OWNERS).get(name)
+                if owner is not None:
+                    adopted = adopt(stored, owner)
+                    if adopted is not stored:
+                        object.__setattr__(self, name, adopted)
 
     namespace: dict[str, Callable[..., Any] | tuple[str, ...] | str] = {
         "__setattr__": __setattr__,
-        "__slots__": (_CHANGES,),
+        "__slots__": (_CHANGES, _OWNERS),
         "__qualname__": cls.__qualname__,
         "__module__": cls.__module__,
     }
