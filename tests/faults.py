@@ -142,9 +142,11 @@ class FaultyStore(FileStore):
         instance: str,
         state: Mapping[str, JSONValue],
         storage: Mapping[str, JSONValue] | None = None,
+        *,
+        schedules: Mapping[str, JSONValue] | None = None,
     ) -> None:
         await self._before_save()
-        await super().save(room, instance, state, storage)
+        await super().save(room, instance, state, storage, schedules=schedules)
 
     async def commit(self, room: str, instance: str, changes: Changes) -> None:
         await self._before_save()

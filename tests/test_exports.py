@@ -47,6 +47,8 @@ API = {
     "RoomLoadError",
     "RoomNotFoundError",
     "Runtime",
+    "Schedule",
+    "ScheduleContext",
     "ServeError",
     "Server",
     "ServerConfig",

@@ -78,6 +78,7 @@ ANSWERS = [
     "notify:sent",
     "channels:joined",
     "whoami",
+    "poll:closed",
     "rate_limited",
 ]
 
@@ -100,7 +101,7 @@ def test_each_example_room_command_works_as_written(tmp_path: pathlib.Path) -> N
             )
 
         # Each in its own room, so they may run at once, as from several terminals; all but the
-        # last, whose eight clients must reach the room faster than its bucket refills.
+        # last, whose twenty clients must reach the room faster than its bucket refills.
         started = [start(command) for command in commands[:-1]]
         results = [(proc, *proc.communicate(timeout=60)) for proc in started]
         last = start(commands[-1])

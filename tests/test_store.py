@@ -93,6 +93,7 @@ def document(**changes: Any) -> bytes:
         "instance": "lobby",
         "saved_at": "2025-01-31T12:00:00Z",
         "seq": 0,
+        "schedules": {},
         "state": {"count": 1},
         "storage": {},
     }
@@ -148,9 +149,10 @@ async def test_document_is_readable_json(store: FileStore) -> None:
         "seq",
         "state",
         "storage",
+        "schedules",
     ]
     assert doc["format"] == "verani.room"
-    assert doc["version"] == 3 and doc["seq"] == 0
+    assert doc["version"] == 4 and doc["seq"] == 0 and doc["schedules"] == {}
     assert doc["storage"] == {"k": "v"}
     assert (doc["room"], doc["instance"]) == ("chat", "lobby")
     assert doc["saved_at"].endswith("Z")

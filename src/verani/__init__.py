@@ -3,7 +3,7 @@
 Define a room in a Python file with :func:`define_room`, serve it with ``verani serve FILE``.
 """
 
-from .context import RoomActor, RoomContext
+from .context import RoomActor, RoomContext, ScheduleContext
 from .errors import (
     ClientError,
     ControlError,
@@ -26,6 +26,7 @@ from .errors import (
 from .protocol import ClientFrame
 from .room import PersistOptions, RoomDefinition, define_room
 from .runtime import CallCycleError, RoomHandle, Runtime
+from .schedules import Schedule
 from .server import HandshakeRequest, ServeError, Server, ServerConfig, open_server
 from .sessions import ConnectionMeta
 
@@ -54,6 +55,8 @@ __all__ = [
     "RoomLoadError",
     "RoomNotFoundError",
     "Runtime",
+    "Schedule",
+    "ScheduleContext",
     "ServeError",
     "Server",
     "ServerConfig",

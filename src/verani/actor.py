@@ -13,6 +13,7 @@ import contextlib
 import contextvars
 import inspect
 import logging
+import math
 import reprlib
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -23,7 +24,7 @@ import orjson
 import trio
 
 from .codec import Codec, JSONValue
-from .context import RoomActor, RoomContext, SocketEmitter
+from .context import RoomActor, RoomContext, ScheduleContext, SocketEmitter
 from .errors import (
     ClientError,
     CorruptDocumentError,
@@ -35,11 +36,12 @@ from .errors import (
 from .gate import GroupCommit, OutputGate, Outputs
 from .protocol import ERROR_EVENT, ClientFrame
 from .room import RoomDefinition
+from .schedules import RoomSchedules, Schedule, WallClock
 from .sessions import Session, Sessions, send_to
 from .state import set_untracked, take_changes, track
 from .storage import RoomStorage
 from .store import Store
-from .store.base import Changes
+from .store.base import Changes, StoredDocument
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -48,6 +50,8 @@ log = logging.getLogger("verani.actor")
 
 #: The name ``on_persist_error`` gets for ``actor.storage`` when a write with its changes fails.
 STORAGE_KEY = "<storage>"
+#: The same for the instance's schedules.
+SCHEDULES_KEY = "<schedules>"
 
 #: First and longest wait between retries of a failed store write, in seconds.
 #: Turns an actor runs back to back from a non-empty inbox before letting other tasks run.
@@ -150,9 +154,16 @@ class Actor:
         codec: Codec,
         idle_timeout: float,
         runtime: Runtime | None = None,
+        clock: WallClock | None = None,
     ) -> None:
         self.definition = definition
         self._runtime = runtime
+        self._clock = clock or WallClock()
+        self.schedules: RoomSchedules | None = None
+        self._schedules_dirty = False  # changed since the last persist_changes
+        self._schedules_uncommitted = False  # changed since the last commit
+        #: Trio's time of the next due schedule (inf: none).
+        self._next_due = math.inf
         self.instance = instance
         self.sessions = sessions
         self._inbox = inbox
@@ -224,11 +235,16 @@ class Actor:
             if self._unyielded >= YIELD_EVERY:
                 self._unyielded = 0
                 await trio.lowlevel.checkpoint()
+            if trio.current_time() >= self._next_due:
+                await self._run_due_schedules()
+                continue
             try:
                 event = self._inbox.receive_nowait()
             except trio.WouldBlock:
-                with trio.move_on_at(self.last_turn + self.idle_timeout):
+                with trio.move_on_at(min(self.last_turn + self.idle_timeout, self._next_due)):
                     event = await self._inbox.receive()
+                if event is None and trio.current_time() >= self._next_due:
+                    continue  # a schedule came due, not the idle timeout
             if event is None:
                 if await self._final_flush() is None:
                     log.info("%s: hibernated after %.1fs idle", self._where, self.idle_timeout)
@@ -292,6 +308,7 @@ class Actor:
         self.room_actor = RoomActor(
             name, self.instance, state, self.sessions, self._deliver, self.storage, self._runtime
         )
+        self.schedules = self.room_actor.schedules = self._load_schedules(doc)
         if doc is not None and any(key in stored for key, _ in unreadable):
             # Values that no longer read as their declared type: keep a copy of the document,
             # then write the repaired one (those keys at their initial values).
@@ -317,6 +334,72 @@ class Actor:
             len(self.sessions),
             self.load_ms,
         )
+
+    def _load_schedules(self, doc: StoredDocument | None) -> RoomSchedules:
+        stored = doc.schedules if doc is not None else {}
+        definition = self.definition
+
+        def make(entries: dict[str, JSONValue]) -> RoomSchedules:
+            return RoomSchedules(
+                where=self._where,
+                codec=self._codec,
+                stored=entries,
+                has_handler=lambda event: definition.schedule_handler(event) is not None,
+                clock=self._clock.now,
+                on_change=self._schedules_changed,
+            )
+
+        try:
+            schedules = make(stored)
+        except (CorruptDocumentError, ValueError, TypeError, KeyError) as exc:
+            log.error("%s: stored schedules unreadable, dropped: %s", self._where, exc)
+            schedules = make({})
+            self._schedules_dirty = True
+        self._next_due = self._due_deadline(schedules)
+        return schedules
+
+    def _due_deadline(self, schedules: RoomSchedules) -> float:
+        due = schedules.next_due()
+        return math.inf if due is None else self._clock.deadline(due)
+
+    def _schedules_changed(self) -> None:
+        self._schedules_dirty = True
+        if self.schedules is not None:
+            self._next_due = self._due_deadline(self.schedules)
+        if self._turn_outputs is None:  # a change outside any turn is committed on its own
+            self._persist_changes()
+
+    async def _run_due_schedules(self) -> None:
+        """Run every schedule due now, each as a turn, earliest first."""
+        assert self.schedules is not None
+        now = self._clock.now()
+        for entry in self.schedules.due(now):
+            async with self._turn_lock:
+                await self._turn(self._run_schedule, entry)
+        self._next_due = self._due_deadline(self.schedules)
+
+    async def _run_schedule(self, entry: Schedule) -> None:
+        assert self.schedules is not None and self.room_actor is not None
+        now = self._clock.now()
+        handler = self.definition.schedule_handler(entry.event)
+        if handler is None:
+            log.error(
+                "%s: schedule %r is due but the room has no on_schedule handler for %r any "
+                "more; dropped",
+                self._where,
+                entry.id,
+                entry.event,
+            )
+        else:
+            late = attrs.evolve(entry, late_by=max(0.0, (now - entry.due).total_seconds()))
+            ctx = ScheduleContext(self.room_actor, late)
+            error = await self._run_user_code(
+                f"on_schedule({entry.event!r})", handler, ctx, entry.data
+            )
+            if error is not None:
+                await self._on_error(error, None)
+        # Removed (or moved on) in this turn's write: a crash before it runs it again.
+        self.schedules.ran(entry, now)
 
     def _storage_changed(self) -> None:
         self._storage_dirty = True
@@ -359,6 +442,7 @@ class Actor:
             "unencodable": unencodable,
             "hibernates_in": max(0.0, self.last_turn + self.idle_timeout - trio.current_time()),
             "write_pending": self._commit.pending,
+            "schedules": self.schedules.encoded() if self.schedules is not None else {},
         }
 
     # --- turns ------------------------------------------------------------------------------
@@ -585,6 +669,11 @@ class Actor:
             self._storage_dirty = False
             self._unsaved.add(STORAGE_KEY)
             dirty = True
+        if self._schedules_dirty:
+            self._schedules_dirty = False
+            self._schedules_uncommitted = True
+            self._unsaved.add(SCHEDULES_KEY)
+            dirty = True
         if dirty:
             self._commit.changed()
         return failures
@@ -619,14 +708,21 @@ class Actor:
         assert self.storage is not None
         keys, self._uncommitted = self._uncommitted, set()
         put, deleted, storage_keys = self.storage.take_changes()
+        schedules_changed, self._schedules_uncommitted = self._schedules_uncommitted, False
+        schedules = (
+            self.schedules.encoded() if schedules_changed and self.schedules is not None else None
+        )
         # In declaration order (a set's is arbitrary): documents list keys as the room does.
-        changes = Changes({k: v for k, v in self._encoded.items() if k in keys}, put, deleted)
+        changes = Changes(
+            {k: v for k, v in self._encoded.items() if k in keys}, put, deleted, schedules
+        )
         try:
             await self._store.commit(self.definition.name, self.instance, changes)
         except BaseException:
             # Not stored: the next commit carries these again (with their latest values).
             self._uncommitted |= keys
             self.storage.restore_changes(storage_keys)
+            self._schedules_uncommitted |= schedules_changed
             raise
 
     def _durable(self, seq: int) -> None:
@@ -648,7 +744,11 @@ class Actor:
         assert self.storage is not None
         try:
             await self._store.checkpoint(
-                self.definition.name, self.instance, dict(self._encoded), self.storage.snapshot()
+                self.definition.name,
+                self.instance,
+                dict(self._encoded),
+                self.storage.snapshot(),
+                schedules=self.schedules.encoded() if self.schedules is not None else None,
             )
         except StoreError as exc:
             log.warning(

@@ -593,6 +593,9 @@ def _print_report(report: dict[str, Any]) -> None:
         _print_values("ephemeral state (in memory)", live["ephemeral"])
         for key, text in live["unencodable"].items():
             click.echo(f"  {key}: {text}  (not encodable)")
+    schedules = (live or {}).get("schedules", (stored or {}).get("schedules"))
+    if schedules:
+        _print_schedules(schedules)
     if live and live.get("write_pending"):
         click.echo("a write of newer persisted values is in progress")
     if live:
@@ -603,6 +606,18 @@ def _print_report(report: dict[str, Any]) -> None:
                 f"  user {s['user_id']}  client {s['client_id']}  "
                 f"channels {', '.join(s['channels']) or '-'}{extra}"
             )
+
+
+def _print_schedules(schedules: dict[str, Any]) -> None:
+    codec = make_codec()
+    click.echo("schedules:")
+    for key, raw in sorted(schedules.items(), key=lambda item: str(item[1].get("due"))):
+        every = f", every {raw['every']:g}s" if raw.get("every") else ""
+        try:
+            data = render(codec.decode(raw.get("data"), path=key), indent=4)
+        except CorruptDocumentError:
+            data = orjson.dumps(raw.get("data")).decode()
+        click.echo(f"  {key}: {raw.get('event')} due {raw.get('due')}{every}, data {data}")
 
 
 def _print_values(title: str, values: dict[str, Any]) -> None:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import attrs
 
 from .protocol import ClientFrame, encode_event, encode_frame
+from .schedules import RoomSchedules, Schedule
 from .sessions import ConnectionMeta, Session, Sessions
 from .storage import RoomStorage
 
@@ -118,6 +119,8 @@ class RoomActor(Generic[S]):
         self.storage = storage
         #: Other rooms of this server (``runtime.room("chat", "lobby")``); None outside a server.
         self.runtime = runtime
+        #: The instance's schedules (set by its actor).
+        self.schedules: RoomSchedules | None = None
 
     def broadcast(
         self,
@@ -173,8 +176,55 @@ class RoomActor(Generic[S]):
         """The meta of every socket of ``user_id``."""
         return [s.meta for s in self._sessions.of_user(user_id)]
 
+    # --- schedules --------------------------------------------------------------------------
+
+    def schedule(self, when: Any, event: str, data: Any = None, *, id: str | None = None) -> str:
+        """Run the room's ``on_schedule(event)`` handler with ``data`` at ``when``: seconds from
+        now, a ``timedelta`` or an aware ``datetime``. Saved with the room (the same write as
+        this turn), it wakes the room if it sleeps and survives restarts; a schedule due while
+        the server was down runs at start, late. Returns its id (``id`` if given: scheduling an
+        existing id replaces it). ``data`` is stored as persisted state is; what cannot be is
+        refused here. Runs at least once: a crash during its handler runs it again."""
+        return self._schedules().add(when, event, data, id=id)
+
+    def schedule_every(
+        self, interval: Any, event: str, data: Any = None, *, id: str | None = None
+    ) -> str:
+        """Like :meth:`schedule`, every ``interval`` (seconds or a ``timedelta``), first in one
+        interval; each run is counted from the previous due time (no drift), and runs missed
+        while the room could not run are run once, not once each."""
+        return self._schedules().add(interval, event, data, id=id, every=interval)
+
+    def cancel_schedule(self, id: str) -> bool:
+        """Remove a schedule; returns whether there was one with that id."""
+        return self._schedules().cancel(id)
+
+    def list_schedules(self) -> list[Schedule]:
+        """The room instance's schedules, the next due first."""
+        return self._schedules().list()
+
+    def _schedules(self) -> RoomSchedules:
+        if self.schedules is None:
+            raise RuntimeError(f"room {self.room_name}/{self.instance_name} has no schedules")
+        return self.schedules
+
     def __repr__(self) -> str:
         return f"<RoomActor {self.room_name}/{self.instance_name} sessions={len(self._sessions)}>"
+
+
+@attrs.define
+class ScheduleContext(Generic[S]):
+    """What an ``on_schedule`` handler gets: the room (``ctx.actor``, its storage and runtime)
+    and the schedule that came due (``ctx.schedule``, with ``late_by`` in seconds). There is no
+    socket: emit through ``ctx.actor.emit``."""
+
+    actor: RoomActor[S]
+    schedule: Schedule
+
+    @property
+    def runtime(self) -> Runtime | None:
+        """Other rooms of this server."""
+        return self.actor.runtime
 
 
 @attrs.define

@@ -94,6 +94,7 @@ async def inspect_instance(
             "format_version": doc.format_version,
             "state": doc.state,
             "storage": doc.storage,
+            "schedules": doc.schedules,
         }
     reply = await _server(store_dir, {"op": "inspect", "room": room, "instance": instance})
     live = reply["live"] if reply else None

@@ -112,9 +112,33 @@ class RoomDefinition(Generic[S]):
         self.idle_timeout = idle_timeout
         self.hooks = hooks
         self._handlers: dict[str, list[EventHandler[S]]] = {}
+        self._schedule_handlers: dict[str, Callable[..., Any]] = {}
 
     def __repr__(self) -> str:
         return f"<RoomDefinition {self.name!r} at {self.websocket_path!r}>"
+
+    def on_schedule(self, event: str) -> Callable[[F], F]:
+        """Decorator: ``fn(ctx, data)`` runs when a schedule of ``event`` comes due
+        (``ctx.actor.schedule(...)``); ``ctx.schedule`` is the schedule that ran. One handler
+        per event."""
+        if not isinstance(event, str) or not event:
+            raise RoomDefinitionError(
+                f"room {self.name!r}: a schedule event must be a non-empty string"
+            )
+
+        def register(fn: F) -> F:
+            if not callable(fn):
+                raise RoomDefinitionError(
+                    f"room {self.name!r}: on_schedule handler for {event!r} must be callable"
+                )
+            self._schedule_handlers[event] = fn
+            return fn
+
+        return register
+
+    def schedule_handler(self, event: str) -> Callable[..., Any] | None:
+        """The ``on_schedule`` handler of ``event``, if any."""
+        return self._schedule_handlers.get(event)
 
     # --- event handlers ---------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from .errors import NotPersistableError, RoomCrashedError, RoomNotFoundError
 from .room import DEFAULT_IDLE_TIMEOUT, RoomDefinition
 from .routing import InstanceRules
 from .runtime import Runtime
+from .schedules import WallClock
 from .sessions import ConnectionMeta, Sessions
 from .store import Store
 
@@ -138,13 +139,48 @@ class Supervisor:
         #: Room instance whose turn waits on a call -> the instance it called (cycle checks).
         self.waiting: dict[tuple[str, str], tuple[str, str]] = {}
         self._nursery: trio.Nursery | None = None
+        #: The wall clock rooms schedule by (set when the supervisor runs).
+        self.clock: WallClock | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run until cancelled; room actors live in this task's nursery."""
+        """Run until cancelled; room actors live in this task's nursery, with the task that
+        wakes sleeping rooms whose schedules come due."""
+        self.clock = WallClock()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            nursery.start_soon(self._wake_due, self.clock)
             task_status.started()
             await trio.sleep_forever()
+
+    async def _wake_due(self, clock: WallClock) -> None:
+        """Wake every sleeping room instance whose next schedule is due, earliest first.
+
+        The store's index says when each is due without reading any document; an awake room
+        runs its own schedules. The index is looked at again at least once a second (a room
+        that goes to sleep adds to it without telling this task).
+        """
+        while True:
+            now = clock.now()
+            due = sorted((when, key) for key, when in self.store.due_times().items() if when <= now)
+            for _, (room, name) in due:
+                if self.stopping:
+                    return
+                definition = self.rooms.get(room)
+                if definition is None:
+                    continue  # a room this server does not serve: its schedules wait for one
+                inst = self.instance(room, name)
+                if not inst.running:
+                    log.debug("room %s/%s: woken for a schedule that is due", room, name)
+                    self.ensure_running(inst)
+            upcoming = [
+                when
+                for key, when in self.store.due_times().items()
+                if when > now and key[0] in self.rooms
+            ]
+            deadline = trio.current_time() + 1.0
+            if upcoming:
+                deadline = min(deadline, clock.deadline(min(upcoming)))
+            await trio.sleep_until(deadline)
 
     def instance(self, room: str, name: str) -> RoomInstance:
         """The instance ``name`` of ``room``, created (asleep) if it is not known yet."""
@@ -210,6 +246,7 @@ class Supervisor:
                     store=self.store,
                     codec=self.codec,
                     idle_timeout=definition.idle_timeout or self.idle_timeout,
+                    clock=self.clock,
                     runtime=self.runtime,
                 )
                 inst.actor = actor

@@ -36,12 +36,12 @@ __all__ = [
 
 JSONValue: TypeAlias = bool | int | float | str | list["JSONValue"] | dict[str, "JSONValue"] | None
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 """The document format this version of verani writes; it reads this one and older ones.
 
 Version 2 added the ``storage`` section (``actor.storage``); a version 1 document reads as one
 with empty storage. Version 3 added ``seq``, the last journal record the document includes; an
-older document includes none (``seq`` 0).
+older document includes none (``seq`` 0). Version 4 added ``schedules`` (none before).
 """
 
 Migration = Callable[[dict[str, Any]], dict[str, Any]]
@@ -55,8 +55,12 @@ def _v2_to_v3(doc: dict[str, Any]) -> dict[str, Any]:
     return {**doc, "version": 3, "seq": 0}
 
 
+def _v3_to_v4(doc: dict[str, Any]) -> dict[str, Any]:
+    return {**doc, "version": 4, "schedules": {}}
+
+
 #: ``MIGRATIONS[v]`` turns a parsed version ``v`` document into a version ``v + 1`` one.
-MIGRATIONS: Mapping[int, Migration] = {1: _v1_to_v2, 2: _v2_to_v3}
+MIGRATIONS: Mapping[int, Migration] = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4}
 
 _ROOM_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _SAFE_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
@@ -85,26 +89,41 @@ class StoredDocument:
     format_version: int
     storage: dict[str, JSONValue] = attrs.field(factory=dict)
     seq: int = 0
+    #: The instance's schedules, encoded (see :mod:`verani.schedules`), by id.
+    schedules: dict[str, JSONValue] = attrs.field(factory=dict)
 
 
 @attrs.frozen
 class Changes:
     """What one commit changes in one room instance's document: the persisted keys it sets
-    (encoded), the ``actor.storage`` keys it puts (encoded) and the ones it deletes."""
+    (encoded), the ``actor.storage`` keys it puts (encoded) and the ones it deletes, and all its
+    schedules when they changed (None: unchanged)."""
 
     state: Mapping[str, JSONValue] = attrs.field(factory=dict)
     storage_put: Mapping[str, JSONValue] = attrs.field(factory=dict)
     storage_delete: Sequence[str] = ()
+    schedules: Mapping[str, JSONValue] | None = None
 
     def __bool__(self) -> bool:
-        return bool(self.state or self.storage_put or self.storage_delete)
+        return bool(
+            self.state or self.storage_put or self.storage_delete or self.schedules is not None
+        )
 
-    def apply(self, state: dict[str, JSONValue], storage: dict[str, JSONValue]) -> None:
-        """Apply these changes to a document's ``state`` and ``storage``, in place."""
+    def apply(
+        self,
+        state: dict[str, JSONValue],
+        storage: dict[str, JSONValue],
+        schedules: dict[str, JSONValue] | None = None,
+    ) -> None:
+        """Apply these changes to a document's ``state``, ``storage`` and ``schedules``, in
+        place."""
         state.update(self.state)
         for key in self.storage_delete:
             storage.pop(key, None)
         storage.update(self.storage_put)
+        if self.schedules is not None and schedules is not None:
+            schedules.clear()
+            schedules.update(self.schedules)
 
 
 #: The ``format`` field of every stored document.
@@ -117,6 +136,7 @@ def new_document(
     state: Mapping[str, JSONValue],
     storage: Mapping[str, JSONValue] | None,
     seq: int = 0,
+    schedules: Mapping[str, JSONValue] | None = None,
 ) -> dict[str, Any]:
     """The document a store writes for one save (``saved_at`` is now, as an aware datetime)."""
     return {
@@ -128,6 +148,7 @@ def new_document(
         "seq": seq,
         "state": state,
         "storage": storage or {},
+        "schedules": schedules or {},
     }
 
 
@@ -164,9 +185,12 @@ class Store(abc.ABC):
         instance: str,
         state: Mapping[str, JSONValue],
         storage: Mapping[str, JSONValue] | None = None,
+        *,
+        schedules: Mapping[str, JSONValue] | None = None,
     ) -> None:
-        """Replace the stored document of ``room``/``instance`` with ``state`` and ``storage``
-        (empty when None), atomically: a reader sees all of the new document or none of it.
+        """Replace the stored document of ``room``/``instance`` with ``state``, ``storage`` and
+        ``schedules`` (empty when None), atomically: a reader sees all of the new document or
+        none of it. The store's index of due times (:meth:`due_times`) follows.
 
         When this returns, the new document is stored; if it raises
         :class:`verani.errors.StoreError`, the previous document is still the stored one.
@@ -183,8 +207,9 @@ class Store(abc.ABC):
         doc = await self.load(room, instance)
         state = dict(doc.state) if doc is not None else {}
         storage = dict(doc.storage) if doc is not None else {}
-        changes.apply(state, storage)
-        await self.save(room, instance, state, storage)
+        schedules = dict(doc.schedules) if doc is not None else {}
+        changes.apply(state, storage, schedules)
+        await self.save(room, instance, state, storage, schedules=schedules)
 
     async def checkpoint(
         self,
@@ -192,10 +217,36 @@ class Store(abc.ABC):
         instance: str,
         state: Mapping[str, JSONValue],
         storage: Mapping[str, JSONValue] | None = None,
+        *,
+        schedules: Mapping[str, JSONValue] | None = None,
     ) -> None:
         """Rewrite the document whole from a room's own state, which includes every commit it
         made so far (see :meth:`checkpoint_due`). The default is :meth:`save`."""
-        await self.save(room, instance, state, storage)
+        await self.save(room, instance, state, storage, schedules=schedules)
+
+    def due_times(self) -> dict[tuple[str, str], datetime.datetime]:
+        """The index of schedules: each stored instance's earliest due time, without reading
+        any document (what a server wakes after a restart)."""
+        return dict(self._due_index())
+
+    def _due_index(self) -> dict[tuple[str, str], datetime.datetime]:
+        index: dict[tuple[str, str], datetime.datetime] | None = self.__dict__.get("_due")
+        if index is None:
+            index = self.__dict__["_due"] = {}
+        return index
+
+    def note_schedules(
+        self, room: str, instance: str, schedules: Mapping[str, JSONValue] | None
+    ) -> None:
+        """Keep the index in step with an instance's schedules as written (None: unchanged)."""
+        if schedules is None:
+            return
+        due = earliest_due(schedules)
+        index = self._due_index()
+        if due is None:
+            index.pop((room, instance), None)
+        else:
+            index[(room, instance)] = due
 
     def checkpoint_due(self, room: str, instance: str, *, at_rest: bool = False) -> bool:
         """Whether the document of ``room``/``instance`` should be rewritten whole from the
@@ -247,6 +298,16 @@ class Store(abc.ABC):
 
     async def aclose(self) -> None:  # noqa: B027 - an optional hook, not an abstract method
         """Release what the store holds (connections, files). The default does nothing."""
+
+
+def earliest_due(schedules: Mapping[str, JSONValue]) -> datetime.datetime | None:
+    """The earliest ``due`` among encoded schedules (None: none)."""
+    times = []
+    for raw in schedules.values():
+        due = raw.get("due") if isinstance(raw, dict) else None
+        if isinstance(due, str):
+            times.append(datetime.datetime.fromisoformat(due))
+    return min(times, default=None)
 
 
 def validate_room_name(room: str) -> str:

@@ -26,6 +26,7 @@ from verani.store.base import (
     Store,
     StoredDocument,
     decode_instance_name,
+    earliest_due,
     encode_instance_name,
     new_document,
     validate_room_name,
@@ -38,6 +39,8 @@ _log = logging.getLogger("verani.store")
 
 _FORMAT = DOCUMENT_FORMAT
 _SUFFIX = ".json"
+#: The index of schedules: each instance's earliest due time.
+_INDEX = "schedules.json"
 
 
 class _Unreadable(Exception):
@@ -99,7 +102,12 @@ class FileStore(Store):
             fsync=self._fsync,
             threads=self._threads,
             make_dirs=self._make_dirs,
+            before_remove=self._write_index,
         )
+        self._opened = False
+        self._opening = trio.Lock()
+        #: The index of schedules changed since it was last written.
+        self._index_dirty = False
         #: Documents rewritten whole from an awake or hibernating room's state.
         self.checkpoints = 0
 
@@ -128,7 +136,7 @@ class FileStore(Store):
         overwritten by a fresh room.
         """
         path = self.path_for(room, instance)
-        await self._journal.open()
+        await self._open()
         async with self._lock(path):
             doc = await trio.to_thread.run_sync(
                 self._load_sync, path, room, instance, limiter=self._threads
@@ -142,16 +150,18 @@ class FileStore(Store):
         instance: str,
         state: Mapping[str, JSONValue],
         storage: Mapping[str, JSONValue] | None = None,
+        *,
+        schedules: Mapping[str, JSONValue] | None = None,
     ) -> None:
-        """Write ``state`` and ``storage`` as the document of ``room``/``instance``, atomically
-        (see the class); it replaces the document and every commit before it.
+        """Write ``state``, ``storage`` and ``schedules`` as the document of ``room``/``instance``,
+        atomically (see the class); it replaces the document and every commit before it.
 
         ``state`` values must already be JSON values (``orjson`` writes NaN and infinities as
         null, so encode those first). Raises TypeError when they are not, and
         :class:`~verani.errors.StoreError` when the document cannot be written; the previous
         document is then left as it was.
         """
-        await self._write_document(room, instance, state, storage)
+        await self._write_document(room, instance, state, storage, schedules)
         self.saves += 1
 
     async def checkpoint(
@@ -160,10 +170,12 @@ class FileStore(Store):
         instance: str,
         state: Mapping[str, JSONValue],
         storage: Mapping[str, JSONValue] | None = None,
+        *,
+        schedules: Mapping[str, JSONValue] | None = None,
     ) -> None:
         """:meth:`save` for a room's own state, which includes every commit it made so far: the
         journal segments only it needed are removed."""
-        await self._write_document(room, instance, state, storage)
+        await self._write_document(room, instance, state, storage, schedules)
         self.checkpoints += 1
 
     async def _write_document(
@@ -172,9 +184,10 @@ class FileStore(Store):
         instance: str,
         state: Mapping[str, JSONValue],
         storage: Mapping[str, JSONValue] | None,
+        schedules: Mapping[str, JSONValue] | None,
     ) -> None:
         path = self.path_for(room, instance)
-        await self._journal.open()
+        await self._open()
         key = (room, instance)
         # Encoded now, not in the worker thread: the caller may change `state` once we yield.
         # A room's own checkpoint is of an instance the store knows: its seq is read now, as its
@@ -182,9 +195,9 @@ class FileStore(Store):
         seq = self._journal.last_seq(key) if self._journal.knows(key) else None
         try:
             if seq is not None:
-                data = _document_bytes(room, instance, state, storage, seq)
+                data = _document_bytes(room, instance, state, storage, seq, schedules)
             else:
-                snapshot = orjson.dumps([state, storage or {}])
+                snapshot = orjson.dumps([state, storage or {}, schedules or {}])
         except orjson.JSONEncodeError as exc:
             raise TypeError(f"state of {_name(room, instance)} is not JSON: {exc}") from exc
         started = time.perf_counter()
@@ -192,13 +205,14 @@ class FileStore(Store):
             if seq is None:
                 await self._learn_seq(room, instance)
                 seq = self._journal.last_seq(key)
-                state, storage = orjson.loads(snapshot)
-                data = _document_bytes(room, instance, state, storage, seq)
+                state, storage, schedules = orjson.loads(snapshot)
+                data = _document_bytes(room, instance, state, storage, seq, schedules)
             if seq < self._journal.doc_seq(key):
                 return  # a newer checkpoint got there first; this one would go back in time
             await trio.to_thread.run_sync(
                 self._save_sync, path, room, instance, data + b"\n", limiter=self._threads
             )
+            self.note_schedules(room, instance, schedules or {})
             await self._journal.checkpointed(key, seq)
         _log.debug(
             "%s: saved %d bytes (%s) in %.2f ms",
@@ -206,6 +220,70 @@ class FileStore(Store):
             len(data) + 1,
             "fsync" if self._fsync else "os",
             (time.perf_counter() - started) * 1000,
+        )
+
+    async def _open(self) -> None:
+        """Once: read the journal (the index of what it holds) and the index of schedules, with
+        the journal's later schedule changes applied."""
+        if self._opened:
+            return
+        async with self._opening:
+            if self._opened:
+                return
+            segments = await self._journal.open()
+            index = await trio.to_thread.run_sync(self._read_index_sync, limiter=self._threads)
+            self._due_index().update(index)
+            for _, records in segments:
+                for record in records:
+                    changed = {} if record.drop else record.changes.schedules
+                    self.note_schedules(record.room, record.instance, changed)
+            self._opened = True
+
+    def _read_index_sync(self) -> dict[tuple[str, str], datetime.datetime]:
+        path = self._directory / _INDEX
+        with store_errors(f"cannot read the index of schedules {path}"):
+            try:
+                data = path.read_bytes()
+            except (FileNotFoundError, NotADirectoryError):
+                return {}
+        try:
+            body = orjson.loads(data)
+            return {
+                (room, instance): datetime.datetime.fromisoformat(due)
+                for room, instance, due in body["due"]
+            }
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            # Rebuilt from the documents, as a missing index would be (slow, but complete).
+            _log.warning("the index of schedules %s is unreadable (%s); rebuilding it", path, exc)
+            return self._rebuild_index_sync()
+
+    def _rebuild_index_sync(self) -> dict[tuple[str, str], datetime.datetime]:
+        index = {}
+        for room, instance in self._list_sync(None):
+            found = self._peek_sync(self.path_for(room, instance), room, instance)
+            due = earliest_due(found[0].schedules) if found is not None else None
+            if due is not None:
+                index[(room, instance)] = due
+        return index
+
+    async def _write_index(self) -> None:
+        """Write the index of schedules durably: before journal segments holding schedule
+        changes are removed, the index must hold them."""
+        body = {
+            "format": "verani.schedules",
+            "version": 1,
+            "due": sorted(
+                [room, instance, due.isoformat()]
+                for (room, instance), due in self._due_index().items()
+            ),
+        }
+        data = orjson.dumps(body, option=orjson.OPT_INDENT_2)
+        path = self._directory / _INDEX
+        self._index_dirty = False
+        if not body["due"] and not await trio.Path(path).exists():
+            return  # no schedule was ever made here: no file either
+        await trio.to_thread.run_sync(
+            self._save_sync, path, "*", "index of schedules", data + b"\n", limiter=self._threads
         )
 
     @property
@@ -219,12 +297,13 @@ class FileStore(Store):
         Raises TypeError when a value is not JSON, and :class:`~verani.errors.StoreError` when
         the journal cannot be written (none of the changes are stored then).
         """
-        await self._journal.open()
+        await self._open()
         key = (room, instance)
         if not self._journal.knows(key):
             await self._learn_seq(room, instance)
         started = time.perf_counter()
         seq = await self._journal.append(room, instance, changes)
+        self.note_schedules(room, instance, changes.schedules)
         self.saves += 1
         _log.debug(
             "%s: committed #%d (%d keys, %d storage keys) in %.2f ms",
@@ -251,7 +330,7 @@ class FileStore(Store):
         A torn or corrupt record ends what is read of its segment (a warning names the file and
         offset); what came before it is applied, nothing after it.
         """
-        await self._journal.open()
+        await self._open()
         for room, instance in sorted(self._journal.instances()):
             try:
                 path = self.path_for(room, instance)
@@ -267,9 +346,9 @@ class FileStore(Store):
                     self._delete_sync, path, room, instance, limiter=self._threads
                 )
             else:
-                await self._write_document(room, instance, doc.state, doc.storage)
+                await self._write_document(room, instance, doc.state, doc.storage, doc.schedules)
                 _log.info("journal: recovered %s up to commit #%d", _name(room, instance), doc.seq)
-        await self._journal.clear()
+        await self._journal.clear()  # the index of schedules is written first
 
     async def _learn_seq(self, room: str, instance: str) -> None:
         """Where the commits of an instance this store has not seen yet are numbered from: its
@@ -324,7 +403,7 @@ class FileStore(Store):
         such as ``verani inspect`` that may run beside a server (atomic renames mean they see
         the old document or the new one)."""
         path = self.path_for(room, instance)
-        await self._journal.open()
+        await self._open()
         found = await trio.to_thread.run_sync(
             self._peek_sync, path, room, instance, limiter=self._threads
         )
@@ -350,7 +429,7 @@ class FileStore(Store):
         """Remove the document of ``room``/``instance`` (durably with ``fsync``), and whatever
         the journal holds of it."""
         path = self.path_for(room, instance)
-        await self._journal.open()
+        await self._open()
         key = (room, instance)
         journaled = bool(self._journal.pending_segments(key))
         if journaled:
@@ -360,6 +439,7 @@ class FileStore(Store):
             existed = await trio.to_thread.run_sync(
                 self._delete_sync, path, room, instance, limiter=self._threads
             )
+            self.note_schedules(room, instance, {})
             await self._journal.checkpointed(key, self._journal.last_seq(key))
         return existed or journaled
 
@@ -381,7 +461,7 @@ class FileStore(Store):
         """
         if room is not None:
             validate_room_name(room)
-        await self._journal.open()
+        await self._open()
         found = await trio.to_thread.run_sync(self._list_sync, room, limiter=self._threads)
         journaled = {k for k in self._journal.instances() if room is None or k[0] == room}
         return sorted(set(found) | journaled)
@@ -392,6 +472,17 @@ class FileStore(Store):
         self._journal.close()
         if self._journal.opened and not self._journal.instances():
             await self._journal.clear()
+        if self._index_dirty:
+            await self._write_index()  # saves made without the journal (tools, tests)
+
+    def note_schedules(
+        self, room: str, instance: str, schedules: Mapping[str, JSONValue] | None
+    ) -> None:
+        """See :meth:`Store.note_schedules`; the index file is brought up to date before journal
+        segments go, and at :meth:`aclose`."""
+        if schedules is not None:
+            self._index_dirty = True
+        super().note_schedules(room, instance, schedules)
 
     @contextlib.asynccontextmanager
     async def _lock(self, path: pathlib.Path) -> AsyncIterator[None]:
@@ -584,6 +675,9 @@ def _parse(
     seq = doc.get("seq")
     if type(seq) is not int or seq < 0:
         raise _Unreadable(f"seq is {_short(seq)}, not an integer >= 0")
+    schedules = doc.get("schedules")
+    if not isinstance(schedules, dict):
+        raise _Unreadable(f"schedules is {type(schedules).__name__}, not an object")
     return StoredDocument(
         room=room,
         instance=instance,
@@ -592,6 +686,7 @@ def _parse(
         format_version=version,
         storage=storage,
         seq=seq,
+        schedules=schedules,
     )
 
 
@@ -601,8 +696,9 @@ def _document_bytes(
     state: Mapping[str, JSONValue],
     storage: Mapping[str, JSONValue] | None,
     seq: int,
+    schedules: Mapping[str, JSONValue] | None,
 ) -> bytes:
-    document = new_document(room, instance, state, storage, seq)
+    document = new_document(room, instance, state, storage, seq, schedules)
     return orjson.dumps(document, option=orjson.OPT_INDENT_2 | orjson.OPT_UTC_Z)
 
 
@@ -618,15 +714,16 @@ def _apply(
     seq = doc.seq if doc is not None else 0
     state = dict(doc.state) if doc is not None else {}
     storage = dict(doc.storage) if doc is not None else {}
+    schedules = dict(doc.schedules) if doc is not None else {}
     exists = doc is not None
     for record in records:
         if record.seq <= seq:
             continue
         seq = record.seq
         if record.drop:
-            state, storage, exists = {}, {}, False
+            state, storage, schedules, exists = {}, {}, {}, False
         else:
-            record.changes.apply(state, storage)
+            record.changes.apply(state, storage, schedules)
             exists = True
     if not exists:
         return None
@@ -640,6 +737,7 @@ def _apply(
         format_version=FORMAT_VERSION,
         storage=storage,
         seq=seq,
+        schedules=schedules,
     )
 
 

@@ -26,7 +26,7 @@ import os
 import pathlib
 import struct
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, BinaryIO
 
 import attrs
@@ -84,6 +84,8 @@ def encode_record(
         body["state"] = changes.state
         body["put"] = changes.storage_put
         body["delete"] = list(changes.storage_delete)
+        if changes.schedules is not None:
+            body["schedules"] = changes.schedules
     try:
         payload = orjson.dumps(body, option=orjson.OPT_UTC_Z)
     except orjson.JSONEncodeError as exc:
@@ -127,7 +129,10 @@ def _parse_record(body: Any, size: int) -> Record:
         raise TypeError("state and put must be objects, delete a list")
     if not all(isinstance(k, str) for k in delete):
         raise ValueError("deleted storage keys must be strings")
-    return Record(room, instance, seq, Changes(state, put, delete), size=size)
+    schedules = body.get("schedules")
+    if schedules is not None and not isinstance(schedules, dict):
+        raise TypeError("schedules must be an object")
+    return Record(room, instance, seq, Changes(state, put, delete, schedules), size=size)
 
 
 def segment_paths(directory: pathlib.Path) -> list[tuple[int, pathlib.Path]]:
@@ -175,11 +180,15 @@ class Journal:
         fsync: bool,
         threads: trio.CapacityLimiter,
         make_dirs: Callable[[pathlib.Path], None],
+        before_remove: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.directory = directory
         self._fsync = fsync
         # The store's own: directories 0700, made durable with fsync.
         self._make_dirs = make_dirs
+        # Called before segments are removed: what the store keeps beside the documents (the
+        # index of schedules) must not depend on them any more.
+        self._before_remove = before_remove
         self._threads = threads
         self._opened = False
         self._opening = trio.Lock()
@@ -287,6 +296,8 @@ class Journal:
         for number in done:
             del self._segments[number]
         if done:
+            if self._before_remove is not None:
+                await self._before_remove()
             await trio.to_thread.run_sync(self._remove_sync, done, limiter=self._threads)
 
     def forget(self, key: Key) -> None:
@@ -419,6 +430,8 @@ class Journal:
         self._segments = {}
         self._since = {}
         self._active = max(numbers, default=0) + 1
+        if numbers and self._before_remove is not None:
+            await self._before_remove()
         await trio.to_thread.run_sync(self._remove_sync, numbers, limiter=self._threads)
 
     def close(self) -> None:

@@ -49,6 +49,7 @@ class MemoryStore(Store):
             format_version=doc["version"],
             storage=doc["storage"],
             seq=doc["seq"],
+            schedules=doc["schedules"],
         )
 
     async def save(
@@ -57,20 +58,24 @@ class MemoryStore(Store):
         instance: str,
         state: Mapping[str, JSONValue],
         storage: Mapping[str, JSONValue] | None = None,
+        *,
+        schedules: Mapping[str, JSONValue] | None = None,
     ) -> None:
         """Replace the document; raises TypeError for values JSON cannot hold, as files do."""
         await trio.lowlevel.checkpoint()
-        document = new_document(room, instance, state, storage)
+        document = new_document(room, instance, state, storage, schedules=schedules)
         try:
             data = orjson.dumps(document)
         except orjson.JSONEncodeError as exc:
             raise TypeError(f"state of {room}/{instance} is not JSON: {exc}") from exc
         self._docs[_key(room, instance)] = data
+        self.note_schedules(room, instance, schedules or {})
         self.saves += 1
 
     async def delete(self, room: str, instance: str) -> bool:
         """Forget the document; returns whether there was one."""
         await trio.lowlevel.checkpoint()
+        self.note_schedules(room, instance, {})
         return self._docs.pop(_key(room, instance), None) is not None
 
     async def set_aside(self, room: str, instance: str, reason: str) -> str | None:
