@@ -35,7 +35,7 @@ from .errors import (
 from .gate import GroupCommit, OutputGate, Outputs
 from .protocol import ERROR_EVENT, ClientFrame
 from .room import RoomDefinition
-from .sessions import Session, Sessions, send_to
+from .sessions import Output, Session, Sessions, send_to
 from .state import set_untracked, take_changes, track
 from .storage import RoomStorage
 from .store import Store
@@ -707,7 +707,7 @@ class Actor:
 
     # --- output gate ------------------------------------------------------------------------
 
-    def _deliver(self, targets: Sequence[Session], frame: bytes) -> int:
+    def _deliver(self, targets: Sequence[Session], frame: Output) -> int:
         outputs = self._turn_outputs
         if outputs is None:
             return send_to(targets, frame)
