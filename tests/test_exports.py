@@ -26,6 +26,7 @@ API = {
     "CallCycleError",
     "ClientError",
     "ClientFrame",
+    "CloseCodeError",
     "ConnectionMeta",
     "ControlError",
     "CorruptDocumentError",

@@ -6,6 +6,7 @@ Define a room in a Python file with :func:`define_room`, serve it with ``verani 
 from .context import RoomActor, RoomContext, ScheduleContext
 from .errors import (
     ClientError,
+    CloseCodeError,
     ControlError,
     CorruptDocumentError,
     FrameEncodeError,
@@ -34,6 +35,7 @@ __all__ = [
     "CallCycleError",
     "ClientError",
     "ClientFrame",
+    "CloseCodeError",
     "ConnectionMeta",
     "ControlError",
     "CorruptDocumentError",

@@ -37,7 +37,7 @@ from .gate import GroupCommit, OutputGate, Outputs
 from .protocol import ERROR_EVENT, ClientFrame
 from .room import RoomDefinition
 from .schedules import RoomSchedules, Schedule, WallClock
-from .sessions import Session, Sessions, send_to
+from .sessions import Output, Session, Sessions, send_to
 from .state import set_untracked, take_changes, track
 from .storage import RoomStorage
 from .store import Store
@@ -215,6 +215,11 @@ class Actor:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._commit.run)
+            start = self.definition.hooks.on_start
+            if start is not None:
+                # A turn of its own, before any event: its changes and frames are a turn's.
+                async with self._turn_lock:
+                    await self._turn(self._lifecycle_hook, ("on_start", start))
             restore = self.definition.hooks.on_hibernation_restore
             if len(self.sessions) and restore is not None:
                 async with self._turn_lock:
@@ -475,6 +480,10 @@ class Actor:
 
     async def _restore(self, hook: Callable[..., Any]) -> None:
         await self._call("on_hibernation_restore", None, hook, self.room_actor)
+
+    async def _lifecycle_hook(self, named: tuple[str, Callable[..., Any]]) -> None:
+        what, hook = named
+        await self._call(what, None, hook, self.room_actor)
 
     async def _dispatch(self, event: InboxEvent) -> RoomContext[Any] | None:
         hooks = self.definition.hooks
@@ -769,6 +778,12 @@ class Actor:
     async def _final_flush(self) -> str | None:
         """Write every persisted key in full and wait until it is durable, then fold it into the
         stored document (a checkpoint); what failed, if anything did."""
+        hibernate = self.definition.hooks.on_hibernate
+        if hibernate is not None:
+            # A turn before the flush, so what it changes is in the flush; if it raises, the
+            # room still goes to sleep (its error is logged and goes to on_error).
+            async with self._turn_lock:
+                await self._turn(self._lifecycle_hook, ("on_hibernate", hibernate))
         async with self._turn_lock:
             with _as_turn_of(self._key):
                 for key, error in self._persist_changes(full=True):
@@ -792,7 +807,7 @@ class Actor:
 
     # --- output gate ------------------------------------------------------------------------
 
-    def _deliver(self, targets: Sequence[Session], frame: bytes) -> int:
+    def _deliver(self, targets: Sequence[Session], frame: Output) -> int:
         outputs = self._turn_outputs
         if outputs is None:
             return send_to(targets, frame)

@@ -21,7 +21,7 @@ from .actor import Connect, Disconnect, Message
 from .errors import FrameTooLargeError, ProtocolError, WebSocketClosed
 from .flow import Credit
 from .protocol import ERROR_EVENT, PING, PONG_FRAME, decode_frame, encode_event
-from .sessions import ConnectionMeta, Session, defer_write
+from .sessions import ConnectionMeta, Session, defer_write, is_room_close_code
 from .supervisor import RoomInstance
 from .transport import MAX_BATCH_BYTES, WebSocket
 
@@ -29,10 +29,6 @@ if TYPE_CHECKING:
     from .server import Server
 
 log = logging.getLogger("verani.server")
-
-
-#: Close codes after which queued frames are still sent before the close frame.
-_DRAINING_CODES = frozenset({1000, 1001})
 
 
 class Connection:
@@ -143,9 +139,14 @@ class Connection:
         if self._close_code is not None:
             return
         self._close_code, self._close_reason = code, reason
-        if code in _DRAINING_CODES:
-            # The writer sends what is queued, then ends the socket.
+        if code == 1001 or is_room_close_code(code):
+            # Going away (shutdown) or the room's own close: the writer sends what is queued,
+            # then ends the socket.
             self._draining = True
+            if is_room_close_code(code):
+                # The room is done with this client (a kick): what it sends from now on is
+                # not handled, and the room hears of the close at once (on_disconnect).
+                self._read_scope.cancel()
         else:
             # Nothing queued goes out: the Close frame is next. A write in progress may finish
             # (a frame cut in half would leave no way to send the Close), but not for long.

@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import attrs
 
+from .errors import CloseCodeError
 from .protocol import ClientFrame, encode_event, encode_frame
 from .schedules import RoomSchedules, Schedule
-from .sessions import ConnectionMeta, Session, Sessions
+from .sessions import Close, ConnectionMeta, Output, Session, Sessions, is_room_close_code
 from .storage import RoomStorage
 
 if TYPE_CHECKING:
@@ -27,8 +28,18 @@ if TYPE_CHECKING:
 
 S = TypeVar("S")
 
-#: Queue ``frame`` on each of the sessions (after the output gate); returns how many.
-Deliver = Callable[[Sequence[Session], bytes], int]
+#: Queue ``frame`` (or a close) on each of the sessions (after the output gate); returns how
+#: many.
+Deliver = Callable[[Sequence[Session], Output], int]
+
+
+def _close(code: int, reason: str) -> Close:
+    """A close with ``code`` and ``reason``, checked now: the error belongs to the caller."""
+    if not is_room_close_code(code):
+        raise CloseCodeError(code)
+    if not isinstance(reason, str):
+        raise TypeError(f"a close reason must be a str, not {type(reason).__name__}")
+    return Close(code, reason)
 
 
 @attrs.define
@@ -75,6 +86,11 @@ class SocketEmitter:
         """Send ``event`` to this socket only, on its first channel (also from ``on_connect``)."""
         session = self._session
         return self._deliver([session], encode_event(session.first_channel, event, data))
+
+    def _close(self, close: Close) -> None:
+        # For ctx.close: the socket itself, not its client id, so it also works in on_connect
+        # (before the socket is one of the room's sessions).
+        self._deliver([self._session], close)
 
     def to(self, target: str) -> ChannelEmitter:
         """Address a channel of this socket's (everyone on it but this socket), else a user id
@@ -208,6 +224,42 @@ class RoomActor(Generic[S]):
             raise RuntimeError(f"room {self.room_name}/{self.instance_name} has no schedules")
         return self.schedules
 
+    def sessions(self, channel: str | None = None) -> list[ConnectionMeta]:
+        """The meta of every connected socket (those subscribed to ``channel`` when given), in
+        connection order."""
+        found = self._sessions if channel is None else self._sessions.in_channel(channel)
+        return [s.meta for s in found]
+
+    def disconnect(
+        self,
+        client_id: str | None = None,
+        *,
+        user_id: str | None = None,
+        code: int = 4000,
+        reason: str = "",
+    ) -> int:
+        """Close the socket of ``client_id``, or every socket of ``user_id`` (give one of the
+        two); returns how many sockets are being closed (0 if none is connected).
+
+        The close is one of the turn's outputs: it reaches each socket after the frames the
+        room sent it before (held, like them, until the turn's changes are durable). The
+        client sees ``code`` and ``reason`` (cut to 123 bytes); the room's ``on_disconnect``
+        then runs for each socket with ``ctx.close_code == code``. ``code`` must be 1000 or
+        3000-4999, else :class:`~verani.CloseCodeError` is raised and nothing is closed.
+        """
+        close = _close(code, reason)
+        if (client_id is None) == (user_id is None):
+            raise TypeError("disconnect() takes a client_id or a user_id= (exactly one)")
+        if client_id is not None:
+            session = self._sessions.get(client_id)
+            targets = [] if session is None else [session]
+        else:
+            assert user_id is not None
+            targets = self._sessions.of_user(user_id)
+        if not targets:
+            return 0
+        return self._deliver(targets, close)
+
     def __repr__(self) -> str:
         return f"<RoomActor {self.room_name}/{self.instance_name} sessions={len(self._sessions)}>"
 
@@ -250,6 +302,20 @@ class RoomContext(Generic[S]):
         """Unsubscribe this socket from ``channel``."""
         if channel in self.meta.channels:
             self.meta.channels.remove(channel)
+
+    def close(self, code: int = 4000, reason: str = "") -> None:
+        """Close this socket with ``code`` and ``reason`` (cut to 123 bytes), e.g. to kick a
+        client: after the frames this turn and earlier ones sent it, which go out first (the
+        close waits for the output gate like them). Nothing it sends afterwards is handled; the
+        room's ``on_disconnect`` runs with ``ctx.close_code == code``. In ``on_disconnect`` the
+        socket is already closed and this does nothing.
+
+        ``code`` must be 1000 or 3000-4999 (4000-4999 are the application's own); any other
+        raises :class:`~verani.CloseCodeError` and the socket stays open.
+        """
+        close = _close(code, reason)
+        if self.close_code is None:
+            self.emit._close(close)
 
     @property
     def runtime(self) -> Runtime | None:

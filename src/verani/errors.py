@@ -159,6 +159,18 @@ class ClientError(VeraniError):
         self.code = code
 
 
+class CloseCodeError(VeraniError, ValueError):
+    """A room asked to close a socket (``ctx.close``, ``actor.disconnect``) with a close code
+    WebSocket does not let an application send. Raised at the call, which closes nothing."""
+
+    def __init__(self, code: object) -> None:
+        super().__init__(
+            f"close code {code!r} is not allowed: use 1000 (normal closure) or 3000-4999 "
+            f"(3000-3999 registered with IANA, 4000-4999 private to the application)"
+        )
+        self.code = code
+
+
 class NotConnectedError(VeraniError):
     """The client could not do what was asked (not connected in time, gave up, closed)."""
 

@@ -25,7 +25,7 @@ from typing import Any
 import trio
 
 from .errors import StoreError
-from .sessions import Session, coalesced, send_to
+from .sessions import Output, Session, coalesced, send_to
 
 log = logging.getLogger("verani.actor")
 
@@ -33,8 +33,8 @@ log = logging.getLogger("verani.actor")
 RETRY_FIRST = 0.05
 RETRY_MAX = 5.0
 
-#: A turn's outputs: each frame with the sessions it goes to.
-Outputs = list[tuple[Sequence[Session], bytes]]
+#: A turn's outputs: each frame (or close) with the sessions it goes to.
+Outputs = list[tuple[Sequence[Session], Output]]
 
 
 class OutputGate:

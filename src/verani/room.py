@@ -34,6 +34,7 @@ Hook = Callable[["RoomContext[S]"], MaybeAwaitable]
 MessageHook = Callable[["RoomContext[S]", "ClientFrame"], MaybeAwaitable]
 ErrorHook = Callable[[BaseException, "RoomContext[S] | None"], MaybeAwaitable]
 RestoreHook = Callable[["RoomActor[S]"], MaybeAwaitable]
+ActorHook = Callable[["RoomActor[S]"], MaybeAwaitable]
 PersistErrorHook = Callable[[str, BaseException], MaybeAwaitable]
 ExtractMeta = Callable[["HandshakeRequest"], "ConnectionMeta | Awaitable[ConnectionMeta]"]
 
@@ -76,6 +77,8 @@ class RoomHooks(Generic[S]):
     on_message: MessageHook[S] | None = None
     on_error: ErrorHook[S] | None = None
     on_hibernation_restore: RestoreHook[S] | None = None
+    on_start: ActorHook[S] | None = None
+    on_hibernate: ActorHook[S] | None = None
     on_persist_error: PersistErrorHook | None = None
     extract_meta: ExtractMeta | None = None
 
@@ -212,6 +215,20 @@ class RoomDefinition(Generic[S]):
         self.hooks.on_hibernation_restore = fn
         return fn
 
+    def on_start(self, fn: F) -> F:
+        """Decorator: ``fn(actor)`` runs each time the instance is created or revived, before
+        its first event (and before ``on_hibernation_restore``), as a turn: what it changes in
+        persisted state is saved and what it emits is gated like any turn's."""
+        self.hooks.on_start = fn
+        return fn
+
+    def on_hibernate(self, fn: F) -> F:
+        """Decorator: ``fn(actor)`` runs before the final flush of a hibernation (idle,
+        ``verani hibernate``, shutdown), as a turn: what it changes is in that flush. If it
+        raises, the error is logged (and goes to ``on_error``) and the room hibernates anyway."""
+        self.hooks.on_hibernate = fn
+        return fn
+
     def on_persist_error(self, fn: F) -> F:
         """Decorator: ``fn(key, error)`` runs for every persisted key that failed to save."""
         self.hooks.on_persist_error = fn
@@ -244,6 +261,8 @@ def define_room(
     on_disconnect: Hook[S] | None = ...,
     on_error: ErrorHook[S] | None = ...,
     on_hibernation_restore: RestoreHook[S] | None = ...,
+    on_start: ActorHook[S] | None = ...,
+    on_hibernate: ActorHook[S] | None = ...,
 ) -> RoomDefinition[S]: ...
 @overload
 def define_room(
@@ -266,6 +285,8 @@ def define_room(
     on_disconnect: Hook[Any] | None = ...,
     on_error: ErrorHook[Any] | None = ...,
     on_hibernation_restore: RestoreHook[Any] | None = ...,
+    on_start: ActorHook[Any] | None = ...,
+    on_hibernate: ActorHook[Any] | None = ...,
 ) -> RoomDefinition[Any]: ...
 def define_room(
     *,
@@ -287,6 +308,8 @@ def define_room(
     on_disconnect: Hook[Any] | None = None,
     on_error: ErrorHook[Any] | None = None,
     on_hibernation_restore: RestoreHook[Any] | None = None,
+    on_start: ActorHook[Any] | None = None,
+    on_hibernate: ActorHook[Any] | None = None,
 ) -> RoomDefinition[Any]:
     """Define a room: Verani's ``defineRoom`` with its options in snake_case.
 
@@ -301,6 +324,12 @@ def define_room(
     limits for this room, as do ``max_instance_name`` (characters) and ``instance_pattern`` (a
     regular expression a whole instance name must match, e.g. ``r"[a-z0-9-]+"``); other names
     get HTTP 400 before the upgrade.
+
+    Hooks (each also a decorator, ``@room.on_connect``): ``on_connect(ctx)``, ``on_message(ctx,
+    frame)``, ``on_disconnect(ctx)``, ``on_error(error, ctx)``, ``on_persist_error(key,
+    error)``, ``on_hibernation_restore(actor)`` (revived with sockets), ``on_start(actor)``
+    (every creation or revival, before the first event) and ``on_hibernate(actor)`` (before the
+    final flush of a hibernation or shutdown; its changes are in that flush).
 
     Raises :class:`RoomDefinitionError` naming the culprit when an option is invalid.
     """
@@ -333,6 +362,8 @@ def define_room(
         on_message=on_message,
         on_error=on_error,
         on_hibernation_restore=on_hibernation_restore,
+        on_start=on_start,
+        on_hibernate=on_hibernate,
         on_persist_error=on_persist_error,
         extract_meta=extract_meta,
     )

@@ -62,7 +62,9 @@ class FrameSink(Protocol):
         end (:func:`defer_write`)."""
 
     def close(self, code: int, reason: str) -> None:
-        """Ask for the socket to be closed with ``code``; returns at once."""
+        """Ask for the socket to be closed with ``code``; returns at once. With a code a room
+        chooses (1000, 3000-4999) or 1001, what is queued is sent first; with an error code,
+        what is queued is dropped and the Close frame goes next."""
 
     def over_budget(self) -> None:
         """The frames held for this socket by the room's output gate took it past its byte
@@ -112,6 +114,10 @@ class Sessions:
             raise ValueError(f"client id {session.meta.client_id!r} is already connected")
         self._by_client[session.meta.client_id] = session
 
+    def get(self, client_id: str) -> Session | None:
+        """The session of ``client_id``, if it is connected."""
+        return self._by_client.get(client_id)
+
     def remove(self, session: Session) -> bool:
         """Forget a session; returns whether it was there."""
         if self._by_client.get(session.meta.client_id) is session:
@@ -134,11 +140,55 @@ class Sessions:
         return list(dict.fromkeys(s.meta.user_id for s in self._by_client.values()))
 
 
-def send_to(sessions: Iterable[Session], frame: bytes) -> int:
-    """Send one already-encoded frame to each session; returns how many it was sent to."""
+@attrs.frozen
+class Close:
+    """A close a room asked for (``ctx.close``, ``actor.disconnect``), as one of a turn's
+    outputs: it goes to its sockets in order with their frames, through the output gate like
+    them, so it never overtakes a frame the room sent those sockets before it."""
+
+    code: int
+    reason: str
+
+    def __len__(self) -> int:
+        # What the output gate and flow control count is a frame's size: a close has none.
+        return 0
+
+    def __bool__(self) -> bool:
+        return True  # a close is something to send, whatever its length says
+
+
+#: What a turn sends a socket: an encoded frame, or a close.
+Output = bytes | Close
+
+
+def is_room_close_code(code: object) -> bool:
+    """Whether a room may close a socket with ``code``: 1000 (normal closure) or 3000-4999
+    (registered and private application codes); the others are the protocol's own."""
+    return (
+        isinstance(code, int)
+        and not isinstance(code, bool)
+        and (code == 1000 or 3000 <= code <= 4999)
+    )
+
+
+def send_to(sessions: Iterable[Session], frame: Output) -> int:
+    """Send one already-encoded frame (or close) to each session; returns how many it was
+    sent to."""
+    if isinstance(frame, Close):
+        return close_all(sessions, frame)
     count = 0
     for session in sessions:
         session.sink.send_frame(frame)
+        count += 1
+    return count
+
+
+def close_all(sessions: Iterable[Session], close: Close) -> int:
+    """Close each session's socket with ``close``'s code and reason, after the frames already
+    queued on it; returns how many."""
+    count = 0
+    for session in sessions:
+        session.sink.close(close.code, close.reason)
         count += 1
     return count
 
