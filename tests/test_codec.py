@@ -182,6 +182,16 @@ class Positive:
     n: int = attrs.field(validator=attrs.validators.gt(0))
 
 
+@attrs.frozen
+class Box:
+    width: int
+    area: int = attrs.field(init=False)
+    label: str = attrs.field(init=False, eq=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        object.__setattr__(self, "area", self.width * 2)  # label is never set
+
+
 class Pair(NamedTuple):
     a: int
     b: int
@@ -567,6 +577,16 @@ def test_typed_containers_with_element_types() -> None:
     assert roundtrip(Corner.TOP_LEFT, Corner) is Corner.TOP_LEFT
     assert roundtrip([1, "a"], list[typing.Annotated[int, "meta"] | str]) == [1, "a"]
     assert roundtrip([Item("a")], list[typing.Annotated[Item, ["unhashable"]]]) == [Item("a")]
+
+
+def test_fields_outside_init_are_written_and_read_back_strictly() -> None:
+    assert CODEC.encode(Box(3), Box) == {"width": 3, "area": 6}
+    assert roundtrip({Box(3)}, set[Box]) == {Box(3)}
+    back = CODEC.decode({"width": 3, "area": 7}, Box)  # what was stored, even in a frozen class
+    assert back.area == 7
+    assert not hasattr(back, "label")
+    with pytest.raises(CorruptDocumentError, match=r"^k\.area: bad 'int' value 'x'"):
+        CODEC.decode({"width": 3, "area": {"$t": "int", "v": "x"}}, Box, path="k")
 
 
 def test_recursive_declared_types() -> None:
@@ -1001,3 +1021,13 @@ def test_the_scalar_fast_path_writes_what_the_hooks_write(value: Any, declared: 
     slow = codec._hook(declared)(value)  # the full path, hooks only
     assert repr(codec.encode(value, declared)) == repr(slow)
     assert codec.decode(codec.encode(value, declared), declared) == value or value != value
+
+
+@given(
+    raw=st.none() | st.booleans() | st.integers() | st.text(max_size=20) | st.floats(),
+    declared=st.sampled_from(_SCALAR_DECLARATIONS),
+)
+def test_the_scalar_fast_path_reads_what_the_hooks_read(raw: Any, declared: Any) -> None:
+    codec = make_codec()
+    slow = codec._structure(raw, declared)  # the full path, hooks only
+    assert same(codec.decode(raw, declared), slow)
