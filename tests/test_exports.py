@@ -1,10 +1,10 @@
 """The public surface: what users may import, pinned so that a change to it is a decision.
 
-``verani`` is the API; ``verani.client``, ``verani.testing``, ``verani.store`` and
-``verani.pytest_plugin`` are the public submodules (README.md tells users to import the first two,
-``verani.testing`` hands out stores, pytest loads the plugin). Every other module is internal and
-says so in the first line of its docstring; tests may import internals to test them, users may not
-rely on them.
+``verani`` is the API; ``verani.client``, ``verani.remote``, ``verani.testing``, ``verani.store``
+and ``verani.pytest_plugin`` are the public submodules (README.md tells users to import the first
+three, ``verani.testing`` hands out stores, pytest loads the plugin). Every other module is internal
+and says so in the first line of its docstring; tests may import internals to test them, users may
+not rely on them.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ API = {
     "PersistOptions",
     "PersistenceError",
     "ProtocolError",
+    "RemoteError",
     "RoomActor",
     "RoomContext",
     "RoomCrashedError",
@@ -63,6 +64,7 @@ API = {
 #: The public submodules and the ``__all__`` of each.
 SUBMODULES = {
     "verani.client": {"NotConnectedError", "ReconnectOptions", "VeraniClient", "open_client"},
+    "verani.remote": {"AsyncRoomsClient", "RemoteError", "RoomsClient"},
     "verani.testing": {"ClientClosed", "TestClient", "TestServer", "open_test_server"},
     "verani.store": {
         "FORMAT_VERSION",

@@ -31,6 +31,7 @@ from .control import control_request
 from .errors import (
     ControlError,
     CorruptDocumentError,
+    RemoteError,
     RoomDefinitionError,
     RoomLoadError,
     StoreError,
@@ -38,6 +39,7 @@ from .errors import (
 )
 from .inspection import inspect_instance, list_instances
 from .loader import load_rooms
+from .remote import RoomsClient
 from .render import render
 from .room import DEFAULT_IDLE_TIMEOUT, RoomDefinition
 from .server import ServeError, Server, ServerConfig, open_server
@@ -152,6 +154,9 @@ class ConfigOption:
     metavar: str | None = None
     #: Turns the text into the field's value, when ``type`` alone cannot.
     callback: Callable[[click.Context, click.Parameter, Any], Any] | None = None
+    #: An environment variable that gives the value when the option is not typed (a secret is
+    #: better there than on a command line every user of the machine can list).
+    envvar: str | None = None
 
     @property
     def flag(self) -> str:
@@ -249,6 +254,14 @@ CONFIG_OPTIONS: tuple[ConfigOption, ...] = (
         _POSITIVE_INT,
         "Sockets in their HTTP handshake at once; past it the oldest is dropped.",
     ),
+    ConfigOption(
+        "api_token",
+        None,
+        "Turn on the HTTP API under /_verani/api on the same port; requests must send "
+        "'Authorization: Bearer TOKEN'. Off by default.",
+        metavar="TOKEN",
+        envvar="VERANI_API_TOKEN",
+    ),
 )
 
 
@@ -265,6 +278,8 @@ def _config_options(command: Callable[..., None]) -> Callable[..., None]:
             type=option.type,
             metavar=option.metavar,
             callback=option.callback,
+            envvar=option.envvar,
+            show_envvar=option.envvar is not None,
             help=option.help,
         )(command)
     return command
@@ -659,31 +674,99 @@ def _connection_options(command: Callable[..., None]) -> Callable[..., None]:
     type=click.FloatRange(min=0),
     help="Seconds to print what comes back before disconnecting.",
 )
+@click.option(
+    "--api",
+    "api_url",
+    metavar="URL",
+    help="Emit through the HTTP API of the server at URL (http[s]://HOST:PORT) to ROOM/INSTANCE, "
+    "as a turn of the room, instead of connecting to a room as a client.",
+)
+@click.option(
+    "--token",
+    envvar="VERANI_API_TOKEN",
+    show_envvar=True,
+    metavar="TOKEN",
+    help="The server's --api-token (with --api).",
+)
+@click.option("--channel", help="With --api: emit on this channel.  [default: default]")
+@click.option("--user-id", help="With --api: emit to every socket of this user instead.")
 @_connection_options
 def emit(
-    url: str, event: str, data: str | None, wait: float, timeout: float, cafile: str | None
+    url: str,
+    event: str,
+    data: str | None,
+    wait: float,
+    api_url: str | None,
+    token: str | None,
+    channel: str | None,
+    user_id: str | None,
+    timeout: float,
+    cafile: str | None,
 ) -> None:
     """Connect to URL, send EVENT with DATA (JSON), print the frames that come back, disconnect.
 
     Each received frame is printed as one JSON line. A wss:// URL is TLS with certificate
-    verification. Exit status: 0 sent, 1 the connection failed, timed out or was refused (the
-    HTTP status and body are printed), 2 bad usage, 130 Ctrl-C.
+    verification. With --api, EVENT goes to the sockets of ROOM/INSTANCE (INSTANCE defaults to
+    "default") through the server's HTTP API, waking the room if it hibernates, and
+    {"sent": N} is printed once it is durable. Exit status: 0 sent, 1 the connection failed,
+    timed out or was refused (the HTTP status and body are printed), 2 bad usage, 130 Ctrl-C.
 
     \b
     Example:
       verani emit ws://127.0.0.1:8787/ws/counter?userId=alice counter:increment '{"amount": 2}'
       verani emit ws://127.0.0.1:8787/ws/counter counter:get --wait 0.5
       verani emit wss://rooms.example.com/ws/counter counter:get --cafile ca.pem --timeout 3
+      verani emit --api http://127.0.0.1:8787 --token TOKEN chat/lobby notice '{"text": "hi"}'
     """
     try:
         payload = None if data is None else orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise click.BadParameter(f"not JSON: {exc}", param_hint="JSON") from None
+    if api_url is not None:
+        _emit_api(api_url, token, url, event, payload, channel, user_id, timeout, cafile)
+        return
+    if channel is not None or user_id is not None:
+        raise click.UsageError("--channel and --user-id go with --api")
     address, ssl_context = _address(url, cafile)
     ending = _session(address, timeout, ssl_context, send=(event, payload), seconds=wait)
     if ending.closed_by_server is not None:
         # The event was sent: what the server did next is only reported.
         click.echo(f"closed by the server: {ending.closed_by_server}", err=True)
+
+
+def _emit_api(
+    api_url: str,
+    token: str | None,
+    target: str,
+    event: str,
+    payload: Any,
+    channel: str | None,
+    user_id: str | None,
+    timeout: float,
+    cafile: str | None,
+) -> None:
+    """``verani emit --api``: one request to the server's HTTP API."""
+    if not token:
+        raise click.UsageError("--api needs --token TOKEN (or VERANI_API_TOKEN)")
+    if not api_url.startswith(("http://", "https://")):
+        raise click.BadParameter("must start with http:// or https://", param_hint="--api")
+    if channel is not None and user_id is not None:
+        raise click.UsageError("give --channel or --user-id, not both")
+    room, instance = _split_target(target)
+    verify: ssl.SSLContext | bool = True
+    if cafile is not None:
+        try:
+            verify = ssl.create_default_context(cafile=cafile)
+        except ssl.SSLError as exc:
+            raise click.BadParameter(
+                f"no CA certificate could be read from {cafile}: {exc}", param_hint="--cafile"
+            ) from None
+    try:
+        with RoomsClient(api_url, token, timeout=timeout, verify=verify) as rooms:
+            sent = rooms.emit(room, instance or "default", event, payload, channel, user_id)
+    except RemoteError as exc:
+        raise CommandFailed(str(exc)) from None
+    click.echo(orjson.dumps({"sent": sent}).decode())
 
 
 @main.command()

@@ -155,7 +155,7 @@ async def _handle(server: Server, stream: trio.abc.Stream) -> None:
         try:
             with trio.fail_after(5):
                 request = await _read_line(stream)
-            reply = await _dispatch(server, request)
+            reply = await dispatch(server, request)
         except trio.BrokenResourceError:
             return
         except Exception as exc:
@@ -189,7 +189,9 @@ async def _read_line(stream: trio.abc.ReceiveStream, limit: int = _MAX_REQUEST) 
     return obj
 
 
-async def _dispatch(server: Server, request: dict[str, Any]) -> dict[str, Any]:
+async def dispatch(server: Server, request: dict[str, Any]) -> dict[str, Any]:
+    """Answer one control request (``status``, ``inspect``, ``hibernate``) in process: what the
+    control socket sends back, and what the HTTP API reports from."""
     op = request.get("op")
     if op == "status":
         return {

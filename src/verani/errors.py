@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 
 class VeraniError(Exception):
@@ -127,6 +128,23 @@ class NoServerError(ControlError):
 
 class RoomNotFoundError(ControlError, LookupError):
     """No room (or room instance) has the given name."""
+
+
+class RemoteError(VeraniError):
+    """A request to a server's HTTP API (:mod:`verani.remote`) failed.
+
+    ``status`` is the HTTP status the server answered (None when no answer came: the server
+    could not be reached or did not answer in time), ``message`` the server's ``error`` text
+    (or why no answer came), ``body`` the whole JSON answer when there was one.
+    """
+
+    def __init__(
+        self, status: int | None, message: str, body: dict[str, Any] | None = None
+    ) -> None:
+        super().__init__(f"HTTP {status}: {message}" if status is not None else message)
+        self.status = status
+        self.message = message
+        self.body = body or {}
 
 
 class ServeError(VeraniError):

@@ -28,14 +28,16 @@ from .sessions import ConnectionMeta, HandshakeRequest, default_meta
 
 @attrs.frozen
 class HttpAnswer:
-    """A refusal to send instead of the upgrade: ``status``, a plain-text ``body`` (with a
-    trailing newline unless ``verbatim``) and extra ``headers``."""
+    """An HTTP answer sent instead of the upgrade (a refusal, or an answer of the HTTP API):
+    ``status``, a ``body`` (with a trailing newline unless ``verbatim``) and extra ``headers``."""
 
     status: int
     body: str
     headers: tuple[tuple[str, str], ...] = ()
     #: Send ``body`` byte for byte (a room's own refusal reason), without our trailing newline.
     verbatim: bool = False
+    #: What ``body`` is: plain text, or JSON for the HTTP API (:mod:`verani.api`).
+    content_type: str = "text/plain; charset=utf-8"
 
     def encode(self, conn: h11.Connection) -> bytes:
         """The whole answer (head and body), written by ``conn``: the h11 connection the request
@@ -46,7 +48,7 @@ class HttpAnswer:
         except ValueError:  # a status the standard library does not name (e.g. 499)
             phrase = ""
         headers = [
-            ("Content-Type", "text/plain; charset=utf-8"),
+            ("Content-Type", self.content_type),
             ("Content-Length", str(len(body))),
             ("Connection", "close"),
             *self.headers,

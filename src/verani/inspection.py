@@ -9,12 +9,19 @@ people is the CLI's job.
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .control import control_request
 from .errors import CorruptDocumentError, NoServerError, RoomNotFoundError
 from .store import FileStore
+
+#: How a report asks the server for what only it knows: a control request (``status`` or
+#: ``inspect``) in, its reply out, or None when no server runs. The CLI goes through the control
+#: socket; the server's own HTTP API answers in process, so both print the same JSON.
+AskServer = Callable[[dict[str, Any]], Awaitable[dict[str, Any] | None]]
 
 
 async def _server(
@@ -26,8 +33,19 @@ async def _server(
         return None
 
 
+#: A store directory, or the store itself (the server's own, already open, for its HTTP API).
+StoreArg = str | os.PathLike[str] | FileStore
+
+
+def _opened(store: StoreArg, ask: AskServer | None) -> tuple[FileStore, AskServer, str]:
+    """The store to read, how to reach its server, and the store's name for messages."""
+    if isinstance(store, FileStore):
+        return store, ask or functools.partial(_server, store.directory), str(store.directory)
+    return FileStore(store), ask or functools.partial(_server, store), os.fspath(store)
+
+
 async def list_instances(
-    store_dir: str | os.PathLike[str], room: str | None = None
+    store_dir: StoreArg, room: str | None = None, *, ask: AskServer | None = None
 ) -> list[dict[str, Any]]:
     """One summary row per room instance in the store or awake in the server, sorted.
 
@@ -35,10 +53,11 @@ async def list_instances(
     server runs or the running one does not serve that room), ``served`` (whether the running
     server serves the room; None without a server), ``bytes`` and ``saved_at`` of the stored
     document (None when not stored or unreadable), ``sessions`` (None without a server or when
-    it does not serve the room), ``error`` (why the document is unreadable).
+    it does not serve the room), ``error`` (why the document is unreadable). ``ask`` replaces
+    the control socket as the way to reach the server.
     """
-    store = FileStore(store_dir)
-    status = await _server(store_dir, {"op": "status"})
+    store, ask_server, where = _opened(store_dir, ask)
+    status = await ask_server({"op": "status"})
     stored = await store.list_instances(room)
     live = {
         (i["room"], i["instance"]): i
@@ -51,7 +70,7 @@ async def list_instances(
         and not live
         and (status is None or room not in status["rooms"])
     ):
-        raise RoomNotFoundError(f"no room named {room!r} in store {store_dir}")
+        raise RoomNotFoundError(f"no room named {room!r} in store {where}")
     rows = []
     for key in sorted(set(stored) | set(live)):
         row: dict[str, Any] = {"room": key[0], "instance": key[1], "bytes": None, "saved_at": None}
@@ -72,13 +91,14 @@ async def list_instances(
 
 
 async def inspect_instance(
-    store_dir: str | os.PathLike[str], room: str, instance: str
+    store_dir: StoreArg, room: str, instance: str, *, ask: AskServer | None = None
 ) -> dict[str, Any]:
-    """Everything known of one room instance (the shape is documented in ``cli.md``).
+    """Everything known of one room instance (the shape is documented in ``cli.md``); ``ask``
+    as for :func:`list_instances`.
 
     Raises :class:`RoomNotFoundError` when neither the store nor a running server knows it.
     """
-    store = FileStore(store_dir)
+    store, ask_server, _ = _opened(store_dir, ask)
     stored: dict[str, Any] | None = None
     error = None
     try:
@@ -96,7 +116,7 @@ async def inspect_instance(
             "storage": doc.storage,
             "schedules": doc.schedules,
         }
-    reply = await _server(store_dir, {"op": "inspect", "room": room, "instance": instance})
+    reply = await ask_server({"op": "inspect", "room": room, "instance": instance})
     live = reply["live"] if reply else None
     if stored is None and live is None and error is None:
         if reply is not None and not reply["served"]:

@@ -21,6 +21,7 @@ import attrs
 import h11
 import trio
 
+from . import api
 from .connection import Connection
 from .errors import ServeError, single_error
 from .handshake import (
@@ -124,6 +125,14 @@ class ServerConfig:
     #: ``max_connections`` from accept; when either limit is reached, the oldest handshake in
     #: progress is dropped to make room (a silent client yields its place to a new one).
     max_handshakes: int = attrs.field(default=256, validator=_AT_LEAST_ONE)
+    #: The bearer token of the HTTP API under ``/_verani/api`` (see :mod:`verani.api`); None
+    #: (the default) turns the API off, and its paths answer 404 like any unknown path. Kept out
+    #: of the repr, so that a logged config does not leak it.
+    api_token: str | None = attrs.field(
+        default=None,
+        repr=False,
+        validator=attrs.validators.optional(attrs.validators.min_len(1)),
+    )
 
 
 @attrs.define
@@ -338,6 +347,9 @@ class Server:
             return
         if accepted is None:
             return
+        if isinstance(accepted, ApiCall):
+            await self._serve_api(stream, accepted, remote)
+            return
         # Only what the connection needs lives on: the request head, its headers and the
         # handshake's locals are gone with _handshake's frame (memory per idle socket).
         route, meta, trailing = accepted
@@ -376,9 +388,9 @@ class Server:
 
     async def _handshake(
         self, stream: trio.SocketStream, remote: str
-    ) -> tuple[Route, ConnectionMeta, bytes] | None:
-        """Read and check the upgrade request, run ``extract_meta``, answer 101; or answer the
-        refusal and return None."""
+    ) -> tuple[Route, ConnectionMeta, bytes] | ApiCall | None:
+        """Read and check the upgrade request, run ``extract_meta``, answer 101; or read an
+        authorized request of the HTTP API; or answer the refusal and return None."""
         cfg = self.config
         with trio.move_on_after(cfg.handshake_timeout) as timeout:
             head = await read_request_head(stream, cfg.max_request_head)
@@ -396,6 +408,8 @@ class Server:
         conn, request = head.connection, head.request
         target = request.target.decode("ascii", "replace")
         path, query = split_target(target)
+        if cfg.api_token is not None and api.is_api_path(path):
+            return await self._api_request(stream, head, path, remote, target)
         route = self.router.route(path)
         answer = (
             check_upgrade(request, route, path)
@@ -427,6 +441,48 @@ class Server:
             return None
         assert isinstance(meta, ConnectionMeta)
         return route, meta, head.trailing
+
+    async def _api_request(
+        self, stream: trio.SocketStream, head: RequestHead, path: str, remote: str, target: str
+    ) -> ApiCall | None:
+        """Check an HTTP API request (token, endpoint, body size) and read its body; or answer
+        the refusal and return None. Runs in the handshake's slot and time limit, so that an
+        API request that never completes is dropped like any slow handshake."""
+        cfg, conn, request = self.config, head.connection, head.request
+        assert cfg.api_token is not None
+        headers = headers_of(request.headers)
+        method = request.method.decode("ascii", "replace")
+        resolved = api.authorize(headers, cfg.api_token) or api.resolve(
+            method, path, self.supervisor.rooms, self.router.rules
+        )
+        if isinstance(resolved, HttpAnswer):
+            await self._answer(stream, conn, resolved, remote, target, linger=True)
+            return None
+        definition = self.supervisor.rooms.get(resolved.room)
+        limit = (definition.max_frame_size if definition else None) or cfg.max_frame_size
+        length = api.declared_length(headers)
+        body: bytes | HttpAnswer = api.too_large(limit)
+        if length is None or length <= limit:
+            with trio.move_on_after(cfg.handshake_timeout):
+                # The answer if the time runs out before the body is read whole.
+                body = api.error(408, "the request body did not come in time")
+                body = await api.read_body(conn, stream, limit)
+        if isinstance(body, HttpAnswer):
+            await self._answer(stream, conn, body, remote, target, linger=True)
+            return None
+        return ApiCall(conn, resolved, body, target)
+
+    async def _serve_api(self, stream: trio.SocketStream, call: ApiCall, remote: str) -> None:
+        # Outside the handshake's slot: an emit waits for the room to wake and for the disk,
+        # which may take longer than a handshake may.
+        answer = await api.perform(self, call.endpoint, call.body)
+        if answer.status >= 400:
+            await self._answer(stream, call.connection, answer, remote, call.target, linger=True)
+            return
+        log.debug("%s %s from %s: %s", answer.status, call.target, remote, call.endpoint.action)
+        with trio.move_on_after(self.config.close_timeout):
+            await stream.send_all(answer.encode(call.connection))
+            await _linger(stream)
 
     def _log_refusal(self, line: str) -> None:
         self.client_log(logging.INFO, "%s", line)
@@ -472,6 +528,7 @@ class Server:
         target: str,
         *,
         logged: bool = False,
+        linger: bool = False,
     ) -> None:
         self.stats.http_rejected += 1
         if not logged:
@@ -485,6 +542,38 @@ class Server:
             )
         with trio.move_on_after(self.config.close_timeout):
             await stream.send_all(answer.encode(conn))
+            if linger:
+                await _linger(stream)
+
+
+@attrs.frozen
+class ApiCall:
+    """An authorized request of the HTTP API, read whole: what :func:`api.perform` runs."""
+
+    connection: h11.Connection
+    endpoint: api.Endpoint
+    body: bytes
+    target: str
+
+
+#: Bytes of a request left unread that are read and dropped before the socket closes.
+_LINGER_BYTES = 1024 * 1024
+
+
+async def _linger(stream: trio.SocketStream) -> None:
+    """Close our side, then read what the client still sends (a body we refused unread) until
+    it closes: closing a socket with unread bytes sends a reset, which can destroy the answer
+    before the client reads it. Bounded in bytes here, in time by the caller."""
+    try:
+        await stream.send_eof()
+        dropped = 0
+        while dropped < _LINGER_BYTES:
+            data = await stream.receive_some(65536)
+            if not data:
+                return
+            dropped += len(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        return
 
 
 def _log_room_error(line: str, exc: BaseException | None) -> None:
