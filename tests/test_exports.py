@@ -63,7 +63,7 @@ API = {
 #: The public submodules and the ``__all__`` of each.
 SUBMODULES = {
     "verani.client": {"NotConnectedError", "ReconnectOptions", "VeraniClient", "open_client"},
-    "verani.testing": {"ClientClosed", "TestClient", "TestServer", "open_test_server"},
+    "verani.testing": {"AckError", "ClientClosed", "TestClient", "TestServer", "open_test_server"},
     "verani.store": {
         "FORMAT_VERSION",
         "MIGRATIONS",
