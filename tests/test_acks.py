@@ -16,6 +16,7 @@ import trio
 
 from faults import FaultyStore
 from verani import ClientError, RoomContext, define_room, open_server
+from verani.client import open_client
 from verani.errors import AckError
 from verani.store import MemoryStore
 from verani.testing import open_test_server
@@ -257,3 +258,103 @@ async def test_test_client_call(caplog: pytest.LogCaptureFixture) -> None:
             assert str(caught.value) == "amount must be positive"
             # The event the first call's turn emitted was kept for receive().
             assert (await client.receive("added"))["total"] == 4
+
+
+# --- the Python client ------------------------------------------------------------------------
+
+
+def waiting_room(release: trio.Event, started: trio.Event | None = None) -> Any:
+    """The ledger room with ``wait``: a handler that sets ``started`` and answers once
+    ``release`` is set."""
+    room = ledger_room()
+
+    @room.on("wait")
+    async def wait(ctx: RoomContext[Any], data: Any) -> str:
+        if started is not None:
+            started.set()
+        await release.wait()
+        return "released"
+
+    return room
+
+
+async def test_client_call_returns_the_answer_or_raises_ack_error() -> None:
+    with trio.fail_after(10):
+        async with open_test_server(ledger_room()) as server:
+            async with open_client(f"{server.url}/ws/ledger") as client:
+                await client.wait_for_connection()
+                assert await client.call("add", {"n": 3}) == 3
+                assert await client.call("peek", "hi") == {"total": 3, "echo": "hi"}
+                assert (await client.receive("added"))["total"] == 3  # events still arrive
+                with pytest.raises(AckError) as caught:
+                    await client.call("refuse")
+                assert (caught.value.code, str(caught.value)) == (
+                    "bad_amount",
+                    "amount must be positive",
+                )
+                with pytest.raises(AckError) as caught:
+                    await client.call("nope")
+                assert caught.value.code == "unknown_event"
+                # Concurrent calls each get their own answer.
+                results: dict[int, Any] = {}
+                async with trio.open_nursery() as nursery:
+                    for i in range(10):
+
+                        async def one(i: int = i) -> None:
+                            results[i] = await client.call("peek", i)
+
+                        nursery.start_soon(one)
+                assert {i: r["echo"] for i, r in results.items()} == {i: i for i in range(10)}
+
+
+async def test_client_call_times_out(autojump_clock: Any) -> None:
+    release = trio.Event()
+    async with open_test_server(waiting_room(release)) as server:
+        async with open_client(f"{server.url}/ws/ledger") as client:
+            await client.wait_for_connection()
+            started = trio.current_time()
+            with pytest.raises(trio.TooSlowError):
+                await client.call("wait", timeout=5)
+            assert trio.current_time() - started == pytest.approx(5, abs=0.5)
+            release.set()
+            # The late answer to the timed-out call is passed over; the next call is answered.
+            assert await client.call("add", {"n": 1}) == 1
+
+
+async def test_client_call_made_offline_waits_in_the_queue(autojump_clock: Any) -> None:
+    async with open_test_server(ledger_room()) as server:
+        async with open_client(f"{server.url}/ws/ledger") as client:
+            await client.wait_for_connection()
+            client.disconnect()
+            answers: list[Any] = []
+            async with trio.open_nursery() as nursery:
+
+                async def call() -> None:
+                    answers.append(await client.call("add", {"n": 2}, timeout=60))
+
+                nursery.start_soon(call)
+                await trio.sleep(3)  # offline for a while: the call waits, unsent
+                assert client.queued == 1 and not answers
+                client.reconnect()
+            assert answers == [2]
+            assert (await server.state("ledger"))["total"] == 2
+
+
+async def test_client_call_fails_when_its_connection_drops(autojump_clock: Any) -> None:
+    release, started = trio.Event(), trio.Event()
+    async with open_test_server(waiting_room(release, started)) as server:
+        async with open_client(f"{server.url}/ws/ledger") as client:
+            await client.wait_for_connection()
+            async with trio.open_nursery() as nursery:
+
+                async def drop_soon() -> None:
+                    await started.wait()  # the call was sent and is being handled
+                    client.reconnect()  # drops the connection, connects anew
+
+                nursery.start_soon(drop_soon)
+                with pytest.raises(AckError) as caught:
+                    await client.call("wait", timeout=30)
+                assert caught.value.code == "connection_lost"
+            release.set()
+            await client.wait_for_connection()
+            assert await client.call("add", {"n": 1}) == 1

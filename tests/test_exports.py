@@ -62,7 +62,13 @@ API = {
 
 #: The public submodules and the ``__all__`` of each.
 SUBMODULES = {
-    "verani.client": {"NotConnectedError", "ReconnectOptions", "VeraniClient", "open_client"},
+    "verani.client": {
+        "AckError",
+        "NotConnectedError",
+        "ReconnectOptions",
+        "VeraniClient",
+        "open_client",
+    },
     "verani.testing": {"AckError", "ClientClosed", "TestClient", "TestServer", "open_test_server"},
     "verani.store": {
         "FORMAT_VERSION",
