@@ -63,9 +63,15 @@ API = {
 
 #: The public submodules and the ``__all__`` of each.
 SUBMODULES = {
-    "verani.client": {"NotConnectedError", "ReconnectOptions", "VeraniClient", "open_client"},
+    "verani.client": {
+        "AckError",
+        "NotConnectedError",
+        "ReconnectOptions",
+        "VeraniClient",
+        "open_client",
+    },
     "verani.remote": {"AsyncRoomsClient", "RemoteError", "RoomsClient"},
-    "verani.testing": {"ClientClosed", "TestClient", "TestServer", "open_test_server"},
+    "verani.testing": {"AckError", "ClientClosed", "TestClient", "TestServer", "open_test_server"},
     "verani.store": {
         "FORMAT_VERSION",
         "MIGRATIONS",

@@ -28,13 +28,14 @@ from .context import RoomActor, RoomContext, ScheduleContext, SocketEmitter
 from .errors import (
     ClientError,
     CorruptDocumentError,
+    FrameEncodeError,
     NotPersistableError,
     PersistenceError,
     RoomCrashedError,
     StoreError,
 )
 from .gate import GroupCommit, OutputGate, Outputs
-from .protocol import ERROR_EVENT, ClientFrame
+from .protocol import ERROR_EVENT, AckId, ClientFrame, encode_ack, encode_ack_error
 from .room import RoomDefinition
 from .schedules import RoomSchedules, Schedule, WallClock
 from .sessions import Output, Session, Sessions, send_to
@@ -115,6 +116,32 @@ class Call:
 
 
 InboxEvent = Connect | Message | Disconnect | Hibernate | Call
+
+
+@attrs.define(eq=False)
+class PendingAck:
+    """The answer being made, during a turn, to a client frame that carried an ``id``.
+
+    With several handlers for one event, the first error any of them raises is the answer;
+    without one, the first result that is not None (the event's own handlers run before the
+    wildcard ones, so a ``"*"`` handler that logs every event does not answer for them).
+    """
+
+    session: Session
+    id: AckId
+    result: Any = None
+    error: tuple[str, str] | None = None  # (code, message)
+
+    def answer(self, result: Any) -> None:
+        """A handler returned ``result``."""
+        if self.result is None:
+            self.result = result
+
+    def fail(self, code: str, message: str) -> None:
+        """Something in the turn failed: the answer is this error, unless an earlier one is."""
+        if self.error is None:
+            self.error = (code, message)
+
 
 #: The room instance whose turn (or turn-like hook) runs in this task, with that task: tasks
 #: started from a turn inherit context variables, but are not the turn (see ``current_room``).
@@ -197,6 +224,8 @@ class Actor:
             where=self._where, save=self._save, durable=self._durable, failed=self._save_failed
         )
         self._turn_outputs: Outputs | None = None
+        #: The answer the current turn owes a client frame's ``id``, if it carried one.
+        self._ack: PendingAck | None = None
         # Turns and the user hooks that report failed writes exclude each other: user code
         # always runs one piece at a time, as in a turn.
         self._turn_lock = trio.Lock()
@@ -463,8 +492,13 @@ class Actor:
             ctx = await body(arg)
             for key, error in self._persist_changes():
                 await self._persist_failed(key, error, ctx)
+            if self._ack is not None:
+                # The last frame of the turn, after what the handlers emitted and after any
+                # persist failure that changes the answer; held by the gate like the others.
+                await self._send_ack(self._ack, ctx)
             finished = True
         finally:
+            self._ack = None
             _TURN_OF.reset(token)
             outputs, self._turn_outputs = self._turn_outputs, None
             if not finished:
@@ -539,6 +573,8 @@ class Actor:
             ctx = self._context(session, frame=frame)
             started = time.perf_counter() if log.isEnabledFor(logging.DEBUG) else None
             handlers = self.definition.handlers_for(frame.type)
+            if frame.id is not None:
+                self._ack = PendingAck(session, frame.id)
             # Verani hands handlers `frame.data || {}`: a frame without data gives an empty dict.
             data = {} if frame.data is None else frame.data
             for handler in handlers:
@@ -546,6 +582,15 @@ class Actor:
             if not handlers:
                 if hooks.on_message is not None:
                     await self._handle("on_message", ctx, hooks.on_message, ctx, frame)
+                elif self._ack is not None:
+                    log.warning(
+                        "%s: no handler for event %r from client %s (user %s); answered",
+                        self._where,
+                        frame.type,
+                        session.meta.client_id,
+                        session.meta.user_id,
+                    )
+                    self._ack.fail("unknown_event", f"this room has no handler for {frame.type!r}")
                 else:
                     log.warning(
                         "%s: no handler for event %r from client %s (user %s); dropped",
@@ -610,21 +655,43 @@ class Actor:
     ) -> None:
         """Run a handler of a client's event; what it raises is answered to that client: a
         :class:`ClientError` with its own code and message, anything else as ``handler_error``
-        (and ``on_error``), so a sender never meets silence."""
-        error = await self._run_user_code(what, fn, *args)
+        (and ``on_error``), so a sender never meets silence. The answer is the ack when the
+        frame carried an ``id`` (which also gets what the handler returns), else a
+        ``verani:error`` event."""
+        ack = self._ack
+        result, error = await self._user_code(what, fn, *args)
         if error is None:
+            if ack is not None:
+                ack.answer(result)
             return
         event = ctx.frame.type if ctx.frame is not None else None
         if isinstance(error, ClientError):
-            answer = {"code": error.code, "event": event, "message": str(error)}
+            code, message = error.code, str(error)
         else:
             await self._on_error(error, ctx)
-            answer = {
-                "code": "handler_error",
-                "event": event,
-                "message": f"the room could not handle {event!r}; the error is in the server's log",
-            }
-        ctx.emit.emit(ERROR_EVENT, answer)
+            code = "handler_error"
+            message = f"the room could not handle {event!r}; the error is in the server's log"
+        if ack is not None:
+            ack.fail(code, message)
+        else:
+            ctx.emit.emit(ERROR_EVENT, {"code": code, "event": event, "message": message})
+
+    async def _send_ack(self, ack: PendingAck, ctx: RoomContext[Any] | None) -> None:
+        """Queue the turn's answer to the frame's ``id`` (see :class:`PendingAck`)."""
+        if ack.error is not None:
+            frame = encode_ack_error(ack.id, *ack.error)
+        else:
+            try:
+                frame = encode_ack(ack.id, ack.result)
+            except FrameEncodeError as exc:
+                log.error("%s: cannot answer %r: %s", self._where, ack.id, exc)
+                await self._on_error(exc, ctx)
+                frame = encode_ack_error(
+                    ack.id,
+                    "handler_error",
+                    "the handler's answer cannot be sent as JSON; the error is in the server's log",
+                )
+        self._deliver([ack.session], frame)
 
     async def _on_error(self, error: BaseException, ctx: RoomContext[Any] | None) -> None:
         hook = self.definition.hooks.on_error
@@ -636,20 +703,26 @@ class Actor:
     ) -> Exception | None:
         """Call the room author's ``fn`` (sync or async); what it raises is logged with the room
         and ``what`` it was, and returned, never raised."""
+        return (await self._user_code(what, fn, *args))[1]
+
+    async def _user_code(
+        self, what: str, fn: Callable[..., Any], *args: Any
+    ) -> tuple[Any, Exception | None]:
+        """As :meth:`_run_user_code`, with what ``fn`` returned (None when it raised)."""
         try:
             result = fn(*args)
             if inspect.isawaitable(result):
-                await result
+                result = await result
         except ClientError as exc:
             # The room's answer to bad input, not a fault: one line, no traceback.
             log.info("%s: %s refused the event: %s", self._where, what, exc)
-            return exc
+            return None, exc
         except Exception as exc:
             log.error(
                 "%s: %s raised %s: %s", self._where, what, type(exc).__name__, exc, exc_info=exc
             )
-            return exc
-        return None
+            return None, exc
+        return result, None
 
     # --- persistence ------------------------------------------------------------------------
 
@@ -696,14 +769,18 @@ class Actor:
         failure = PersistenceError(key, f"{error}; the previous stored value is kept")
         failure.__cause__ = error
         log.error("%s: %s", self._where, failure)
-        if ctx is not None:
+        message = f"the room could not save {key!r}; its previous value is kept"
+        if self._ack is not None and ctx is not None:
+            # The caller hears it in the answer it waits for, not in a separate event.
+            self._ack.fail("persist_error", message)
+        elif ctx is not None:
             # The socket whose event made the value hears that it was refused.
             ctx.emit.emit(
                 ERROR_EVENT,
                 {
                     "code": "persist_error",
                     "event": ctx.frame.type if ctx.frame is not None else None,
-                    "message": f"the room could not save {key!r}; its previous value is kept",
+                    "message": message,
                 },
             )
         hook = self.definition.hooks.on_persist_error

@@ -7,11 +7,13 @@
         await client.wait_for_connection()
         client.emit("counter:increment", {"amount": 1})
         sync = await client.receive("counter:sync")
+        total = await client.call("counter:increment", {"amount": 1})  # the handler's answer
 
 The client owns its tasks in the nursery of ``open_client``. It reconnects with exponential
 backoff, keeps the connection alive with ``{"type": "ping"}`` frames, and queues ``emit`` calls
 made while it is not connected (bounded: the oldest are dropped first), flushing them in order
-once connected. Defaults are Verani's, and so are its zero values: ``max_attempts=0``
+once connected; :meth:`VeraniClient.call` sends an event and waits for the room's answer (an
+acknowledgement). Defaults are Verani's, and so are its zero values: ``max_attempts=0``
 retries forever, ``ping_interval=0`` sends no keepalive.
 
 A ``wss://`` URL is TLS with certificate verification (``ssl_context=`` to choose what to trust);
@@ -33,21 +35,43 @@ import attrs
 import trio
 import trio_websocket
 
-from .errors import NotConnectedError, ProtocolError, leaf_exceptions, single_error
+from .errors import AckError, NotConnectedError, ProtocolError, leaf_exceptions, single_error
 from .protocol import (
     PING_MESSAGE,
+    AckAnswer,
+    ack_answer,
     decode_server_frame,
     encode_client_event,
     is_pong,
     server_event,
 )
 
-__all__ = ["NotConnectedError", "ReconnectOptions", "VeraniClient", "open_client"]
+__all__ = ["AckError", "NotConnectedError", "ReconnectOptions", "VeraniClient", "open_client"]
 
 log = logging.getLogger("verani.client")
 
 State = Literal["connecting", "connected", "disconnected", "reconnecting", "error"]
 Callback = Callable[[Any], object]
+#: A frame waiting to be sent: its text, and the id of the call it carries (None: an emit).
+Queued = tuple[str, int | None]
+
+
+@attrs.define(eq=False)
+class _PendingCall:
+    """A :meth:`VeraniClient.call` awaiting its answer."""
+
+    done: trio.Event = attrs.field(factory=trio.Event)
+    #: Written to a connection: from then on, losing that connection loses the answer.
+    sent: bool = False
+    answer: AckAnswer | None = None
+    error: BaseException | None = None
+
+    def finish(self, answer: AckAnswer | None = None, error: BaseException | None = None) -> None:
+        if not self.done.is_set():
+            self.answer, self.error = answer, error
+            self.done.set()
+
+
 #: What :func:`open_stream` returns: TCP for ``ws://``, TLS over TCP for ``wss://``.
 Stream = trio.SocketStream | trio.SSLStream[trio.SocketStream]
 
@@ -222,7 +246,9 @@ class VeraniClient:
         self.pong_timeout = pong_timeout
         self.state: State = "connecting"
         self.reconnect_attempts = 0
-        self._queue: deque[str] = deque(maxlen=max_queue_size)
+        self._queue: deque[Queued] = deque(maxlen=max_queue_size)
+        self._calls: dict[int, _PendingCall] = {}
+        self._next_call_id = 0
         self._queue_changed = trio.Event()
         self._state_changed = trio.Event()
         self._listeners: dict[str, list[tuple[Callback, bool]]] = {}
@@ -315,12 +341,54 @@ class VeraniClient:
         """
         if self._closed:
             raise NotConnectedError("the client is closed")
-        frame = encode_client_event(event, data)
-        if len(self._queue) == self._queue.maxlen:
-            log.warning(
-                "%s: send queue full (%d); dropping the oldest frame", self.url, len(self._queue)
-            )
-        self._queue.append(frame)
+        self._enqueue((encode_client_event(event, data), None))
+
+    async def call(self, event: str, data: Any = None, *, timeout: float = 10.0) -> Any:
+        """Send ``event`` as :meth:`emit` does, with an ``"id"``, and return the room's answer:
+        what its handler returned, once the room's changes are saved.
+
+        A call made while not connected waits in the send queue like an emit, and is sent once
+        connected; ``timeout`` (seconds) counts from the call, offline time included. Raises
+        :class:`AckError` (its ``code`` says why) when the answer is an error, when the
+        connection drops after the call was sent and before its answer came
+        (``connection_lost``: the room may or may not have handled it; it is not sent again),
+        or when the call is pushed out of a full send queue (``queue_full``);
+        :class:`trio.TooSlowError` after ``timeout`` (a call not yet sent by then never is);
+        :class:`NotConnectedError` when the client is closed.
+        """
+        if self._closed:
+            raise NotConnectedError("the client is closed")
+        self._next_call_id += 1
+        call_id = self._next_call_id
+        entry: Queued = (encode_client_event(event, data, ack_id=call_id), call_id)
+        pending = self._calls[call_id] = _PendingCall()
+        try:
+            self._enqueue(entry)
+            with trio.fail_after(timeout):
+                await pending.done.wait()
+        finally:
+            del self._calls[call_id]
+            if entry in self._queue:
+                # Timed out or cancelled before it was sent: no one would read its answer.
+                self._queue.remove(entry)
+        if pending.error is not None:
+            raise pending.error
+        answer = pending.answer
+        assert answer is not None
+        if answer.error is not None:
+            raise AckError(str(answer.error.get("code")), str(answer.error.get("message")))
+        return answer.data
+
+    def _enqueue(self, entry: Queued) -> None:
+        queue = self._queue
+        if len(queue) == queue.maxlen:
+            log.warning("%s: send queue full (%d); dropping the oldest frame", self.url, len(queue))
+            _, dropped = queue[0]
+            if dropped is not None and dropped in self._calls:
+                self._calls[dropped].finish(
+                    error=AckError("queue_full", "the call was dropped from a full send queue")
+                )
+        queue.append(entry)
         self._queue_changed.set()
 
     @property
@@ -459,6 +527,7 @@ class VeraniClient:
                     try:
                         await self._reader(ws)
                     finally:
+                        self._lose_sent_calls()
                         if ws.closed is None:
                             # Our side ends it (disconnect, reconnect, close): say so with 1000.
                             # The close frame goes out at once; the reply is not awaited long.
@@ -497,6 +566,20 @@ class VeraniClient:
         error.__cause__ = failure
         return error
 
+    def _lose_sent_calls(self) -> None:
+        """The connection is gone: the calls written to it will get no answer on the next one
+        (the room answers the socket that asked), so they fail now rather than at their
+        timeout. Calls still queued are sent on the next connection."""
+        for pending in self._calls.values():
+            if pending.sent:
+                pending.finish(
+                    error=AckError(
+                        "connection_lost",
+                        "the connection dropped before the answer came; the room may or may "
+                        "not have handled the call",
+                    )
+                )
+
     async def _reader(self, ws: trio_websocket.WebSocketConnection) -> None:
         while True:
             try:
@@ -510,6 +593,13 @@ class VeraniClient:
                 continue
             if is_pong(frame):
                 self._last_pong = trio.current_time()
+                continue
+            answer = ack_answer(frame)
+            if answer is not None:
+                # An answer to a call that timed out (or to another client's id) has no taker.
+                pending = self._calls.get(answer.id) if isinstance(answer.id, int) else None
+                if pending is not None:
+                    pending.finish(answer)
                 continue
             event = server_event(frame)
             if event is not None:
@@ -543,12 +633,17 @@ class VeraniClient:
     async def _writer(self, ws: trio_websocket.WebSocketConnection) -> None:
         while True:
             while self._queue:
-                frame = self._queue[0]
+                entry = self._queue[0]
+                frame, call_id = entry
+                if call_id is not None and call_id in self._calls:
+                    # Before the write: a write cancelled part-way may still have reached the
+                    # server, so from here losing the connection may lose the answer.
+                    self._calls[call_id].sent = True
                 try:
                     await ws.send_message(frame)
                 except trio_websocket.ConnectionClosed:
-                    return  # keep the frame: it is sent after reconnecting
-                if self._queue and self._queue[0] is frame:
+                    return  # keep the frame: it is sent after reconnecting (emits only)
+                if self._queue and self._queue[0] is entry:
                     self._queue.popleft()
             self._queue_changed = trio.Event()
             await self._queue_changed.wait()
@@ -577,6 +672,8 @@ class VeraniClient:
         self._wanted = False
         for _, send, _ in self._waiters:
             send.close()
+        for pending in self._calls.values():
+            pending.finish(error=NotConnectedError("the client was closed"))
         if self._session_scope is not None:
             self._session_scope.cancel()
         self._wake.set()

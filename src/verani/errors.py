@@ -193,6 +193,24 @@ class NotConnectedError(VeraniError):
     """The client could not do what was asked (not connected in time, gave up, closed)."""
 
 
+class AckError(VeraniError):
+    """The answer to a client's ``call`` is an error: ``code`` says which, ``str(error)`` is its
+    message.
+
+    Codes the server sends: ``handler_error`` (the handler failed; the details are in the
+    server's log), ``unknown_event`` (the room has no handler for the event), ``persist_error``
+    (the handler ran but its changes could not be saved), or the code of a
+    :class:`ClientError` the handler raised. Codes the client makes itself:
+    ``connection_lost`` (the connection dropped after the call was sent and before its answer
+    came: the room may or may not have handled it) and ``queue_full`` (the call was dropped
+    from the send queue while offline, unsent).
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 class ClientClosed(VeraniError):
     """The server closed a test client's socket; ``code`` and ``reason`` say how."""
 

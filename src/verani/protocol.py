@@ -1,10 +1,15 @@
 """Internal: the wire protocol, shared with Verani's JavaScript client: pure encoding and decoding.
 
-Client → server: ``{"type": EVENT, "data": PAYLOAD, "channel"?: CHANNEL}``; ``{"type": "ping"}`` is
-answered with ``{"type": "pong"}``.
+Client → server: ``{"type": EVENT, "data": PAYLOAD, "channel"?: CHANNEL, "id"?: ID}``;
+``{"type": "ping"}`` is answered with ``{"type": "pong"}``.
 
 Server → client: ``{"type": "event", "channel": CHANNEL, "data": {"type": EVENT, ...PAYLOAD}}``.
 Verani's client unwraps ``data.type`` as the event name and hands ``data`` to its listeners.
+
+Acknowledgements (opt-in: Verani's client never sends an ``"id"``, so it never sees one): a client
+frame with an ``"id"`` (an integer, or a string of at most :data:`MAX_ACK_ID_LENGTH` characters) is
+answered, once the turn's changes are durable, with ``{"type": "ack", "id": ID, "data": RESULT}``
+or ``{"type": "ack", "id": ID, "error": {"code": CODE, "message": MESSAGE}}``.
 
 Both directions live here, and the rest of verani encodes and decodes through them. The server's
 side: :func:`decode_frame` reads what a client sends, :func:`encode_event` and :func:`encode_frame`
@@ -49,14 +54,25 @@ EVENT_FRAME: Final = "event"
 #: The ``type`` of the server's answer to :data:`PING_MESSAGE`.
 PONG: Final = "pong"
 
+#: The ``type`` of the server's answer to a client frame that carried an ``"id"``.
+ACK: Final = "ack"
+
+#: The longest string a client frame's ``"id"`` may be, in characters.
+MAX_ACK_ID_LENGTH: Final = 64
+
+#: What a client frame's ``"id"`` may be.
+AckId = int | str
+
 
 @attrs.frozen
 class ClientFrame:
-    """One decoded client frame: the event name, its payload and the optional channel."""
+    """One decoded client frame: the event name, its payload, the optional channel, and the
+    optional ``id`` the client wants an acknowledgement for (None: no answer is sent)."""
 
     type: str
     data: Any = None
     channel: str | None = None
+    id: AckId | None = None
 
 
 def decode_frame(message: str | bytes, *, max_size: int = MAX_FRAME_SIZE) -> ClientFrame:
@@ -80,7 +96,30 @@ def decode_frame(message: str | bytes, *, max_size: int = MAX_FRAME_SIZE) -> Cli
     channel = obj.get("channel")
     if channel is not None and not isinstance(channel, str):
         raise ProtocolError('frame "channel" must be a string when present')
-    return ClientFrame(type=event, data=obj.get("data"), channel=channel)
+    return ClientFrame(type=event, data=obj.get("data"), channel=channel, id=_ack_id(obj))
+
+
+def _ack_id(obj: dict[str, Any]) -> AckId | None:
+    """The frame's ``"id"``, checked: ``null`` counts as none (JSON has no ``undefined``)."""
+    ack_id = obj.get("id")
+    if ack_id is None:
+        return None
+    # bool is an int to Python, but true/false are no ids; integers past 64 bits arrive as
+    # floats from orjson and are refused with them.
+    if isinstance(ack_id, int) and not isinstance(ack_id, bool):
+        return ack_id
+    if isinstance(ack_id, str):
+        if len(ack_id) > MAX_ACK_ID_LENGTH:
+            raise ProtocolError(
+                f'frame "id" is a string of {len(ack_id)} characters; at most '
+                f"{MAX_ACK_ID_LENGTH} are allowed"
+            )
+        return ack_id
+    kind = "boolean" if isinstance(ack_id, bool) else _JSON_KINDS.get(type(ack_id), "value")
+    raise ProtocolError(f'frame "id" must be an integer or a string, not a {kind}')
+
+
+_JSON_KINDS: Final = {float: "number with a fraction", list: "list", dict: "object"}
 
 
 def event_payload(event: str, data: Any) -> dict[str, Any]:
@@ -105,15 +144,30 @@ def encode_event(channel: str, event: str, data: Any) -> bytes:
     )
 
 
+def encode_ack(ack_id: AckId, data: Any) -> bytes:
+    """Encode ``{"type": "ack", "id": ack_id, "data": data}``: the answer to a client frame
+    that carried ``ack_id``. Raises :class:`FrameEncodeError` when ``data`` cannot be encoded."""
+    return _dumps({"type": ACK, "id": ack_id, "data": data}, None)
+
+
+def encode_ack_error(ack_id: AckId, code: str, message: str) -> bytes:
+    """Encode ``{"type": "ack", "id": ack_id, "error": {"code": code, "message": message}}``:
+    the answer to a client frame that carried ``ack_id`` and could not be handled."""
+    return _dumps({"type": ACK, "id": ack_id, "error": {"code": code, "message": message}}, None)
+
+
 def encode_frame(channel: str, data: Any) -> bytes:
     """Encode ``{"type": "event", "channel": channel, "data": data}`` with ``data`` as given
     (Verani's ``broadcast`` and ``sendToUser``)."""
     return _dumps({"type": EVENT_FRAME, "channel": channel, "data": data}, None)
 
 
-def encode_client_event(event: str, data: Any = None, *, channel: str | None = None) -> str:
+def encode_client_event(
+    event: str, data: Any = None, *, channel: str | None = None, ack_id: AckId | None = None
+) -> str:
     """Encode one client → server event, ``{"type": event, "data": data}`` (``"data": null``
-    when there is none, as Verani's client sends it), with ``"channel"`` only when given.
+    when there is none, as Verani's client sends it), with ``"channel"`` only when given, and
+    ``"id"`` only when ``ack_id`` is given (the server then answers with an ack frame).
 
     Returns text: it must go out as a text frame. Raises :class:`FrameEncodeError` (a
     :class:`TypeError`) naming the event when ``data`` is not JSON-serialisable.
@@ -121,6 +175,8 @@ def encode_client_event(event: str, data: Any = None, *, channel: str | None = N
     frame: dict[str, Any] = {"type": event, "data": data}
     if channel is not None:
         frame["channel"] = channel
+    if ack_id is not None:
+        frame["id"] = ack_id
     try:
         return orjson.dumps(frame).decode()
     except TypeError as exc:
@@ -151,6 +207,30 @@ def decode_server_frame(message: str | bytes) -> dict[str, Any]:
 def is_pong(frame: Mapping[str, Any]) -> bool:
     """Whether a decoded server frame is the answer to a client's ping."""
     return frame.get("type") == PONG
+
+
+@attrs.frozen
+class AckAnswer:
+    """A decoded ack frame: the ``id`` it answers, and either ``data`` (the handler's result)
+    or ``error`` (``{"code", "message"}``)."""
+
+    id: AckId
+    data: Any = None
+    error: dict[str, Any] | None = None
+
+
+def ack_answer(frame: Mapping[str, Any]) -> AckAnswer | None:
+    """The answer a decoded server frame carries, if it is an ack frame with a usable id; an
+    ``error`` that is not an object is read as one with code ``"bad_answer"``."""
+    ack_id = frame.get("id")
+    if frame.get("type") != ACK or not isinstance(ack_id, int | str) or isinstance(ack_id, bool):
+        return None
+    if "error" not in frame:
+        return AckAnswer(ack_id, frame.get("data"))
+    error = frame["error"]
+    if not isinstance(error, dict):
+        error = {"code": "bad_answer", "message": f"the server sent an error that is {error!r}"}
+    return AckAnswer(ack_id, None, error)
 
 
 def event_data(frame: Mapping[str, Any]) -> dict[str, Any] | None:

@@ -32,16 +32,16 @@ import orjson
 import trio
 import trio_websocket
 
-from .errors import ClientClosed, RoomLoadError, VeraniError, single_error
+from .errors import AckError, ClientClosed, RoomLoadError, VeraniError, single_error
 from .loader import load_rooms
-from .protocol import decode_server_frame, encode_client_event, event_data
+from .protocol import AckAnswer, ack_answer, decode_server_frame, encode_client_event, event_data
 from .room import DEFAULT_IDLE_TIMEOUT, RoomDefinition
 from .runtime import RoomHandle
 from .schedules import Schedule, stored_schedule
 from .server import Server, ServerConfig, open_server
 from .store import MemoryStore, Store
 
-__all__ = ["ClientClosed", "TestClient", "TestServer", "open_test_server"]
+__all__ = ["AckError", "ClientClosed", "TestClient", "TestServer", "open_test_server"]
 
 
 class TestClient:
@@ -52,10 +52,34 @@ class TestClient:
     def __init__(self, ws: trio_websocket.WebSocketConnection) -> None:
         self.ws = ws
         self._pending: list[dict[str, Any]] = []
+        self._answers: dict[int | str, AckAnswer] = {}
+        self._next_id = 0
 
     async def emit(self, event: str, data: Any = None) -> None:
         """Send ``{"type": event, "data": data}``."""
         await self.send(encode_client_event(event, data))
+
+    async def call(self, event: str, data: Any = None) -> Any:
+        """Send ``event`` with a fresh ``"id"`` and return the room's answer (what its handler
+        returned), once the server acknowledges it; raise :class:`AckError` (with its ``code``)
+        when the answer is an error. Events that arrive meanwhile are kept for :meth:`receive`.
+        """
+        self._next_id += 1
+        ack_id = self._next_id
+        await self.send(encode_client_event(event, data, ack_id=ack_id))
+        while ack_id not in self._answers:
+            frame = await self.recv()
+            answer = ack_answer(frame)
+            if answer is not None:
+                self._answers[answer.id] = answer
+                continue
+            payload = event_data(frame)
+            if payload is not None:
+                self._pending.append(payload)
+        answer = self._answers.pop(ack_id)
+        if answer.error is not None:
+            raise AckError(str(answer.error.get("code")), str(answer.error.get("message")))
+        return answer.data
 
     async def send(self, frame: Any) -> None:
         """Send a raw frame: a str or bytes as is, anything else as JSON."""
@@ -76,7 +100,13 @@ class TestClient:
             if event is None or pending.get("type") == event:
                 return self._pending.pop(i)
         while True:
-            data = event_data(await self.recv())
+            frame = await self.recv()
+            answer = ack_answer(frame)
+            if answer is not None:
+                # Kept: the call() awaiting it reads it from here.
+                self._answers[answer.id] = answer
+                continue
+            data = event_data(frame)
             if data is None:
                 continue
             if event is None or data.get("type") == event:
