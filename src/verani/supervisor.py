@@ -289,8 +289,21 @@ class Supervisor:
         if inst.running:
             self._running -= 1
         inst.running = False
+        deadlines = [
+            s.recovery.deadline
+            for s in inst.sessions
+            if s.detached and s.recovery is not None and s.recovery.deadline is not None
+        ]
+        if deadlines and self._nursery is not None and not self.stopping:
+            # Asleep with dropped sessions waiting: wake when the first one's grace period ends.
+            self._nursery.start_soon(self._wake_at, inst, min(deadlines))
         if not len(inst.sessions) and self.instances.get(inst.key) is inst:
             del self.instances[inst.key]
+
+    async def _wake_at(self, inst: RoomInstance, deadline: float) -> None:
+        await trio.sleep_until(deadline)
+        if not inst.running and not self.stopping and any(s.detached for s in inst.sessions):
+            self.ensure_running(inst)
 
     def _fail_instance(self, inst: RoomInstance) -> None:
         for session in inst.sessions:
