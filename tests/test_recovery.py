@@ -206,3 +206,32 @@ async def test_grace_expiry_runs_on_disconnect(tmp_path: Any, autojump_clock: An
             assert ("disconnect", "alice", 1006) in events
         async with raw(server.url, f"userId=alice&recover={token}&offset=0") as again:
             assert (await again.frame())["data"]["recovered"] is False
+
+
+async def test_the_python_client_recovers_by_itself(autojump_clock: Any) -> None:
+    from verani.client import open_client
+
+    events: list[Any] = []
+    async with open_server([chat_room(events)], store=MemoryStore(), config=NO_PING) as server:
+        url = f"{server.url}/ws/chat/r?userId=alice"
+        async with open_client(url, recover=True, ping_interval=0) as client:
+            await client.wait_for_connection()
+            await client.receive("welcome")
+            assert client.recovered is False
+            async with raw(server.url, "userId=bob") as bob:
+                await bob.frame()  # bob's session
+                assert client._ws is not None
+                await trio.aclose_forcefully(client._ws._stream)  # alice's network drops
+                await trio.sleep(0.5)
+                await bob.say("while you were away")
+                await trio.sleep(5)  # the client reconnects (backoff) and recovers
+                await client.wait_for_connection()
+                with trio.fail_after(30):
+                    said = await client.receive("said")
+                assert said["text"] == "while you were away"
+                assert client.recovered is True
+            # No leave and join for alice: her on_disconnect never ran.
+            assert [e for e in events if e[1] == "alice"] == [
+                ("connect", "alice", False),
+                ("connect", "alice", True),
+            ]
