@@ -149,7 +149,7 @@ def _wait_for(lines: queue.Queue[str], text: str) -> str:
 
 
 def test_emit_and_disconnect_actions_reach_a_connected_client(
-    page: Page, server: tuple[str, pathlib.Path]
+    page: Page, server: tuple[str, pathlib.Path], tmp_path: pathlib.Path
 ) -> None:
     from playwright.sync_api import expect
 
@@ -170,6 +170,7 @@ def test_emit_and_disconnect_actions_reach_a_connected_client(
         page.confirm()
         expect(page.page.locator("#action-result")).to_have_text("sent to 1 socket(s)")
         assert "hello from the inspector" in _wait_for(lines, "notice")
+        page.page.screenshot(path=tmp_path / "emitted.png", full_page=True)
         # Disconnect the session: the client is closed (verani listen exits with 1).
         page.page.locator("#sessions button.disconnect").click()
         page.confirm()

@@ -277,7 +277,7 @@ function showDetail(d) {
             ),
           ),
         )
-      : el("p", { class: "muted" }, d.live ? "none" : "(no server view)"),
+      : el("p", { class: "muted" }, d.served ? "none" : "(no server view)"),
   );
   $("detail-body").replaceChildren(...body);
 }
