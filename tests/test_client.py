@@ -315,3 +315,20 @@ async def test_ping_interval_zero_sends_no_pings_and_never_drops_a_silent_server
             assert client.is_connected() and closes == []
             client.emit("counter:increment")
             assert (await client.receive("counter:update"))["count"] == 1
+
+
+async def test_reconnect_and_disconnect_report_the_close_they_make(autojump_clock: Any) -> None:
+    # The session's cleanup (on_close, the state) runs even though reconnect() and disconnect()
+    # cancel the session to end it.
+    closes: list[tuple[int | None, str | None]] = []
+    async with open_test_server(COUNTER) as server:
+        async with open_client(f"{server.url}/ws/counter") as client:
+            client.on_close = lambda code, reason: closes.append((code, reason))
+            await client.wait_for_connection()
+            client.reconnect()
+            await trio.sleep(1)  # the old connection ends, a new one opens
+            await client.wait_for_connection()
+            assert len(closes) == 1 and await server.room("counter").get_session_count() == 1
+            client.disconnect()
+            await trio.sleep(1)
+            assert len(closes) == 2 and client.state == "disconnected"

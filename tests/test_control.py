@@ -39,6 +39,8 @@ async def test_bad_control_requests_are_answered_and_the_server_goes_on(
                 "handshakes_dropped": 0,
                 "accept_backoffs": 0,
                 "ping_timeouts": 0,
+                "events_received": 0,
+                "frames_sent": 0,
             }
             assert (status["store_saves"], status["revive_ms"]) == (0, [])
             async with connect(server.url) as client:

@@ -6,7 +6,12 @@ Off unless the server has an ``api_token``; then, on the server's own port:
 - ``GET  /_verani/api/rooms/{room}/{instance}``: one instance (``verani inspect R/I --json``);
 - ``POST /_verani/api/rooms/{room}/{instance}/emit``: ``{"event", "data", "channel"|"user_id"}``
   as a turn of that room (it wakes, and the answer waits for durability) → ``{"sent": N}``;
-- ``POST /_verani/api/rooms/{room}/{instance}/hibernate``.
+- ``POST /_verani/api/rooms/{room}/{instance}/hibernate``;
+- ``POST /_verani/api/rooms/{room}/{instance}/disconnect``: ``{"client_id"}`` or ``{"user_id"}``
+  closes that socket (every socket of that user) with 4000, as the room's ``actor.disconnect``
+  → ``{"disconnected": N}``.
+
+``GET /_verani/api/live`` is a WebSocket the admin page listens on (see :mod:`verani.live`).
 
 Deciding what a request means (token, path, method, body) is pure and lives in the functions
 here; the server reads the bytes and writes the answer, and :func:`perform` runs the decided
@@ -43,7 +48,7 @@ log = logging.getLogger("verani.api")
 #: Every path of the API starts with this.
 API_PREFIX: Final = "/_verani/api"
 
-Action = Literal["rooms", "inspect", "emit", "hibernate"]
+Action = Literal["rooms", "inspect", "emit", "hibernate", "disconnect"]
 
 #: The one method each endpoint answers.
 METHODS: Final[Mapping[Action, str]] = {
@@ -51,6 +56,7 @@ METHODS: Final[Mapping[Action, str]] = {
     "inspect": "GET",
     "emit": "POST",
     "hibernate": "POST",
+    "disconnect": "POST",
 }
 
 _EMIT_KEYS: Final = frozenset({"event", "data", "channel", "user_id"})
@@ -133,7 +139,7 @@ def resolve(
     elif (
         len(segments) in (3, 4)
         and segments[0] == "rooms"
-        and (len(segments) == 3 or segments[3] in ("emit", "hibernate"))
+        and (len(segments) == 3 or segments[3] in ("emit", "hibernate", "disconnect"))
     ):
         try:
             room, instance = (urllib.parse.unquote(s, errors="strict") for s in segments[1:3])
@@ -191,6 +197,29 @@ def parse_emit(body: bytes) -> Emit | HttpAnswer:
     if channel is not None and user_id is not None:
         return error(400, 'give "channel" or "user_id", not both', field="user_id")
     return Emit(event, obj.get("data"), channel or "default", user_id)
+
+
+@attrs.frozen
+class Disconnect:
+    """A checked disconnect body: one of ``client_id`` and ``user_id``."""
+
+    client_id: str | None = None
+    user_id: str | None = None
+
+
+def parse_disconnect(body: bytes) -> Disconnect | HttpAnswer:
+    """The disconnect a request body asks for, or the 400 saying what is wrong with it."""
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        return error(400, f"the body is not JSON: {exc}")
+    usage = 'the body must be {"client_id": ...} or {"user_id": ...}'
+    if not isinstance(obj, dict) or len(obj) != 1 or not set(obj) <= {"client_id", "user_id"}:
+        return error(400, usage)
+    (name, value), *_ = obj.items()
+    if not isinstance(value, str) or not value:
+        return error(400, f'"{name}" must be a non-empty string', field=name)
+    return Disconnect(**{name: value})
 
 
 async def read_body(
@@ -271,6 +300,14 @@ async def _perform(server: Server, endpoint: Endpoint, body: bytes) -> HttpAnswe
         if not reply["ok"]:
             return json_answer(500, {"error": f"room {room}/{instance} could not save", **reply})
         return json_answer(200, reply)
+    if endpoint.action == "disconnect":
+        which = parse_disconnect(body)
+        if isinstance(which, HttpAnswer):
+            return which
+        closed = await server.room(room, instance).call(
+            lambda actor: actor.disconnect(which.client_id, user_id=which.user_id)
+        )
+        return json_answer(200, {"disconnected": closed})
     parsed = parse_emit(body)
     if isinstance(parsed, HttpAnswer):
         return parsed

@@ -558,8 +558,11 @@ class VeraniClient:
                 self._session_scope = None
                 if stream is not None:
                     # trio-websocket leaves the socket open when the server refuses the
-                    # handshake or goes away; the socket is ours, so close it.
-                    await trio.aclose_forcefully(stream)
+                    # handshake or goes away; the socket is ours, so close it. Shielded: after
+                    # reconnect() or disconnect() this scope is cancelled, and the Cancelled
+                    # of the close would skip the rest of this block (on_close, the state).
+                    with trio.CancelScope(shield=True):
+                        await trio.aclose_forcefully(stream)
                 ws_now, self._ws = self._ws, None
                 if ws_now is not None:
                     closed = ws_now.closed

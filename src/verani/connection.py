@@ -86,6 +86,7 @@ class Connection:
         if not self.credit.queue(len(frame)):
             self._too_slow(len(frame))
             return
+        self._server.stats.frames_sent += 1
         out = self._out
         out.append(frame)
         if self._deferred:
@@ -251,6 +252,7 @@ class Connection:
                 self.send_frame(PONG_FRAME)
                 continue
             self.credit.take_message()
+            server.stats.events_received += 1
             if not await self._instance.submit(Message(session, frame)):
                 self.credit.message_done()
 

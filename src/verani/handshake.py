@@ -132,6 +132,11 @@ def check_upgrade(request: h11.Request, route: Route | None, path: str) -> HttpA
         )
     if route.error is not None:
         return HttpAnswer(400, f"bad room instance name: {route.error}")
+    return check_websocket(request, headers)
+
+
+def check_websocket(request: h11.Request, headers: dict[str, str]) -> HttpAnswer | None:
+    """The refusal for a request that is not a well-formed RFC 6455 upgrade (any path)."""
     if request.method != b"GET":
         return HttpAnswer(405, "a WebSocket upgrade must use GET", (("Allow", "GET"),))
     problem = _upgrade_problem(request, headers)

@@ -145,6 +145,15 @@ class RoomsClient:
         ``{"ok": True, "hibernated": [{"room", "instance", "error"}]}`` (empty when asleep)."""
         return self._request("POST", _instance_path(room, instance, "hibernate"))
 
+    def disconnect(
+        self, room: str, instance: str, client_id: str | None = None, user_id: str | None = None
+    ) -> int:
+        """Close the socket of ``client_id``, or every socket of ``user_id`` (give one), with
+        4000; returns how many sockets are being closed."""
+        body = _disconnect_body(client_id, user_id)
+        reply = self._request("POST", _instance_path(room, instance, "disconnect"), body)
+        return int(reply["disconnected"])
+
 
 class AsyncRoomsClient:
     """:class:`RoomsClient` for async code (asyncio or Trio): the same methods, awaited. Use it
@@ -208,3 +217,17 @@ class AsyncRoomsClient:
     async def hibernate(self, room: str, instance: str) -> dict[str, Any]:
         """See :meth:`RoomsClient.hibernate`."""
         return await self._request("POST", _instance_path(room, instance, "hibernate"))
+
+    async def disconnect(
+        self, room: str, instance: str, client_id: str | None = None, user_id: str | None = None
+    ) -> int:
+        """See :meth:`RoomsClient.disconnect`."""
+        body = _disconnect_body(client_id, user_id)
+        reply = await self._request("POST", _instance_path(room, instance, "disconnect"), body)
+        return int(reply["disconnected"])
+
+
+def _disconnect_body(client_id: str | None, user_id: str | None) -> dict[str, Any]:
+    if (client_id is None) == (user_id is None):
+        raise TypeError("disconnect() takes a client_id or a user_id= (exactly one)")
+    return {"client_id": client_id} if client_id is not None else {"user_id": user_id}

@@ -21,7 +21,7 @@ import attrs
 import h11
 import trio
 
-from . import api
+from . import api, live
 from .connection import Connection
 from .errors import ServeError, single_error
 from .handshake import (
@@ -30,6 +30,7 @@ from .handshake import (
     accept_response,
     check_origin,
     check_upgrade,
+    check_websocket,
     extract_meta,
     headers_of,
     read_request_head,
@@ -149,6 +150,10 @@ class ServerStats:
     accept_backoffs: int = 0
     #: Sockets closed because they answered no Ping within ``ping_timeout``.
     ping_timeouts: int = 0
+    #: Client messages handed to rooms (the live inspector shows them per second).
+    events_received: int = 0
+    #: Frames queued for sockets (events, replies, pongs).
+    frames_sent: int = 0
 
 
 class Server:
@@ -170,6 +175,7 @@ class Server:
         self._log_tokens_at = 0.0
         self._log_suppressed = 0
         self._per_room: dict[tuple[str, str], int] = {}
+        self._live_sockets = 0
         self._no_connections = trio.Event()
         self._no_connections.set()
         self._accept_scope = trio.CancelScope()
@@ -181,6 +187,11 @@ class Server:
         """``ws://HOST:PORT`` of the listener."""
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"ws://{host}:{self.port}"
+
+    @property
+    def open_connections(self) -> int:
+        """WebSockets open to rooms now."""
+        return len(self._connections)
 
     @property
     def runtime(self) -> Runtime:
@@ -351,6 +362,14 @@ class Server:
         if isinstance(accepted, ApiCall):
             await self._serve_api(stream, accepted, remote)
             return
+        if isinstance(accepted, LiveCall):
+            ws = WebSocket(stream, trailing=accepted.trailing, max_message_size=live.MAX_MESSAGE)
+            self._live_sockets += 1
+            try:
+                await live.serve_live(self, ws)
+            finally:
+                self._live_sockets -= 1
+            return
         # Only what the connection needs lives on: the request head, its headers and the
         # handshake's locals are gone with _handshake's frame (memory per idle socket).
         route, meta, trailing, resume = accepted
@@ -389,9 +408,10 @@ class Server:
 
     async def _handshake(
         self, stream: trio.SocketStream, remote: str
-    ) -> tuple[Route, ConnectionMeta, bytes, ResumeRequest | None] | ApiCall | None:
+    ) -> tuple[Route, ConnectionMeta, bytes, ResumeRequest | None] | ApiCall | LiveCall | None:
         """Read and check the upgrade request, run ``extract_meta``, answer 101; or read an
-        authorized request of the HTTP API; or answer the refusal and return None."""
+        authorized request of the HTTP API, or upgrade the admin page's live socket, or answer
+        a file of the admin page; or answer the refusal and return None."""
         cfg = self.config
         with trio.move_on_after(cfg.handshake_timeout) as timeout:
             head = await read_request_head(stream, cfg.max_request_head)
@@ -409,8 +429,17 @@ class Server:
         conn, request = head.connection, head.request
         target = request.target.decode("ascii", "replace")
         path, query = split_target(target)
-        if cfg.api_token is not None and api.is_api_path(path):
-            return await self._api_request(stream, head, path, remote, target)
+        if cfg.api_token is not None:
+            if path == live.LIVE_PATH:
+                return await self._live_upgrade(stream, head, remote, target)
+            if live.is_admin_path(path):
+                method = request.method.decode("ascii", "replace")
+                await self._send_file(
+                    stream, conn, live.static_answer(method, path), remote, target
+                )
+                return None
+            if api.is_api_path(path):
+                return await self._api_request(stream, head, path, remote, target)
         route = self.router.route(path)
         answer = (
             check_upgrade(request, route, path)
@@ -443,6 +472,40 @@ class Server:
         assert isinstance(meta, ConnectionMeta)
         resume = resume_request(query) if route.room.recovery is not None else None
         return route, meta, head.trailing, resume
+
+    async def _live_upgrade(
+        self, stream: trio.SocketStream, head: RequestHead, remote: str, target: str
+    ) -> LiveCall | None:
+        """Upgrade the admin page's live socket (the token comes in its first message), or
+        answer the refusal and return None."""
+        conn, request = head.connection, head.request
+        headers = headers_of(request.headers)
+        answer = check_websocket(request, headers) or live.check_origin(headers)
+        if answer is None and self._live_sockets >= live.MAX_LIVE:
+            answer = HttpAnswer(503, "too many live inspector sockets are open; retry later")
+        if answer is not None:
+            await self._answer(stream, conn, answer, remote, target)
+            return None
+        with trio.move_on_after(self.config.handshake_timeout) as timeout:
+            await stream.send_all(accept_response(conn, headers["sec-websocket-key"]))
+        if timeout.cancelled_caught:
+            return None
+        return LiveCall(head.trailing)
+
+    async def _send_file(
+        self,
+        stream: trio.SocketStream,
+        conn: h11.Connection,
+        answer: HttpAnswer,
+        remote: str,
+        target: str,
+    ) -> None:
+        if answer.status >= 400:
+            await self._answer(stream, conn, answer, remote, target, linger=True)
+            return
+        with trio.move_on_after(self.config.close_timeout):
+            await stream.send_all(answer.encode(conn))
+            await _linger(stream)
 
     async def _api_request(
         self, stream: trio.SocketStream, head: RequestHead, path: str, remote: str, target: str
@@ -556,6 +619,13 @@ class ApiCall:
     endpoint: api.Endpoint
     body: bytes
     target: str
+
+
+@attrs.frozen
+class LiveCall:
+    """An upgraded live socket of the admin page, with the bytes read past its request head."""
+
+    trailing: bytes
 
 
 #: Bytes of a request left unread that are read and dropped before the socket closes.

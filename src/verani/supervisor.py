@@ -160,27 +160,29 @@ class Supervisor:
         that goes to sleep adds to it without telling this task).
         """
         while True:
-            now = clock.now()
-            due = sorted((when, key) for key, when in self.store.due_times().items() if when <= now)
-            for _, (room, name) in due:
+            # Due or not by Trio's clock, the one the sleep below uses: judged by the wall clock
+            # (cut to microseconds), a deadline just passed can look a hair early, and the loop
+            # would spin on it without time moving on (for good, on a virtual clock). Seen with
+            # due times stored from float timestamps.
+            now = trio.current_time()
+            due: list[tuple[float, tuple[str, str]]] = []
+            upcoming = now + 1.0
+            for key, when in self.store.due_times().items():
+                if key[0] not in self.rooms:
+                    continue  # a room this server does not serve: its schedules wait for one
+                deadline = clock.deadline(when)
+                if deadline <= now:
+                    due.append((deadline, key))
+                else:
+                    upcoming = min(upcoming, deadline)
+            for _, (room, name) in sorted(due):
                 if self.stopping:
                     return
-                definition = self.rooms.get(room)
-                if definition is None:
-                    continue  # a room this server does not serve: its schedules wait for one
                 inst = self.instance(room, name)
                 if not inst.running:
                     log.debug("room %s/%s: woken for a schedule that is due", room, name)
                     self.ensure_running(inst)
-            upcoming = [
-                when
-                for key, when in self.store.due_times().items()
-                if when > now and key[0] in self.rooms
-            ]
-            deadline = trio.current_time() + 1.0
-            if upcoming:
-                deadline = min(deadline, clock.deadline(min(upcoming)))
-            await trio.sleep_until(deadline)
+            await trio.sleep_until(upcoming)
 
     def instance(self, room: str, name: str) -> RoomInstance:
         """The instance ``name`` of ``room``, created (asleep) if it is not known yet."""

@@ -68,12 +68,7 @@ class TestClient:
         ack_id = self._next_id
         await self.send(encode_client_event(event, data, ack_id=ack_id))
         while ack_id not in self._answers:
-            frame = await self.recv()
-            answer = ack_answer(frame)
-            if answer is not None:
-                self._answers[answer.id] = answer
-                continue
-            payload = event_data(frame)
+            payload = await self._next_event()
             if payload is not None:
                 self._pending.append(payload)
         answer = self._answers.pop(ack_id)
@@ -100,18 +95,22 @@ class TestClient:
             if event is None or pending.get("type") == event:
                 return self._pending.pop(i)
         while True:
-            frame = await self.recv()
-            answer = ack_answer(frame)
-            if answer is not None:
-                # Kept: the call() awaiting it reads it from here.
-                self._answers[answer.id] = answer
-                continue
-            data = event_data(frame)
+            data = await self._next_event()
             if data is None:
                 continue
             if event is None or data.get("type") == event:
                 return data
             self._pending.append(data)
+
+    async def _next_event(self) -> dict[str, Any] | None:
+        """The payload of the next frame if it is an event; an ack is kept for the call()
+        awaiting it (None then, as for any other frame)."""
+        frame = await self.recv()
+        answer = ack_answer(frame)
+        if answer is not None:
+            self._answers[answer.id] = answer
+            return None
+        return event_data(frame)
 
     async def recv(self) -> dict[str, Any]:
         """The next raw frame, decoded (events, pongs), bypassing :meth:`receive`'s buffer.

@@ -213,7 +213,8 @@ class Store(abc.ABC):
     ) -> None:
         """Replace the stored document of ``room``/``instance`` with ``state``, ``storage``,
         ``schedules`` and ``recovery`` (empty when None), atomically: a reader sees all of the
-        new document or none of it. The store's index of due times (:meth:`due_times`) follows.
+        new document or none of it. The store's index of due times (:meth:`due_times`) follows:
+        an implementation calls :meth:`note_schedules` with the schedules it wrote.
 
         When this returns, the new document is stored; if it raises
         :class:`verani.errors.StoreError`, the previous document is still the stored one.
