@@ -14,6 +14,7 @@ import logging
 import os
 import pathlib
 import re
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -70,6 +71,14 @@ def serving(
         yield proc, match.group(1)
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a server that must come back on the same one)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
 class Client:
     """One WebSocket connection to a room."""
 
@@ -110,8 +119,12 @@ async def connect(
         try:
             yield Client(ws)
         finally:
-            # trio-websocket's client never closes its TCP stream when the server closed first
-            # (its aclose() returns early once a close reason is set); close it ourselves.
+            # A clean close first (1000: the client leaves; a cut would be a dropped network,
+            # which a room with recovery keeps for a while), then the TCP stream: trio-websocket's
+            # client never closes it when the server closed first (its aclose() returns early
+            # once a close reason is set).
+            with trio.move_on_after(5):
+                await ws.aclose()
             await trio.aclose_forcefully(ws._stream)
 
 

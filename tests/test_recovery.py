@@ -4,6 +4,9 @@ what it missed, across a hibernation and a restart; presence does not flicker.""
 from __future__ import annotations
 
 import contextlib
+import pathlib
+import signal
+import subprocess
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,6 +17,8 @@ import trio_websocket
 
 from verani import Recovery, RoomContext, ServerConfig, define_room, open_server
 from verani.store import FileStore, MemoryStore
+
+from helpers import ROOMS, VERANI, free_port
 
 #: No liveness pings: the autojump clock jumps while the store writes in a thread.
 NO_PING = ServerConfig(ping_interval=0)
@@ -63,7 +68,11 @@ class Raw:
 
 @contextlib.asynccontextmanager
 async def raw(url: str, query: str) -> AsyncIterator[Raw]:
-    async with trio_websocket.open_websocket_url(f"{url}/ws/chat/r?{query}") as ws:
+    # A queue that holds what a test leaves unread: with trio-websocket's default of one
+    # message, the reader task blocks on the second and the block never exits.
+    async with trio_websocket.open_websocket_url(
+        f"{url}/ws/chat/r?{query}", message_queue_size=64
+    ) as ws:
         try:
             yield Raw(ws)
         finally:
@@ -201,6 +210,12 @@ async def test_grace_expiry_runs_on_disconnect(tmp_path: Any, autojump_clock: An
                 assert name(await bob.frame()) == expected
             await trio.sleep(5)
             assert not any(e[0] == "disconnect" for e in events)
+            live = server.supervisor.inspect("chat", "r")
+            assert live is not None
+            assert {s["user_id"]: s["detached"] for s in live["sessions"]} == {
+                "alice": True,
+                "bob": False,
+            }
             left = await bob.frame()  # the grace period ends: alice leaves
             assert name(left) == "left" and left["data"]["user"] == "alice"
             assert ("disconnect", "alice", 1006) in events
@@ -230,8 +245,97 @@ async def test_the_python_client_recovers_by_itself(autojump_clock: Any) -> None
                     said = await client.receive("said")
                 assert said["text"] == "while you were away"
                 assert client.recovered is True
+                await bob.say("live")
+                assert (await client.receive("said"))["text"] == "live"  # nothing twice
             # No leave and join for alice: her on_disconnect never ran.
             assert [e for e in events if e[1] == "alice"] == [
                 ("connect", "alice", False),
                 ("connect", "alice", True),
             ]
+
+
+async def test_an_offset_older_than_what_is_kept_gets_a_fresh_session(
+    autojump_clock: Any,
+) -> None:
+    events: list[Any] = []
+    room = chat_room(events)
+    room.recovery = Recovery(max_disconnect=60.0, max_frames=2)
+    async with open_server([room], store=MemoryStore(), config=NO_PING) as server:
+        async with raw(server.url, "userId=bob") as bob:
+            async with raw(server.url, "userId=alice") as alice:
+                token = (await alice.frame())["data"]["token"]
+                assert (await alice.frame())["offset"] == 1  # welcome
+                await alice.cut()
+            for _ in range(3):  # verani:session, welcome, joined
+                await bob.frame()
+            for i in range(3):  # three frames for alice; two are kept
+                await bob.say(f"m{i}")
+                await bob.frame()
+            # Offsets 2..4 were sent; 3 and 4 are kept: after 2 it can be recovered, after 1 not.
+            async with raw(server.url, f"userId=alice&recover={token}&offset=1") as again:
+                hello = (await again.frame())["data"]
+                assert hello["recovered"] is False and hello["token"] != token
+                assert name(await again.frame()) == "welcome"
+            assert ("disconnect", "alice", 1006) in events  # the old session ended for good
+
+
+def _serve_presence(store: pathlib.Path, port: int) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [*VERANI, "serve", str(ROOMS / "presence.py"), "--port", str(port), "--store", str(store)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    assert "serving on" in proc.stdout.readline()
+    return proc
+
+
+def test_sessions_survive_kill_9_of_the_server(tmp_path: pathlib.Path) -> None:
+    """The real CLI and the real presence room: the server is killed while alice and bob are
+    connected; restarted on the same port, their clients recover by themselves. Nobody is seen
+    to leave, and what happened while alice was away reaches her once, in order."""
+    from verani.client import open_client
+
+    store, port = tmp_path / "store", free_port()
+    url = f"ws://127.0.0.1:{port}/ws/presence"
+    procs = [_serve_presence(store, port)]
+
+    async def scenario() -> None:
+        async with open_client(f"{url}?userId=alice", recover=True) as alice:
+            with trio.fail_after(20):
+                await alice.wait_for_connection()
+                assert (await alice.receive("presence:update"))["online"] == ["alice"]
+            async with open_client(f"{url}?userId=bob", recover=True) as bob:
+                with trio.fail_after(30):
+                    await bob.wait_for_connection()
+                    assert (await alice.receive("presence:update"))["online"] == ["alice", "bob"]
+                    assert (await bob.receive("presence:update"))["online"] == ["alice", "bob"]
+                    procs[0].send_signal(signal.SIGKILL)
+                    assert await trio.to_thread.run_sync(procs[0].wait) == -signal.SIGKILL
+                    while alice.state == "connected" or bob.state == "connected":
+                        await trio.sleep(0.05)
+                    procs.append(_serve_presence(store, port))
+                    # carol comes before or after them: either way alice sees her join once.
+                    async with open_client(f"{url}?userId=carol") as carol:
+                        await carol.wait_for_connection()
+                        online = (await carol.receive("presence:update"))["online"]
+                        assert online == ["alice", "bob", "carol"]
+                        assert (await alice.receive("presence:update"))["online"] == online
+                        assert (await bob.receive("presence:update"))["online"] == online
+                        # Those came after the server's verani:session: it said "recovered".
+                        assert alice.recovered and bob.recovered
+                    # carol left (a clean close): the others are told; nobody else left.
+                    update = await alice.receive("presence:update")
+                    assert update["online"] == ["alice", "bob"]
+                with trio.move_on_after(0.5):
+                    extra = await alice.receive("presence:update")
+                    raise AssertionError(f"alice got an update too many: {extra}")
+
+    try:
+        trio.run(scenario)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate(timeout=10)

@@ -506,6 +506,16 @@ class Actor:
             if existing is not None and existing.detached:
                 # The same client id connects anew: the session it dropped is over.
                 await self._end_session(existing)
+            stale = self._recoverable.get(event.resume.token) if event.resume else None
+            if (
+                stale is not None
+                and stale.detached
+                and stale.meta.user_id == session.meta.user_id
+                and stale in self.sessions
+            ):
+                # Its client is back (it has the token) but cannot have it back (what it
+                # missed is no longer kept): that session is over now, not at its deadline.
+                await self._end_session(stale)
             log = SessionLog(self._recovery, new_token())
         if self.sessions.has_client(session.meta.client_id):
             log_msg = "%s: refused a connection: client id %r is already connected"

@@ -237,7 +237,8 @@ class VeraniClient:
         self._address = WebSocketURL.parse(url)
         #: Whether to ask for the session back on every reconnect (rooms with ``recovery``).
         self.recover = recover
-        #: Whether the current connection got its session back, with what it had missed.
+        #: Whether the current connection got its session back, with what it had missed: set
+        #: when the room's ``verani:session`` arrives, first on every connection.
         self.recovered = False
         # The session's token and the offset of the last event frame handled.
         self._token: str | None = None
@@ -516,6 +517,7 @@ class VeraniClient:
     async def _session(self) -> NotConnectedError | None:
         """One connection, from connecting to its end; returns why connecting failed, if it did."""
         address = self._address
+        self.recovered = False  # until this connection's verani:session says otherwise
         if self.recover and self._token is not None:
             ask = urllib.parse.urlencode({"recover": self._token, "offset": self._offset})
             join = "&" if "?" in address.resource else "?"

@@ -24,7 +24,7 @@ from .room import DEFAULT_IDLE_TIMEOUT, RoomDefinition
 from .routing import InstanceRules
 from .runtime import Runtime
 from .schedules import WallClock
-from .sessions import ConnectionMeta, Sessions
+from .sessions import Session, Sessions
 from .store import Store
 
 log = logging.getLogger("verani.supervisor")
@@ -342,7 +342,7 @@ class Supervisor:
             return None
         live: dict[str, Any] = {
             "awake": inst.awake,
-            "sessions": [_session_info(s.meta, self.codec) for s in inst.sessions],
+            "sessions": [_session_info(s, self.codec) for s in inst.sessions],
         }
         if inst.actor is not None and inst.actor.state is not None:
             live.update(inst.actor.snapshot())
@@ -395,7 +395,8 @@ class Supervisor:
         return await self._hibernate_all([i for i in list(self.instances.values()) if i.running])
 
 
-def _session_info(meta: ConnectionMeta, codec: Codec) -> dict[str, Any]:
+def _session_info(session: Session, codec: Codec) -> dict[str, Any]:
+    meta = session.meta
     extra: dict[str, Any] = {}
     for field in attrs.fields(type(meta)):
         if field.name in ("user_id", "client_id", "channels"):
@@ -410,4 +411,6 @@ def _session_info(meta: ConnectionMeta, codec: Codec) -> dict[str, Any]:
         "client_id": meta.client_id,
         "channels": list(meta.channels),
         "extra": extra,
+        # Its socket dropped; the session waits for its client to recover it (recovery).
+        "detached": session.detached,
     }
