@@ -9,13 +9,18 @@ The list is persisted, but it is only a cache of the room's sockets: after a cra
 it may name users whose sockets are long gone. So it is always recomputed from the sockets that
 are actually connected: on every connect and disconnect, and in ``on_hibernation_restore`` when
 the room wakes up with sockets that outlived its sleep.
+
+A phone that loses its network for a few seconds must not make its user leave and come back for
+everyone: the room keeps a dropped session for 30 s (``Recovery``). A client that reconnects
+with its session token (the Python client's ``recover=True``) gets it back, with the updates it
+missed, and nobody sees it leave; only when the 30 s pass without it does ``on_disconnect`` run.
 """
 
 from __future__ import annotations
 
 import attrs
 
-from verani import RoomActor, RoomContext, define_room
+from verani import Recovery, RoomActor, RoomContext, define_room
 
 
 @attrs.define
@@ -28,6 +33,7 @@ presence_room = define_room(
     websocket_path="/ws/presence",
     state=PresenceState,
     persisted_keys=["online"],
+    recovery=Recovery(max_disconnect=30.0),
 )
 
 Ctx = RoomContext[PresenceState]
@@ -43,6 +49,8 @@ def publish(actor: RoomActor[PresenceState], online: list[str]) -> None:
 
 @presence_room.on_connect
 def on_connect(ctx: Ctx) -> None:
+    if ctx.recovered:
+        return  # the same session, back: it was never gone for the others, and got what it missed
     # The newcomer is not among the room's sessions until on_connect returns: add it by hand.
     # Recomputing from the sockets (not adding to the stored list) also drops users left over
     # from before a restart, the first time anyone connects.

@@ -144,9 +144,10 @@ class FaultyStore(FileStore):
         storage: Mapping[str, JSONValue] | None = None,
         *,
         schedules: Mapping[str, JSONValue] | None = None,
+        recovery: Mapping[str, JSONValue] | None = None,
     ) -> None:
         await self._before_save()
-        await super().save(room, instance, state, storage, schedules=schedules)
+        await super().save(room, instance, state, storage, schedules=schedules, recovery=recovery)
 
     async def commit(self, room: str, instance: str, changes: Changes) -> None:
         await self._before_save()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import socket
 from typing import Any
 
 import pytest
@@ -16,7 +15,7 @@ from verani import RoomContext, define_room
 from verani.client import NotConnectedError, ReconnectOptions, open_client
 from verani.testing import open_test_server
 
-from helpers import ROOMS
+from helpers import ROOMS, free_port
 
 COUNTER = ROOMS / "counter.py"
 
@@ -30,13 +29,6 @@ def recorder_room(seen: list[Any]) -> Any:
         ctx.emit.emit("ack", {"n": len(seen)})
 
     return room
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
 
 
 class SilentServer:

@@ -39,6 +39,7 @@ API = {
     "PersistOptions",
     "PersistenceError",
     "ProtocolError",
+    "Recovery",
     "RemoteError",
     "RoomActor",
     "RoomContext",

@@ -185,7 +185,7 @@ async def test_old_format_and_corrupt_documents_leave_the_room_usable(
             async with connect(server.url, "/ws/counter/bad") as client:
                 assert (await client.next_event("counter:sync"))[1]["count"] == 0
     upgraded = orjson.loads(store.path_for("counter", "old").read_bytes())
-    assert (upgraded["version"], upgraded["storage"]) == (4, {})
+    assert (upgraded["version"], upgraded["storage"]) == (5, {})
     aside = [
         p.name for p in store.path_for("counter", "bad").parent.iterdir() if ".corrupt-" in p.name
     ]

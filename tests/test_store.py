@@ -29,6 +29,7 @@ from verani.store import (
     decode_instance_name,
     encode_instance_name,
 )
+from verani.store.base import Changes
 
 STATE: dict[str, Any] = {
     "count": 3,
@@ -94,6 +95,7 @@ def document(**changes: Any) -> bytes:
         "saved_at": "2025-01-31T12:00:00Z",
         "seq": 0,
         "schedules": {},
+        "recovery": {},
         "state": {"count": 1},
         "storage": {},
     }
@@ -150,9 +152,11 @@ async def test_document_is_readable_json(store: FileStore) -> None:
         "state",
         "storage",
         "schedules",
+        "recovery",
     ]
     assert doc["format"] == "verani.room"
-    assert doc["version"] == 4 and doc["seq"] == 0 and doc["schedules"] == {}
+    assert doc["version"] == 5 and doc["seq"] == 0 and doc["schedules"] == {}
+    assert doc["recovery"] == {}
     assert doc["storage"] == {"k": "v"}
     assert (doc["room"], doc["instance"]) == ("chat", "lobby")
     assert doc["saved_at"].endswith("Z")
@@ -690,3 +694,26 @@ async def test_set_aside_copies_and_keeps_the_document(store: FileStore) -> None
     assert pathlib.Path(copy).read_bytes() == original
     assert store.path_for("chat", "lobby").read_bytes() == original
     assert await store.list_instances() == [("chat", "lobby")]
+
+
+async def test_version_4_document_reads_with_no_recoverable_sessions(store: FileStore) -> None:
+    write_raw(store, "chat", "lobby", document(version=4, recovery=...))
+    loaded = await store.load("chat", "lobby")
+    assert loaded is not None and loaded.recovery == {} and loaded.state == {"count": 1}
+
+
+async def test_recovery_section_commits_through_the_journal(store: FileStore) -> None:
+    await store.commit("chat", "lobby", Changes({"count": 1}, recovery_put={"t1": {"o": 1}}))
+    await store.commit("chat", "lobby", Changes(recovery_put={"t2": {"o": 2}}))
+    await store.commit("chat", "lobby", Changes(recovery_delete=["t1"]))
+    loaded = await store.load("chat", "lobby")
+    assert loaded is not None and loaded.recovery == {"t2": {"o": 2}}
+    await store.aclose()
+    reopened = FileStore(store.directory)
+    try:
+        await reopened.recover()
+        again = await reopened.load("chat", "lobby")
+    finally:
+        await reopened.aclose()
+    assert again is not None and again.recovery == {"t2": {"o": 2}}
+    assert again.state == {"count": 1}

@@ -26,6 +26,7 @@ from .errors import (
     VeraniError,
 )
 from .protocol import ClientFrame
+from .recovery import Recovery
 from .room import PersistOptions, RoomDefinition, define_room
 from .runtime import CallCycleError, RoomHandle, Runtime
 from .schedules import Schedule
@@ -49,6 +50,7 @@ __all__ = [
     "PersistOptions",
     "PersistenceError",
     "ProtocolError",
+    "Recovery",
     "RemoteError",
     "RoomActor",
     "RoomContext",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import datetime as dt
 import inspect
 import logging
 import math
@@ -34,11 +35,13 @@ from .errors import (
     RoomCrashedError,
     StoreError,
 )
+from .flow import Credit
 from .gate import GroupCommit, OutputGate, Outputs
-from .protocol import ERROR_EVENT, AckId, ClientFrame, encode_ack, encode_ack_error
+from .protocol import ERROR_EVENT, AckId, ClientFrame, encode_ack, encode_ack_error, encode_event
+from .recovery import SESSION_EVENT, ResumeRequest, SessionLog, decode_log, new_token
 from .room import RoomDefinition
 from .schedules import RoomSchedules, Schedule, WallClock
-from .sessions import Output, Session, Sessions, send_to
+from .sessions import DETACHED, Close, Output, Session, Sessions, send_to
 from .state import set_untracked, take_changes, track
 from .storage import RoomStorage
 from .store import Store
@@ -53,6 +56,8 @@ log = logging.getLogger("verani.actor")
 STORAGE_KEY = "<storage>"
 #: The same for the instance's schedules.
 SCHEDULES_KEY = "<schedules>"
+#: The same for its recoverable sessions.
+RECOVERY_KEY = "<recovery>"
 
 #: First and longest wait between retries of a failed store write, in seconds.
 #: Turns an actor runs back to back from a non-empty inbox before letting other tasks run.
@@ -61,9 +66,10 @@ YIELD_EVERY = 16
 
 @attrs.define(eq=False)
 class Connect:
-    """A socket joined the room instance."""
+    """A socket joined the room instance (asking for a dropped session back: ``resume``)."""
 
     session: Session
+    resume: ResumeRequest | None = None
 
 
 @attrs.define(eq=False)
@@ -81,6 +87,9 @@ class Disconnect:
     session: Session
     code: int
     reason: str | None = None
+    #: The peer closed cleanly, or the room closed it: a session with recovery ends now
+    #: rather than waiting for its client to come back.
+    final: bool = False
 
 
 @attrs.define(eq=False)
@@ -229,6 +238,14 @@ class Actor:
         # Turns and the user hooks that report failed writes exclude each other: user code
         # always runs one piece at a time, as in a turn.
         self._turn_lock = trio.Lock()
+        # Connection-state recovery: every recoverable session by token (live or detached),
+        # the tokens changed since the last persist_changes and since the last commit, and
+        # Trio's time when the next detached session ends (inf: none).
+        self._recovery = definition.recovery
+        self._recoverable: dict[str, Session] = {}
+        self._recovery_dirty: set[str] = set()
+        self._recovery_uncommitted: set[str] = set()
+        self._next_expiry = math.inf
         #: The hibernation request being carried out, for the supervisor if the actor crashes.
         self.hibernating: Hibernate | None = None
 
@@ -269,16 +286,20 @@ class Actor:
             if self._unyielded >= YIELD_EVERY:
                 self._unyielded = 0
                 await trio.lowlevel.checkpoint()
+            if trio.current_time() >= self._next_expiry:
+                await self._end_expired_sessions()
+                continue
             if trio.current_time() >= self._next_due:
                 await self._run_due_schedules()
                 continue
             try:
                 event = self._inbox.receive_nowait()
             except trio.WouldBlock:
-                with trio.move_on_at(min(self.last_turn + self.idle_timeout, self._next_due)):
+                wake = min(self._next_due, self._next_expiry)
+                with trio.move_on_at(min(self.last_turn + self.idle_timeout, wake)):
                     event = await self._inbox.receive()
-                if event is None and trio.current_time() >= self._next_due:
-                    continue  # a schedule came due, not the idle timeout
+                if event is None and trio.current_time() >= wake:
+                    continue  # a schedule or a session's grace period came due, not idling
             if event is None:
                 if await self._final_flush() is None:
                     log.info("%s: hibernated after %.1fs idle", self._where, self.idle_timeout)
@@ -343,6 +364,8 @@ class Actor:
             name, self.instance, state, self.sessions, self._deliver, self.storage, self._runtime
         )
         self.schedules = self.room_actor.schedules = self._load_schedules(doc)
+        if self._recovery is not None:
+            self._load_recovery(doc)
         if doc is not None and any(key in stored for key, _ in unreadable):
             # Values that no longer read as their declared type: keep a copy of the document,
             # then write the repaired one (those keys at their initial values).
@@ -391,6 +414,190 @@ class Actor:
             self._schedules_dirty = True
         self._next_due = self._due_deadline(schedules)
         return schedules
+
+    # --- connection-state recovery ----------------------------------------------------------
+
+    def _load_recovery(self, doc: StoredDocument | None) -> None:
+        """Find the recoverable sessions again: the live ones (a hibernation keeps them), then
+        the stored ones no socket holds (from before a restart), detached."""
+        assert self._recovery is not None
+        for session in self.sessions:
+            if session.recovery is not None:
+                self._recoverable[session.recovery.token] = session
+        for token, raw in (doc.recovery if doc is not None else {}).items():
+            if token in self._recoverable:
+                continue
+            try:
+                log, meta = decode_log(self._recovery, token, raw)
+            except (KeyError, TypeError, ValueError) as exc:
+                log_ = logging.getLogger("verani.actor")
+                log_.error("%s: stored session unreadable, dropped: %s", self._where, exc)
+                self._recovery_dirty.add(token)
+                continue
+            if self.sessions.has_client(meta.client_id):
+                self._recovery_dirty.add(token)
+                continue
+            log.restored = True
+            if log.expires is None:
+                # Connected when the server stopped: its grace period starts now.
+                log.expires = self._clock.now().timestamp() + self._recovery.max_disconnect
+                self._recovery_dirty.add(token)
+            log.deadline = self._clock.deadline(dt.datetime.fromtimestamp(log.expires, dt.UTC))
+            credit = Credit(max_frames=1 << 30, max_bytes=1 << 62, max_in_flight=1 << 30)
+            placeholder = Session(meta, DETACHED, credit, log)
+            self.sessions.add(placeholder)
+            self._recoverable[token] = placeholder
+        self._update_expiry()
+        if self._recovery_dirty:
+            self._persist_changes()
+
+    def _update_expiry(self) -> None:
+        deadlines = [
+            s.recovery.deadline
+            for s in self._recoverable.values()
+            if s.recovery is not None and s.recovery.deadline is not None
+        ]
+        self._next_expiry = min(deadlines, default=math.inf)
+
+    def _resumable(self, event: Connect) -> tuple[Session, list[bytes]] | None:
+        """The detached (or still live) session a reconnect asks for, with the frames it
+        missed; None when it cannot have it back (a new session then)."""
+        request = event.resume
+        if request is None:
+            return None
+        old = self._recoverable.get(request.token)
+        if old is None or old.recovery is None or old not in self.sessions:
+            return None
+        if old.meta.user_id != event.session.meta.user_id:
+            return None
+        deadline = old.recovery.deadline
+        if deadline is not None and trio.current_time() >= deadline:
+            return None
+        replay = old.recovery.after(request.offset)
+        if replay is None:
+            return None
+        return old, replay
+
+    async def _connect_recoverable(self, event: Connect) -> RoomContext[Any] | None:
+        assert self._recovery is not None
+        hooks = self.definition.hooks
+        session = event.session
+        resumed = self._resumable(event)
+        if resumed is not None:
+            old = resumed[0]
+            log = old.recovery
+            assert log is not None
+            self.sessions.remove(old)
+            if not old.detached:
+                # The old socket is still open (its drop not noticed yet): it is replaced.
+                old.sink.close(1000, "the session was recovered by a new connection")
+            if log.restored:
+                # From the store: the meta is the new handshake's, with the session's identity.
+                session.meta.client_id = old.meta.client_id
+                session.meta.channels = list(old.meta.channels)
+                log.restored = False
+            else:
+                session.meta = old.meta
+            old.recovery = None
+            log.deadline = log.expires = None
+            self._update_expiry()
+        else:
+            existing = self.sessions.get(session.meta.client_id)
+            if existing is not None and existing.detached:
+                # The same client id connects anew: the session it dropped is over.
+                await self._end_session(existing)
+            stale = self._recoverable.get(event.resume.token) if event.resume else None
+            if (
+                stale is not None
+                and stale.detached
+                and stale.meta.user_id == session.meta.user_id
+                and stale in self.sessions
+            ):
+                # Its client is back (it has the token) but cannot have it back (what it
+                # missed is no longer kept): that session is over now, not at its deadline.
+                await self._end_session(stale)
+            log = SessionLog(self._recovery, new_token())
+        if self.sessions.has_client(session.meta.client_id):
+            log_msg = "%s: refused a connection: client id %r is already connected"
+            log.frames.clear()
+            logging.getLogger("verani.actor").error(log_msg, self._where, session.meta.client_id)
+            session.sink.close(1008, "client id already connected to this room")
+            return None
+        session.recovery = log
+        self._recoverable[log.token] = session
+        self._recovery_dirty.add(log.token)
+        hello = {"token": log.token, "offset": log.offset, "recovered": resumed is not None}
+        self._deliver_raw([session], encode_event(session.first_channel, SESSION_EVENT, hello))
+        for frame in resumed[1] if resumed is not None else ():
+            self._deliver_raw([session], frame)
+        ctx = self._context(session)
+        ctx.recovered = resumed is not None
+        if hooks.on_connect is not None and not await self._call(
+            "on_connect", ctx, hooks.on_connect, ctx
+        ):
+            del self._recoverable[log.token]
+            session.sink.close(1011, "the room failed to accept the connection")
+        else:
+            self.sessions.add(session)
+            log_ = logging.getLogger("verani.actor")
+            log_.debug(
+                "%s: client %s (user %s) %s; %d connected",
+                self._where,
+                session.meta.client_id,
+                session.meta.user_id,
+                "recovered its session" if resumed is not None else "connected",
+                len(self.sessions),
+            )
+        return ctx
+
+    def _detach(self, event: Disconnect) -> None:
+        """A recoverable socket dropped: its session waits for its client (see recovery)."""
+        assert self._recovery is not None
+        session = event.session
+        log = session.recovery
+        assert log is not None
+        session.sink = DETACHED
+        log.deadline = trio.current_time() + self._recovery.max_disconnect
+        log.expires = self._clock.now().timestamp() + self._recovery.max_disconnect
+        log.close_code, log.close_reason = event.code, event.reason
+        self._recovery_dirty.add(log.token)
+        self._update_expiry()
+
+    async def _end_expired_sessions(self) -> None:
+        now = trio.current_time()
+        for session in list(self._recoverable.values()):
+            log = session.recovery
+            if log is not None and log.deadline is not None and log.deadline <= now:
+                async with self._turn_lock:
+                    await self._turn(self._end_session, session)
+        self._update_expiry()
+
+    async def _end_session(self, session: Session) -> RoomContext[Any] | None:
+        """A detached session's grace period is over: it leaves (``on_disconnect``)."""
+        log = session.recovery
+        assert log is not None
+        self._recoverable.pop(log.token, None)
+        self._recovery_dirty.add(log.token)
+        session.recovery = None
+        self._update_expiry()
+        if not self.sessions.remove(session):
+            return None
+        ctx = self._context(session, close_code=log.close_code, close_reason=log.close_reason)
+        hook = self.definition.hooks.on_disconnect
+        if hook is not None:
+            await self._call("on_disconnect", ctx, hook, ctx)
+        return ctx
+
+    def _encoded_recovery(self, tokens: set[str]) -> tuple[dict[str, JSONValue], list[str]]:
+        put: dict[str, JSONValue] = {}
+        deleted: list[str] = []
+        for token in sorted(tokens):
+            session = self._recoverable.get(token)
+            if session is not None and session.recovery is not None:
+                put[token] = session.recovery.encode(session.meta)
+            else:
+                deleted.append(token)
+        return put, deleted
 
     def _due_deadline(self, schedules: RoomSchedules) -> float:
         due = schedules.next_due()
@@ -537,6 +744,8 @@ class Actor:
 
     async def _dispatch(self, event: InboxEvent) -> RoomContext[Any] | None:
         hooks = self.definition.hooks
+        if isinstance(event, Connect) and self._recovery is not None:
+            return await self._connect_recoverable(event)
         if isinstance(event, Connect):
             session = event.session
             if self.sessions.has_client(session.meta.client_id):
@@ -567,6 +776,13 @@ class Actor:
             return ctx
         if isinstance(event, Disconnect):
             session = event.session
+            if session.recovery is not None and session in self.sessions:
+                if not event.final:
+                    self._detach(event)
+                    return None
+                self._recoverable.pop(session.recovery.token, None)
+                self._recovery_dirty.add(session.recovery.token)
+                self._update_expiry()
             if not self.sessions.remove(session):
                 return None
             log.debug(
@@ -772,6 +988,11 @@ class Actor:
             self._schedules_uncommitted = True
             self._unsaved.add(SCHEDULES_KEY)
             dirty = True
+        if self._recovery_dirty:
+            self._recovery_uncommitted |= self._recovery_dirty
+            self._recovery_dirty = set()
+            self._unsaved.add(RECOVERY_KEY)
+            dirty = True
         if dirty:
             self._commit.changed()
         return failures
@@ -814,9 +1035,16 @@ class Actor:
         schedules = (
             self.schedules.encoded() if schedules_changed and self.schedules is not None else None
         )
+        tokens, self._recovery_uncommitted = self._recovery_uncommitted, set()
+        recovery_put, recovery_deleted = self._encoded_recovery(tokens)
         # In declaration order (a set's is arbitrary): documents list keys as the room does.
         changes = Changes(
-            {k: v for k, v in self._encoded.items() if k in keys}, put, deleted, schedules
+            {k: v for k, v in self._encoded.items() if k in keys},
+            put,
+            deleted,
+            schedules,
+            recovery_put,
+            recovery_deleted,
         )
         try:
             await self._store.commit(self.definition.name, self.instance, changes)
@@ -825,6 +1053,7 @@ class Actor:
             self._uncommitted |= keys
             self.storage.restore_changes(storage_keys)
             self._schedules_uncommitted |= schedules_changed
+            self._recovery_uncommitted |= tokens
             raise
 
     def _durable(self, seq: int) -> None:
@@ -851,6 +1080,7 @@ class Actor:
                 dict(self._encoded),
                 self.storage.snapshot(),
                 schedules=self.schedules.encoded() if self.schedules is not None else None,
+                recovery=self._encoded_recovery(set(self._recoverable))[0],
             )
         except StoreError as exc:
             log.warning(
@@ -901,6 +1131,22 @@ class Actor:
     # --- output gate ------------------------------------------------------------------------
 
     def _deliver(self, targets: Sequence[Session], frame: Output) -> int:
+        if self._recovery is None or isinstance(frame, Close):
+            return self._deliver_raw(targets, frame)
+        # Recoverable sessions get the frame numbered, each its own copy, kept in its log.
+        plain = [s for s in targets if s.recovery is None]
+        if plain:
+            self._deliver_raw(plain, frame)
+        for session in targets:
+            log = session.recovery
+            if log is not None:
+                self._recovery_dirty.add(log.token)
+                self._deliver_raw([session], log.number(frame))
+        if self._turn_outputs is None:  # outside any turn: committed on its own
+            self._persist_changes()
+        return len(targets)
+
+    def _deliver_raw(self, targets: Sequence[Session], frame: Output) -> int:
         outputs = self._turn_outputs
         if outputs is None:
             return send_to(targets, frame)

@@ -620,6 +620,7 @@ def _print_report(report: dict[str, Any]) -> None:
             click.echo(
                 f"  user {s['user_id']}  client {s['client_id']}  "
                 f"channels {', '.join(s['channels']) or '-'}{extra}"
+                + ("  (detached: waiting for its client to recover it)" if s["detached"] else "")
             )
 
 

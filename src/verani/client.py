@@ -45,6 +45,7 @@ from .protocol import (
     is_pong,
     server_event,
 )
+from .recovery import SESSION_EVENT
 
 __all__ = ["AckError", "NotConnectedError", "ReconnectOptions", "VeraniClient", "open_client"]
 
@@ -231,8 +232,17 @@ class VeraniClient:
         ping_interval: float,
         pong_timeout: float,
         ssl_context: ssl.SSLContext | None = None,
+        recover: bool = False,
     ) -> None:
         self._address = WebSocketURL.parse(url)
+        #: Whether to ask for the session back on every reconnect (rooms with ``recovery``).
+        self.recover = recover
+        #: Whether the current connection got its session back, with what it had missed: set
+        #: when the room's ``verani:session`` arrives, first on every connection.
+        self.recovered = False
+        # The session's token and the offset of the last event frame handled.
+        self._token: str | None = None
+        self._offset = 0
         if ssl_context is not None and not self._address.secure:
             raise ValueError(f"ssl_context is for wss:// URLs; {url!r} is not TLS")
         self.url = url
@@ -507,6 +517,11 @@ class VeraniClient:
     async def _session(self) -> NotConnectedError | None:
         """One connection, from connecting to its end; returns why connecting failed, if it did."""
         address = self._address
+        self.recovered = False  # until this connection's verani:session says otherwise
+        if self.recover and self._token is not None:
+            ask = urllib.parse.urlencode({"recover": self._token, "offset": self._offset})
+            join = "&" if "?" in address.resource else "?"
+            address = attrs.evolve(address, resource=f"{address.resource}{join}{ask}")
         stream: Stream | None = None
         failure: BaseException | None = None
         with trio.CancelScope() as scope:
@@ -606,7 +621,18 @@ class VeraniClient:
                 continue
             event = server_event(frame)
             if event is not None:
+                if event[0] == SESSION_EVENT:
+                    self._new_session(event[1])
                 self._dispatch(*event)
+                offset = frame.get("offset")
+                if isinstance(offset, int) and not isinstance(offset, bool):
+                    self._offset = offset  # handled: a recovery resumes after it
+
+    def _new_session(self, data: dict[str, Any]) -> None:
+        token, offset = data.get("token"), data.get("offset")
+        if isinstance(token, str) and isinstance(offset, int):
+            self._token, self._offset = token, offset
+            self.recovered = data.get("recovered") is True
 
     def _dispatch(self, name: str, data: dict[str, Any]) -> None:
         listeners = self._listeners.get(name, [])
@@ -693,6 +719,7 @@ async def open_client(
     ping_interval: float = 5.0,
     pong_timeout: float = 5.0,
     ssl_context: ssl.SSLContext | None = None,
+    recover: bool = False,
 ) -> AsyncIterator[VeraniClient]:
     """Connect to ``url`` (and keep reconnecting) for the duration of the ``async with`` block.
 
@@ -705,6 +732,11 @@ async def open_client(
     ``ping_interval=0`` turns the keepalive off. ``wss://`` URLs are TLS with certificate
     verification: ``ssl_context`` says what to trust (default: ``ssl.create_default_context()``,
     the system's CAs); passing one with a ``ws://`` URL is a :class:`ValueError`.
+
+    ``recover=True``, for rooms with ``recovery``: the client keeps its session's token and the
+    offset of the last event it handled, and asks for the session back on every reconnect, so
+    it gets the events it missed, in order, before new ones; ``client.recovered`` says whether
+    the current connection got it back.
     """
     client = VeraniClient(
         url,
@@ -714,6 +746,7 @@ async def open_client(
         ping_interval=ping_interval,
         pong_timeout=pong_timeout,
         ssl_context=ssl_context,
+        recover=recover,
     )
     with single_error():
         async with trio.open_nursery() as nursery:

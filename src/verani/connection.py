@@ -21,6 +21,7 @@ from .actor import Connect, Disconnect, Message
 from .errors import FrameTooLargeError, ProtocolError, WebSocketClosed
 from .flow import Credit
 from .protocol import ERROR_EVENT, PING, PONG_FRAME, decode_frame, encode_event
+from .recovery import ResumeRequest
 from .sessions import ConnectionMeta, Session, defer_write, is_room_close_code
 from .supervisor import RoomInstance
 from .transport import MAX_BATCH_BYTES, WebSocket
@@ -39,9 +40,15 @@ class Connection:
     """
 
     def __init__(
-        self, server: Server, ws: WebSocket, instance: RoomInstance, meta: ConnectionMeta
+        self,
+        server: Server,
+        ws: WebSocket,
+        instance: RoomInstance,
+        meta: ConnectionMeta,
+        resume: ResumeRequest | None = None,
     ) -> None:
         self._server = server
+        self._resume = resume
         self._ws = ws
         self._instance = instance
         config = server.config
@@ -185,7 +192,7 @@ class Connection:
 
     async def run(self) -> None:
         inst, session = self._instance, self.session
-        await inst.submit(Connect(session))
+        await inst.submit(Connect(session, self._resume))
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._writer)
             with self._read_scope:
@@ -195,7 +202,12 @@ class Connection:
             closed = self._ws.closed
             code = self._close_code or (closed.code if closed else 1006)
             reason = self._close_reason if self._close_code else (closed.reason if closed else "")
-            await inst.submit(Disconnect(session, code, reason or None))
+            # A drop (not a clean close by the peer, nor the room's own close) leaves a session
+            # with recovery waiting for its client.
+            final = (self._close_code is None and code == 1000) or is_room_close_code(
+                self._close_code
+            )
+            await inst.submit(Disconnect(session, code, reason or None, final=final))
             if self._close_code is None:
                 # The peer closed, broke the protocol or went away: nothing more to send.
                 nursery.cancel_scope.cancel()

@@ -291,6 +291,9 @@ class RoomContext(Generic[S]):
     close_code: int | None = None
     #: For ``on_disconnect``: the close reason the client or the server gave, if any.
     close_reason: str | None = None
+    #: For ``on_connect``, in a room with recovery: the client got its dropped session back
+    #: (its missed frames were sent; rooms skip their welcome sync).
+    recovered: bool = False
 
     def join(self, channel: str) -> None:
         """Subscribe this socket to ``channel`` (kept while the room sleeps, like Verani's

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 import attrs
 
 from .errors import NotPersistableError, RoomDefinitionError
+from .recovery import Recovery
 from .state import StateSpec, build_state_spec
 
 if TYPE_CHECKING:
@@ -101,8 +102,11 @@ class RoomDefinition(Generic[S]):
         max_connections: int | None = None,
         max_instance_name: int | None = None,
         instance_pattern: re.Pattern[str] | None = None,
+        recovery: Recovery | None = None,
     ) -> None:
         self.name = name
+        #: Connection-state recovery, when the room has it.
+        self.recovery = recovery
         self.max_instance_name = max_instance_name
         self.instance_pattern = instance_pattern
         self.max_frame_size = max_frame_size
@@ -263,6 +267,7 @@ def define_room(
     on_hibernation_restore: RestoreHook[S] | None = ...,
     on_start: ActorHook[S] | None = ...,
     on_hibernate: ActorHook[S] | None = ...,
+    recovery: Recovery | None = ...,
 ) -> RoomDefinition[S]: ...
 @overload
 def define_room(
@@ -287,6 +292,7 @@ def define_room(
     on_hibernation_restore: RestoreHook[Any] | None = ...,
     on_start: ActorHook[Any] | None = ...,
     on_hibernate: ActorHook[Any] | None = ...,
+    recovery: Recovery | None = ...,
 ) -> RoomDefinition[Any]: ...
 def define_room(
     *,
@@ -310,6 +316,7 @@ def define_room(
     on_hibernation_restore: RestoreHook[Any] | None = None,
     on_start: ActorHook[Any] | None = None,
     on_hibernate: ActorHook[Any] | None = None,
+    recovery: Recovery | None = None,
 ) -> RoomDefinition[Any]:
     """Define a room: Verani's ``defineRoom`` with its options in snake_case.
 
@@ -323,7 +330,9 @@ def define_room(
     ``max_frame_size`` (characters) and ``max_connections`` (per instance) override the server's
     limits for this room, as do ``max_instance_name`` (characters) and ``instance_pattern`` (a
     regular expression a whole instance name must match, e.g. ``r"[a-z0-9-]+"``); other names
-    get HTTP 400 before the upgrade.
+    get HTTP 400 before the upgrade. ``recovery=Recovery(...)`` turns on connection-state
+    recovery (a reconnect within ``max_disconnect`` seconds gets its session and missed frames
+    back).
 
     Hooks (each also a decorator, ``@room.on_connect``): ``on_connect(ctx)``, ``on_message(ctx,
     frame)``, ``on_disconnect(ctx)``, ``on_error(error, ctx)``, ``on_persist_error(key,
@@ -380,6 +389,15 @@ def define_room(
         max_connections=_positive(name, "max_connections", max_connections),
         max_instance_name=_positive(name, "max_instance_name", max_instance_name),
         instance_pattern=_pattern(name, instance_pattern),
+        recovery=_recovery(name, recovery),
+    )
+
+
+def _recovery(name: str, recovery: object) -> Recovery | None:
+    if recovery is None or isinstance(recovery, Recovery):
+        return recovery
+    raise RoomDefinitionError(
+        f"room {name!r}: recovery must be a verani.Recovery, not {type(recovery).__name__}"
     )
 
 

@@ -36,6 +36,7 @@ from .handshake import (
     read_request_head,
 )
 from .protocol import MAX_FRAME_SIZE
+from .recovery import ResumeRequest, resume_request
 from .room import DEFAULT_IDLE_TIMEOUT, RoomDefinition
 from .routing import MAX_INSTANCE_NAME, InstanceRules, Route, Router, split_target
 from .runtime import RoomHandle, Runtime
@@ -371,7 +372,7 @@ class Server:
             return
         # Only what the connection needs lives on: the request head, its headers and the
         # handshake's locals are gone with _handshake's frame (memory per idle socket).
-        route, meta, trailing = accepted
+        route, meta, trailing, resume = accepted
         cfg = self.config
         ws = WebSocket(
             stream,
@@ -386,7 +387,7 @@ class Server:
                 await ws.aclose(1001, "server shutting down")
             return
         inst = self.supervisor.instance(route.room.name, route.instance)
-        conn = Connection(self, ws, inst, meta)
+        conn = Connection(self, ws, inst, meta, resume)
         self._connections.add(conn)
         key = (route.room.name, route.instance)
         self._per_room[key] = self._per_room.get(key, 0) + 1
@@ -407,7 +408,7 @@ class Server:
 
     async def _handshake(
         self, stream: trio.SocketStream, remote: str
-    ) -> tuple[Route, ConnectionMeta, bytes] | ApiCall | LiveCall | None:
+    ) -> tuple[Route, ConnectionMeta, bytes, ResumeRequest | None] | ApiCall | LiveCall | None:
         """Read and check the upgrade request, run ``extract_meta``, answer 101; or read an
         authorized request of the HTTP API, or upgrade the admin page's live socket, or answer
         a file of the admin page; or answer the refusal and return None."""
@@ -469,7 +470,8 @@ class Server:
             )
             return None
         assert isinstance(meta, ConnectionMeta)
-        return route, meta, head.trailing
+        resume = resume_request(query) if route.room.recovery is not None else None
+        return route, meta, head.trailing, resume
 
     async def _live_upgrade(
         self, stream: trio.SocketStream, head: RequestHead, remote: str, target: str

@@ -11,11 +11,14 @@ import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import attrs
 
 from .flow import Credit
+
+if TYPE_CHECKING:
+    from .recovery import SessionLog
 
 
 @attrs.define(eq=False)
@@ -80,11 +83,35 @@ class Session:
     meta: ConnectionMeta
     sink: FrameSink
     credit: Credit
+    #: Its recovery log, in a room with connection-state recovery (None: no recovery).
+    recovery: SessionLog | None = None
+
+    @property
+    def detached(self) -> bool:
+        """Whether its socket dropped and it waits for its client to recover it."""
+        return self.sink is DETACHED
 
     @property
     def first_channel(self) -> str:
         """The channel socket-level emits are addressed to (``default`` when it has none)."""
         return self.meta.channels[0] if self.meta.channels else "default"
+
+
+class _Detached:
+    """The sink of a session whose socket dropped: its frames are only kept (its log)."""
+
+    def send_frame(self, frame: bytes) -> None:
+        pass
+
+    def close(self, code: int, reason: str) -> None:
+        pass
+
+    def over_budget(self) -> None:
+        pass
+
+
+#: The sink of every detached session.
+DETACHED: FrameSink = _Detached()
 
 
 class Sessions:

@@ -24,7 +24,7 @@ from .room import DEFAULT_IDLE_TIMEOUT, RoomDefinition
 from .routing import InstanceRules
 from .runtime import Runtime
 from .schedules import WallClock
-from .sessions import ConnectionMeta, Sessions
+from .sessions import Session, Sessions
 from .store import Store
 
 log = logging.getLogger("verani.supervisor")
@@ -291,8 +291,21 @@ class Supervisor:
         if inst.running:
             self._running -= 1
         inst.running = False
+        deadlines = [
+            s.recovery.deadline
+            for s in inst.sessions
+            if s.detached and s.recovery is not None and s.recovery.deadline is not None
+        ]
+        if deadlines and self._nursery is not None and not self.stopping:
+            # Asleep with dropped sessions waiting: wake when the first one's grace period ends.
+            self._nursery.start_soon(self._wake_at, inst, min(deadlines))
         if not len(inst.sessions) and self.instances.get(inst.key) is inst:
             del self.instances[inst.key]
+
+    async def _wake_at(self, inst: RoomInstance, deadline: float) -> None:
+        await trio.sleep_until(deadline)
+        if not inst.running and not self.stopping and any(s.detached for s in inst.sessions):
+            self.ensure_running(inst)
 
     def _fail_instance(self, inst: RoomInstance) -> None:
         for session in inst.sessions:
@@ -329,7 +342,7 @@ class Supervisor:
             return None
         live: dict[str, Any] = {
             "awake": inst.awake,
-            "sessions": [_session_info(s.meta, self.codec) for s in inst.sessions],
+            "sessions": [_session_info(s, self.codec) for s in inst.sessions],
         }
         if inst.actor is not None and inst.actor.state is not None:
             live.update(inst.actor.snapshot())
@@ -382,7 +395,8 @@ class Supervisor:
         return await self._hibernate_all([i for i in list(self.instances.values()) if i.running])
 
 
-def _session_info(meta: ConnectionMeta, codec: Codec) -> dict[str, Any]:
+def _session_info(session: Session, codec: Codec) -> dict[str, Any]:
+    meta = session.meta
     extra: dict[str, Any] = {}
     for field in attrs.fields(type(meta)):
         if field.name in ("user_id", "client_id", "channels"):
@@ -397,4 +411,6 @@ def _session_info(meta: ConnectionMeta, codec: Codec) -> dict[str, Any]:
         "client_id": meta.client_id,
         "channels": list(meta.channels),
         "extra": extra,
+        # Its socket dropped; the session waits for its client to recover it (recovery).
+        "detached": session.detached,
     }

@@ -36,12 +36,13 @@ __all__ = [
 
 JSONValue: TypeAlias = bool | int | float | str | list["JSONValue"] | dict[str, "JSONValue"] | None
 
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 """The document format this version of verani writes; it reads this one and older ones.
 
 Version 2 added the ``storage`` section (``actor.storage``); a version 1 document reads as one
 with empty storage. Version 3 added ``seq``, the last journal record the document includes; an
-older document includes none (``seq`` 0). Version 4 added ``schedules`` (none before).
+older document includes none (``seq`` 0). Version 4 added ``schedules`` (none before). Version 5
+added ``recovery``, the recoverable sessions of the instance by token (none before).
 """
 
 Migration = Callable[[dict[str, Any]], dict[str, Any]]
@@ -59,8 +60,12 @@ def _v3_to_v4(doc: dict[str, Any]) -> dict[str, Any]:
     return {**doc, "version": 4, "schedules": {}}
 
 
+def _v4_to_v5(doc: dict[str, Any]) -> dict[str, Any]:
+    return {**doc, "version": 5, "recovery": {}}
+
+
 #: ``MIGRATIONS[v]`` turns a parsed version ``v`` document into a version ``v + 1`` one.
-MIGRATIONS: Mapping[int, Migration] = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4}
+MIGRATIONS: Mapping[int, Migration] = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4, 4: _v4_to_v5}
 
 _ROOM_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _SAFE_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
@@ -91,22 +96,32 @@ class StoredDocument:
     seq: int = 0
     #: The instance's schedules, encoded (see :mod:`verani.schedules`), by id.
     schedules: dict[str, JSONValue] = attrs.field(factory=dict)
+    #: The instance's recoverable sessions (connection-state recovery), by token.
+    recovery: dict[str, JSONValue] = attrs.field(factory=dict)
 
 
 @attrs.frozen
 class Changes:
     """What one commit changes in one room instance's document: the persisted keys it sets
     (encoded), the ``actor.storage`` keys it puts (encoded) and the ones it deletes, and all its
-    schedules when they changed (None: unchanged)."""
+    schedules when they changed (None: unchanged), and the recoverable sessions it puts (by
+    token, each whole) and the ones it deletes."""
 
     state: Mapping[str, JSONValue] = attrs.field(factory=dict)
     storage_put: Mapping[str, JSONValue] = attrs.field(factory=dict)
     storage_delete: Sequence[str] = ()
     schedules: Mapping[str, JSONValue] | None = None
+    recovery_put: Mapping[str, JSONValue] = attrs.field(factory=dict)
+    recovery_delete: Sequence[str] = ()
 
     def __bool__(self) -> bool:
         return bool(
-            self.state or self.storage_put or self.storage_delete or self.schedules is not None
+            self.state
+            or self.storage_put
+            or self.storage_delete
+            or self.schedules is not None
+            or self.recovery_put
+            or self.recovery_delete
         )
 
     def apply(
@@ -114,9 +129,10 @@ class Changes:
         state: dict[str, JSONValue],
         storage: dict[str, JSONValue],
         schedules: dict[str, JSONValue] | None = None,
+        recovery: dict[str, JSONValue] | None = None,
     ) -> None:
-        """Apply these changes to a document's ``state``, ``storage`` and ``schedules``, in
-        place."""
+        """Apply these changes to a document's ``state``, ``storage``, ``schedules`` and
+        ``recovery``, in place."""
         state.update(self.state)
         for key in self.storage_delete:
             storage.pop(key, None)
@@ -124,6 +140,10 @@ class Changes:
         if self.schedules is not None and schedules is not None:
             schedules.clear()
             schedules.update(self.schedules)
+        if recovery is not None:
+            for token in self.recovery_delete:
+                recovery.pop(token, None)
+            recovery.update(self.recovery_put)
 
 
 #: The ``format`` field of every stored document.
@@ -137,6 +157,7 @@ def new_document(
     storage: Mapping[str, JSONValue] | None,
     seq: int = 0,
     schedules: Mapping[str, JSONValue] | None = None,
+    recovery: Mapping[str, JSONValue] | None = None,
 ) -> dict[str, Any]:
     """The document a store writes for one save (``saved_at`` is now, as an aware datetime)."""
     return {
@@ -149,6 +170,7 @@ def new_document(
         "state": state,
         "storage": storage or {},
         "schedules": schedules or {},
+        "recovery": recovery or {},
     }
 
 
@@ -187,11 +209,12 @@ class Store(abc.ABC):
         storage: Mapping[str, JSONValue] | None = None,
         *,
         schedules: Mapping[str, JSONValue] | None = None,
+        recovery: Mapping[str, JSONValue] | None = None,
     ) -> None:
-        """Replace the stored document of ``room``/``instance`` with ``state``, ``storage`` and
-        ``schedules`` (empty when None), atomically: a reader sees all of the new document or
-        none of it. The store's index of due times (:meth:`due_times`) follows: an
-        implementation calls :meth:`note_schedules` with the schedules it wrote.
+        """Replace the stored document of ``room``/``instance`` with ``state``, ``storage``,
+        ``schedules`` and ``recovery`` (empty when None), atomically: a reader sees all of the
+        new document or none of it. The store's index of due times (:meth:`due_times`) follows:
+        an implementation calls :meth:`note_schedules` with the schedules it wrote.
 
         When this returns, the new document is stored; if it raises
         :class:`verani.errors.StoreError`, the previous document is still the stored one.
@@ -209,8 +232,9 @@ class Store(abc.ABC):
         state = dict(doc.state) if doc is not None else {}
         storage = dict(doc.storage) if doc is not None else {}
         schedules = dict(doc.schedules) if doc is not None else {}
-        changes.apply(state, storage, schedules)
-        await self.save(room, instance, state, storage, schedules=schedules)
+        recovery = dict(doc.recovery) if doc is not None else {}
+        changes.apply(state, storage, schedules, recovery)
+        await self.save(room, instance, state, storage, schedules=schedules, recovery=recovery)
 
     async def checkpoint(
         self,
@@ -220,10 +244,11 @@ class Store(abc.ABC):
         storage: Mapping[str, JSONValue] | None = None,
         *,
         schedules: Mapping[str, JSONValue] | None = None,
+        recovery: Mapping[str, JSONValue] | None = None,
     ) -> None:
         """Rewrite the document whole from a room's own state, which includes every commit it
         made so far (see :meth:`checkpoint_due`). The default is :meth:`save`."""
-        await self.save(room, instance, state, storage, schedules=schedules)
+        await self.save(room, instance, state, storage, schedules=schedules, recovery=recovery)
 
     def due_times(self) -> dict[tuple[str, str], datetime.datetime]:
         """The index of schedules: each stored instance's earliest due time, without reading

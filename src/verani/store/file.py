@@ -152,16 +152,18 @@ class FileStore(Store):
         storage: Mapping[str, JSONValue] | None = None,
         *,
         schedules: Mapping[str, JSONValue] | None = None,
+        recovery: Mapping[str, JSONValue] | None = None,
     ) -> None:
-        """Write ``state``, ``storage`` and ``schedules`` as the document of ``room``/``instance``,
-        atomically (see the class); it replaces the document and every commit before it.
+        """Write ``state``, ``storage``, ``schedules`` and ``recovery`` as the document of
+        ``room``/``instance``, atomically (see the class); it replaces the document and every
+        commit before it.
 
         ``state`` values must already be JSON values (``orjson`` writes NaN and infinities as
         null, so encode those first). Raises TypeError when they are not, and
         :class:`~verani.errors.StoreError` when the document cannot be written; the previous
         document is then left as it was.
         """
-        await self._write_document(room, instance, state, storage, schedules)
+        await self._write_document(room, instance, state, storage, schedules, recovery)
         self.saves += 1
 
     async def checkpoint(
@@ -172,10 +174,11 @@ class FileStore(Store):
         storage: Mapping[str, JSONValue] | None = None,
         *,
         schedules: Mapping[str, JSONValue] | None = None,
+        recovery: Mapping[str, JSONValue] | None = None,
     ) -> None:
         """:meth:`save` for a room's own state, which includes every commit it made so far: the
         journal segments only it needed are removed."""
-        await self._write_document(room, instance, state, storage, schedules)
+        await self._write_document(room, instance, state, storage, schedules, recovery)
         self.checkpoints += 1
 
     async def _write_document(
@@ -185,6 +188,7 @@ class FileStore(Store):
         state: Mapping[str, JSONValue],
         storage: Mapping[str, JSONValue] | None,
         schedules: Mapping[str, JSONValue] | None,
+        recovery: Mapping[str, JSONValue] | None = None,
     ) -> None:
         path = self.path_for(room, instance)
         await self._open()
@@ -195,9 +199,9 @@ class FileStore(Store):
         seq = self._journal.last_seq(key) if self._journal.knows(key) else None
         try:
             if seq is not None:
-                data = _document_bytes(room, instance, state, storage, seq, schedules)
+                data = _document_bytes(room, instance, state, storage, seq, schedules, recovery)
             else:
-                snapshot = orjson.dumps([state, storage or {}, schedules or {}])
+                snapshot = orjson.dumps([state, storage or {}, schedules or {}, recovery or {}])
         except orjson.JSONEncodeError as exc:
             raise TypeError(f"state of {_name(room, instance)} is not JSON: {exc}") from exc
         started = time.perf_counter()
@@ -205,8 +209,8 @@ class FileStore(Store):
             if seq is None:
                 await self._learn_seq(room, instance)
                 seq = self._journal.last_seq(key)
-                state, storage, schedules = orjson.loads(snapshot)
-                data = _document_bytes(room, instance, state, storage, seq, schedules)
+                state, storage, schedules, recovery = orjson.loads(snapshot)
+                data = _document_bytes(room, instance, state, storage, seq, schedules, recovery)
             if seq < self._journal.doc_seq(key):
                 return  # a newer checkpoint got there first; this one would go back in time
             await trio.to_thread.run_sync(
@@ -346,7 +350,9 @@ class FileStore(Store):
                     self._delete_sync, path, room, instance, limiter=self._threads
                 )
             else:
-                await self._write_document(room, instance, doc.state, doc.storage, doc.schedules)
+                await self._write_document(
+                    room, instance, doc.state, doc.storage, doc.schedules, doc.recovery
+                )
                 _log.info("journal: recovered %s up to commit #%d", _name(room, instance), doc.seq)
         await self._journal.clear()  # the index of schedules is written first
 
@@ -678,6 +684,9 @@ def _parse(
     schedules = doc.get("schedules")
     if not isinstance(schedules, dict):
         raise _Unreadable(f"schedules is {type(schedules).__name__}, not an object")
+    recovery = doc.get("recovery")
+    if not isinstance(recovery, dict):
+        raise _Unreadable(f"recovery is {type(recovery).__name__}, not an object")
     return StoredDocument(
         room=room,
         instance=instance,
@@ -687,6 +696,7 @@ def _parse(
         storage=storage,
         seq=seq,
         schedules=schedules,
+        recovery=recovery,
     )
 
 
@@ -697,8 +707,9 @@ def _document_bytes(
     storage: Mapping[str, JSONValue] | None,
     seq: int,
     schedules: Mapping[str, JSONValue] | None,
+    recovery: Mapping[str, JSONValue] | None = None,
 ) -> bytes:
-    document = new_document(room, instance, state, storage, seq, schedules)
+    document = new_document(room, instance, state, storage, seq, schedules, recovery)
     return orjson.dumps(document, option=orjson.OPT_INDENT_2 | orjson.OPT_UTC_Z)
 
 
@@ -715,15 +726,16 @@ def _apply(
     state = dict(doc.state) if doc is not None else {}
     storage = dict(doc.storage) if doc is not None else {}
     schedules = dict(doc.schedules) if doc is not None else {}
+    recovery = dict(doc.recovery) if doc is not None else {}
     exists = doc is not None
     for record in records:
         if record.seq <= seq:
             continue
         seq = record.seq
         if record.drop:
-            state, storage, schedules, exists = {}, {}, {}, False
+            state, storage, schedules, recovery, exists = {}, {}, {}, {}, False
         else:
-            record.changes.apply(state, storage, schedules)
+            record.changes.apply(state, storage, schedules, recovery)
             exists = True
     if not exists:
         return None
@@ -738,6 +750,7 @@ def _apply(
         storage=storage,
         seq=seq,
         schedules=schedules,
+        recovery=recovery,
     )
 
 

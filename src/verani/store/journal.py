@@ -86,6 +86,11 @@ def encode_record(
         body["delete"] = list(changes.storage_delete)
         if changes.schedules is not None:
             body["schedules"] = changes.schedules
+        if changes.recovery_put or changes.recovery_delete:
+            body["recovery"] = {
+                "put": changes.recovery_put,
+                "delete": list(changes.recovery_delete),
+            }
     try:
         payload = orjson.dumps(body, option=orjson.OPT_UTC_Z)
     except orjson.JSONEncodeError as exc:
@@ -132,7 +137,14 @@ def _parse_record(body: Any, size: int) -> Record:
     schedules = body.get("schedules")
     if schedules is not None and not isinstance(schedules, dict):
         raise TypeError("schedules must be an object")
-    return Record(room, instance, seq, Changes(state, put, delete, schedules), size=size)
+    recovery = body.get("recovery") or {"put": {}, "delete": []}
+    r_put, r_delete = recovery["put"], recovery["delete"]
+    if not (isinstance(r_put, dict) and isinstance(r_delete, list)):
+        raise TypeError("recovery put must be an object, delete a list")
+    if not all(isinstance(k, str) for k in r_delete):
+        raise ValueError("deleted recovery tokens must be strings")
+    changes = Changes(state, put, delete, schedules, r_put, r_delete)
+    return Record(room, instance, seq, changes, size=size)
 
 
 def segment_paths(directory: pathlib.Path) -> list[tuple[int, pathlib.Path]]:

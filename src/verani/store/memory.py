@@ -50,6 +50,7 @@ class MemoryStore(Store):
             storage=doc["storage"],
             seq=doc["seq"],
             schedules=doc["schedules"],
+            recovery=doc.get("recovery", {}),
         )
 
     async def save(
@@ -60,10 +61,13 @@ class MemoryStore(Store):
         storage: Mapping[str, JSONValue] | None = None,
         *,
         schedules: Mapping[str, JSONValue] | None = None,
+        recovery: Mapping[str, JSONValue] | None = None,
     ) -> None:
         """Replace the document; raises TypeError for values JSON cannot hold, as files do."""
         await trio.lowlevel.checkpoint()
-        document = new_document(room, instance, state, storage, schedules=schedules)
+        document = new_document(
+            room, instance, state, storage, schedules=schedules, recovery=recovery
+        )
         try:
             data = orjson.dumps(document)
         except orjson.JSONEncodeError as exc:
