@@ -18,7 +18,7 @@ import math
 import reprlib
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 import orjson
@@ -117,6 +117,9 @@ class Call:
     done: trio.Event = attrs.field(factory=trio.Event)
     result: Any = None
     error: BaseException | None = None
+    #: The same call as data — a method of :class:`~verani.runtime.RoomHandle` and its
+    #: arguments — so that it can run on another node of a cluster (None: only here).
+    op: tuple[Any, ...] | None = None
 
     def fail(self, error: BaseException) -> None:
         """Give the caller ``error`` instead of a result."""
@@ -125,6 +128,18 @@ class Call:
 
 
 InboxEvent = Connect | Message | Disconnect | Hibernate | Call
+
+
+class Inbox(Protocol):
+    """Where an actor takes its events from (its room instance's inbox)."""
+
+    def receive_nowait(self) -> InboxEvent:
+        """The next event, or :class:`trio.WouldBlock`."""
+        ...
+
+    async def receive(self) -> InboxEvent:
+        """The next event, waiting for one."""
+        ...
 
 
 @attrs.define(eq=False)
@@ -185,7 +200,7 @@ class Actor:
         definition: RoomDefinition[Any],
         instance: str,
         sessions: Sessions,
-        inbox: trio.MemoryReceiveChannel[InboxEvent],
+        inbox: Inbox,
         store: Store,
         codec: Codec,
         idle_timeout: float,

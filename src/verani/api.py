@@ -304,8 +304,8 @@ async def _perform(server: Server, endpoint: Endpoint, body: bytes) -> HttpAnswe
         which = parse_disconnect(body)
         if isinstance(which, HttpAnswer):
             return which
-        closed = await server.room(room, instance).call(
-            lambda actor: actor.disconnect(which.client_id, user_id=which.user_id)
+        closed = await server.room(room, instance).disconnect(
+            which.client_id, user_id=which.user_id
         )
         return json_answer(200, {"disconnected": closed})
     parsed = parse_emit(body)

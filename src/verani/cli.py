@@ -285,6 +285,26 @@ def _config_options(command: Callable[..., None]) -> Callable[..., None]:
     return command
 
 
+@attrs.frozen
+class ClusterOptions:
+    """``verani serve --cluster URL --node-id NAME --lease S``."""
+
+    url: str
+    node_id: str | None
+    lease_seconds: float
+
+
+def _redis_url(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if not value.startswith(("redis://", "rediss://", "unix://")):
+        raise click.BadParameter(
+            f"{value!r} is not a Redis URL (redis://HOST:PORT/DB, rediss://... or unix://PATH)",
+            param_hint="'--cluster'",
+        )
+    return value
+
+
 def config_from_options(values: Mapping[str, Any]) -> ServerConfig:
     """The :class:`ServerConfig` that the parsed :data:`CONFIG_OPTIONS` in ``values`` describe."""
     return ServerConfig(**{option.field: values[option.field] for option in CONFIG_OPTIONS})
@@ -329,6 +349,27 @@ def config_from_options(values: Mapping[str, Any]) -> ServerConfig:
     type=click.Choice(LOG_LEVELS),
     help="Least severe log messages shown.",
 )
+@click.option(
+    "--cluster",
+    metavar="redis://HOST:PORT/DB",
+    envvar="VERANI_CLUSTER",
+    callback=lambda ctx, param, value: _redis_url(value),
+    help="Run as one node of a cluster on this Redis: room state in Redis, each room instance "
+    "owned by one node at a time (instead of --store). Env: VERANI_CLUSTER.",
+)
+@click.option(
+    "--node-id",
+    metavar="NAME",
+    help="With --cluster: this node's name, unique in the cluster.  [default: HOST-PID]",
+)
+@click.option(
+    "--lease",
+    "lease_seconds",
+    default=5.0,
+    show_default=True,
+    type=_POSITIVE_SECONDS,
+    help="With --cluster: seconds a room's owner keeps it without renewing (failover time).",
+)
 @_config_options
 @click.option(
     "--log-format",
@@ -346,6 +387,9 @@ def serve(
     idle_timeout: float,
     log_level: str,
     log_format: str,
+    cluster: str | None,
+    node_id: str | None,
+    lease_seconds: float,
     **limits: Any,
 ) -> None:
     """Serve the rooms defined in FILE_OR_DIR... over WebSockets until Ctrl-C.
@@ -355,7 +399,18 @@ def serve(
       verani serve rooms/counter.py
       verani serve rooms/ --port 9000 --store /var/lib/verani --idle-timeout 10
       verani serve rooms/counter.py --durability os   # faster; for development
+      verani serve rooms/ --cluster redis://127.0.0.1:6379/0 --node-id a --port 8001
     """
+    context = click.get_current_context()
+    if cluster is not None and context.get_parameter_source("store") not in (
+        click.core.ParameterSource.DEFAULT,
+        None,
+    ):
+        raise click.UsageError("--cluster keeps room state in Redis: give --store or --cluster")
+    if cluster is None and node_id is not None:
+        raise click.UsageError("--node-id names a node of a cluster: give --cluster too")
+    if node_id is not None and ("#" in node_id or not node_id.strip()):
+        raise click.BadParameter("must be non-empty and without '#'", param_hint="'--node-id'")
     _return_freed_memory()
     handler = logging.StreamHandler()
     handler.setFormatter(
@@ -371,8 +426,9 @@ def serve(
     config = config_from_options(limits)
     stopped = trio.Event()
     try:
+        node = ClusterOptions(cluster, node_id, lease_seconds) if cluster else None
         unsaved = trio.run(
-            _serve, rooms, host, port, store, durability, idle_timeout, config, stopped
+            _serve, rooms, host, port, store, durability, idle_timeout, config, stopped, node
         )
     except (ServeError, StoreError) as exc:
         raise CannotStart(str(exc)) from None
@@ -421,18 +477,28 @@ async def _serve(
     idle_timeout: float,
     config: ServerConfig,
     stopped: trio.Event,
+    node: ClusterOptions | None = None,
 ) -> list[tuple[str, str, str]]:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with open_server(
             rooms,
             host=host,
             port=port,
-            store=store,
+            store=None if node else store,
             durability=durability,
             idle_timeout=idle_timeout,
             config=config,
+            cluster=node.url if node else None,
+            node_id=node.node_id if node else None,
+            lease_seconds=node.lease_seconds if node else None,
         ) as server:
-            _print_routes(server, store)
+            cluster = server.supervisor.cluster
+            where = (
+                f"cluster: {node.url}, node {cluster.node_id}"
+                if node and cluster
+                else f"store: {store}"
+            )
+            _print_routes(server, where)
             async for signum in signals:
                 click.echo(f"{signal.Signals(signum).name}: saving every room and stopping")
                 break
@@ -441,8 +507,8 @@ async def _serve(
     return server.unsaved
 
 
-def _print_routes(server: Server, store: str) -> None:
-    click.echo(f"verani serving on {server.url} (store: {store})")
+def _print_routes(server: Server, where: str) -> None:
+    click.echo(f"verani serving on {server.url} ({where})")
     for room in server.router.rooms:
         path = room.websocket_path
         click.echo(f"  {server.url}{path}  room {room.name!r} (instances: {path}/NAME)")
@@ -459,7 +525,13 @@ def _print_routes(server: Server, store: str) -> None:
     type=click.Path(file_okay=False),
     help="Store of the server to ask.",
 )
-def hibernate(target: str | None, all_: bool, store: str) -> None:
+@click.option(
+    "--cluster",
+    metavar="redis://HOST:PORT/DB",
+    callback=lambda ctx, param, value: _redis_url(value),
+    help="Ask the nodes of the cluster on this Redis instead (each room's owner).",
+)
+def hibernate(target: str | None, all_: bool, store: str, cluster: str | None) -> None:
     """Make the running server hibernate rooms now, and wait until their state is durable.
 
     ROOM hibernates every awake instance of ROOM, ROOM/INSTANCE just that one, --all every
@@ -470,6 +542,7 @@ def hibernate(target: str | None, all_: bool, store: str) -> None:
     Example:
       verani hibernate counter/default --store .verani
       verani hibernate --all
+      verani hibernate counter/default --cluster redis://127.0.0.1:6379/0
     """
     if (target is None) == (not all_):
         raise click.UsageError("give either ROOM[/INSTANCE] or --all")
@@ -480,12 +553,18 @@ def hibernate(target: str | None, all_: bool, store: str) -> None:
         if not room:
             raise click.UsageError(f"{target!r} names no room; use ROOM or ROOM/INSTANCE")
     try:
-        reply = trio.run(
-            control_request, store, {"op": "hibernate", "room": room, "instance": instance}
-        )
+        if cluster is not None:
+            from .cluster.tools import cluster_hibernate
+
+            done = trio.run(cluster_hibernate, cluster, room, instance)
+            results = [{"room": r, "instance": i, "error": e} for r, i, e in done]
+        else:
+            reply = trio.run(
+                control_request, store, {"op": "hibernate", "room": room, "instance": instance}
+            )
+            results = reply.get("hibernated", [])
     except (ControlError, VeraniError) as exc:
         raise CommandFailed(str(exc)) from None
-    results = reply.get("hibernated", [])
     if not results:
         click.echo(
             "nothing to hibernate: " + (f"{target} is not awake" if target else "no room is awake")
@@ -518,7 +597,13 @@ def _split_target(target: str) -> tuple[str, str | None]:
     help="Store to read (and whose server to ask, if one runs).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts (see cli.md).")
-def inspect(target: str | None, store: str, as_json: bool) -> None:
+@click.option(
+    "--cluster",
+    metavar="redis://HOST:PORT/DB",
+    callback=lambda ctx, param, value: _redis_url(value),
+    help="Read the cluster on this Redis instead: owner node, sessions per node, stored state.",
+)
+def inspect(target: str | None, store: str, as_json: bool, cluster: str | None) -> None:
     """Show stored room state, and what a running server knows of it.
 
     Without ROOM: one line per room instance. With ROOM: that room's instances. With
@@ -531,8 +616,15 @@ def inspect(target: str | None, store: str, as_json: bool) -> None:
       verani inspect
       verani inspect counter/default --store .verani
       verani inspect counter/default --json | jq .stored.state.count
+      verani inspect --cluster redis://127.0.0.1:6379/0
     """
     room, instance = _split_target(target) if target else (None, None)
+    if cluster is not None:
+        try:
+            _inspect_cluster(cluster, room, instance, as_json)
+        except (VeraniError, ValueError, OSError) as exc:
+            raise CommandFailed(f"cluster {cluster}: {exc}") from None
+        return
     try:
         if instance is None:
             rows = trio.run(list_instances, store, room)
@@ -546,6 +638,70 @@ def inspect(target: str | None, store: str, as_json: bool) -> None:
                 _print_report(report)
     except (VeraniError, ValueError) as exc:
         raise CommandFailed(str(exc)) from None
+
+
+def _inspect_cluster(url: str, room: str | None, instance: str | None, as_json: bool) -> None:
+    from .cluster.tools import cluster_report, cluster_rows
+
+    if instance is None:
+        rows = trio.run(cluster_rows, url, room)
+        if as_json:
+            click.echo(orjson.dumps({"instances": rows}, option=orjson.OPT_INDENT_2).decode())
+            return
+        if not rows:
+            click.echo(f"no room instance in the cluster at {url}")
+            return
+        header = ("ROOM/INSTANCE", "OWNER", "EPOCH", "SESSIONS", "BYTES", "SAVED AT")
+        table = [header] + [
+            (
+                f"{r['room']}/{r['instance']}",
+                r["owner"]["node"] if r["owner"] else "- (asleep)",
+                str(r["owner"]["epoch"]) if r["owner"] else "-",
+                _per_node(r["sessions"]),
+                "-" if r["bytes"] is None else str(r["bytes"]),
+                r["saved_at"] or "-",
+            )
+            for r in rows
+        ]
+        widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+        for row in table:
+            click.echo(
+                "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+            )
+        return
+    assert room is not None
+    report = trio.run(cluster_report, url, room, instance)
+    if as_json:
+        click.echo(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
+        return
+    owner = report["owner"]
+    click.echo(
+        f"{room}/{instance}  owner: "
+        + (f"node {owner['node']} (epoch {owner['epoch']})" if owner else "none (asleep)")
+    )
+    click.echo(f"sessions: {_per_node(report['sessions'])}")
+    stored = report["stored"]
+    if stored is None:
+        click.echo("stored: nothing")
+    else:
+        click.echo(f"stored: {stored['bytes']} bytes, saved {stored['saved_at']}")
+        click.echo("persisted state:" if stored["state"] else "persisted state: (empty)")
+        codec = make_codec()
+        for key, value in stored["state"].items():
+            click.echo(f"  {key}: {render(codec.decode(value, path=key), indent=2)}")
+    if report["live"] is not None:
+        ephemeral = report["live"].get("ephemeral") or {}
+        click.echo(f"live on its owner: {len(report['live'].get('sessions', []))} session(s)")
+        for key, value in ephemeral.items():
+            click.echo(f"  {key}: {value}")
+    elif report["live_error"]:
+        click.echo(f"live: {report['live_error']}")
+
+
+def _per_node(sessions: dict[str, int]) -> str:
+    if not sessions:
+        return "0"
+    return f"{sum(sessions.values())} (" + ", ".join(f"{n}: {c}" for n, c in sessions.items()) + ")"
 
 
 def _print_rows(rows: list[dict[str, Any]], as_json: bool, store: str) -> None:

@@ -77,6 +77,8 @@ class Connection:
         self._close_code: int | None = None
         self._close_reason = ""
         self._where = f"room {instance.definition.name}/{instance.name}"
+        #: This socket's id across a cluster (None: no cluster).
+        self.cluster_id: str | None = None
         self._max_frame_size = instance.definition.max_frame_size or server.config.max_frame_size
 
     # FrameSink

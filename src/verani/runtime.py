@@ -62,8 +62,15 @@ class RoomHandle:
 
         The result comes back, like the turn's frames, once what the turn changed is durable.
         Raises :class:`CallCycleError` when the call would wait on the caller's own turn,
-        directly or through other rooms' calls.
+        directly or through other rooms' calls. In a cluster, ``fn`` runs only where the room
+        is owned: a room owned by another node is reached through this handle's other methods
+        (they travel as data), and ``call`` raises :class:`RoomNotFoundError` for it.
         """
+        return await self._call(fn, None)
+
+    async def _call(
+        self, fn: Callable[[RoomActor[Any]], T | Awaitable[T]], op: tuple[Any, ...] | None
+    ) -> T:
         target = (self.room, self.instance)
         caller = current_room()
         waiting = self._supervisor.waiting
@@ -80,7 +87,7 @@ class RoomHandle:
                     f"{caller[0]}/{caller[1]}'s turn ({path}) without a deadlock; use "
                     f"ctx.actor for the room you are in"
                 )
-        event = Call(fn)
+        event = Call(fn, op=op)
         inst = self._supervisor.instance(self.room, self.instance)
         if caller is not None:
             waiting[caller] = target
@@ -98,11 +105,17 @@ class RoomHandle:
 
     async def emit_to_channel(self, channel: str, event: str, data: Any = None) -> int:
         """Send ``event`` to every socket on ``channel``; returns the count."""
-        return await self.call(lambda actor: actor.emit_to_channel(channel, event, data))
+        return await self._call(
+            lambda actor: actor.emit_to_channel(channel, event, data),
+            ("emit_to_channel", channel, event, data),
+        )
 
     async def emit_to_user(self, user_id: str, event: str, data: Any = None) -> int:
         """Send ``event`` to every socket of ``user_id``; returns the count."""
-        return await self.call(lambda actor: actor.emit_to_user(user_id, event, data))
+        return await self._call(
+            lambda actor: actor.emit_to_user(user_id, event, data),
+            ("emit_to_user", user_id, event, data),
+        )
 
     async def broadcast(
         self,
@@ -113,18 +126,40 @@ class RoomHandle:
         client_ids: Collection[str] | None = None,
     ) -> int:
         """``actor.broadcast`` from outside (no ``except_``: there is no current socket)."""
-        return await self.call(
-            lambda actor: actor.broadcast(channel, data, user_ids=user_ids, client_ids=client_ids)
+        users = sorted(user_ids) if user_ids is not None else None
+        clients = sorted(client_ids) if client_ids is not None else None
+        return await self._call(
+            lambda actor: actor.broadcast(channel, data, user_ids=user_ids, client_ids=client_ids),
+            ("broadcast", channel, data, users, clients),
         )
 
     async def send_to_user(self, user_id: str, channel: str, data: Any = None) -> int:
         """``actor.send_to_user`` from outside."""
-        return await self.call(lambda actor: actor.send_to_user(user_id, channel, data))
+        return await self._call(
+            lambda actor: actor.send_to_user(user_id, channel, data),
+            ("send_to_user", user_id, channel, data),
+        )
+
+    async def disconnect(
+        self,
+        client_id: str | None = None,
+        *,
+        user_id: str | None = None,
+        code: int = 4000,
+        reason: str = "",
+    ) -> int:
+        """``actor.disconnect`` from outside: close a client's socket, or a user's sockets."""
+        return await self._call(
+            lambda actor: actor.disconnect(client_id, user_id=user_id, code=code, reason=reason),
+            ("disconnect", client_id, user_id, code, reason),
+        )
 
     async def get_session_count(self) -> int:
         """How many sockets are connected to the instance."""
-        return await self.call(lambda actor: actor.get_session_count())
+        return await self._call(lambda actor: actor.get_session_count(), ("get_session_count",))
 
     async def get_connected_user_ids(self) -> list[str]:
         """The ids of the connected users, each once."""
-        return await self.call(lambda actor: actor.get_connected_user_ids())
+        return await self._call(
+            lambda actor: actor.get_connected_user_ids(), ("get_connected_user_ids",)
+        )

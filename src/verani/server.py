@@ -15,7 +15,7 @@ import math
 import re
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import attrs
 import h11
@@ -44,6 +44,9 @@ from .sessions import ConnectionMeta, HandshakeRequest, default_meta
 from .store import FileStore, Store
 from .supervisor import Supervisor
 from .transport import WebSocket
+
+if TYPE_CHECKING:
+    from .cluster.node import ClusterNode
 
 __all__ = [
     "HandshakeRequest",
@@ -388,6 +391,9 @@ class Server:
             return
         inst = self.supervisor.instance(route.room.name, route.instance)
         conn = Connection(self, ws, inst, meta, resume)
+        cluster = self.supervisor.cluster
+        if cluster is not None:
+            conn.cluster_id = cluster.attach(conn)
         self._connections.add(conn)
         key = (route.room.name, route.instance)
         self._per_room[key] = self._per_room.get(key, 0) + 1
@@ -398,6 +404,8 @@ class Server:
             await conn.run()
         finally:
             self._connections.discard(conn)
+            if cluster is not None and conn.cluster_id is not None:
+                cluster.detach(conn.cluster_id, *key, conn.session.meta.client_id)
             left = self._per_room[key] - 1
             if left:
                 self._per_room[key] = left
@@ -672,6 +680,9 @@ async def open_server(
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
     config: ServerConfig | None = None,
     control: bool = True,
+    cluster: str | None = None,
+    node_id: str | None = None,
+    lease_seconds: float | None = None,
 ) -> AsyncIterator[Server]:
     """Serve ``rooms`` on ``host:port`` until the ``async with`` block ends.
 
@@ -682,15 +693,33 @@ async def open_server(
     ``control`` is true, opens the local control endpoint ``verani hibernate`` talks to. Leaving
     the block shuts down gracefully: stop accepting, hibernate every room (a durable flush),
     close the sockets with 1001.
+
+    ``cluster``, a ``redis://`` URL, makes this server one node of a cluster on that Redis
+    (``node_id`` names it; see README, "Running more than one process"): room state lives in
+    Redis (``store`` must then be None), and each room instance is owned by one node at a time.
+    Leaving the block then also hands every room this node owns over (flush, lease released).
     """
     from .control import StoreLock, serve_control
 
     config = config or ServerConfig()
     rules = InstanceRules(config.max_instance_name, config.instance_pattern)
     router = Router(rooms, rules)
-    store_obj: Store = (
-        store if isinstance(store, Store) else FileStore(store or ".verani", durability=durability)
-    )
+    node: ClusterNode | None = None
+    store_obj: Store
+    if cluster is not None:
+        from .cluster.node import DEFAULT_LEASE_SECONDS, ClusterNode
+        from .cluster.redis_store import RedisStore
+
+        if store is not None:
+            raise ServeError("a cluster keeps room state in Redis: give --cluster or --store")
+        node = ClusterNode(cluster, node_id, lease_seconds=lease_seconds or DEFAULT_LEASE_SECONDS)
+        store_obj = RedisStore(node.client, fence=node.epoch_of)
+    else:
+        store_obj = (
+            store
+            if isinstance(store, Store)
+            else FileStore(store or ".verani", durability=durability)
+        )
     lock = (
         await trio.to_thread.run_sync(StoreLock.acquire, store_obj.directory)
         if isinstance(store_obj, FileStore)
@@ -707,6 +736,7 @@ async def open_server(
             idle_timeout=idle_timeout,
             max_awake=config.max_awake_rooms,
             instance_rules=rules,
+            cluster=node,
         )
         server = Server(router, supervisor, config)
         try:

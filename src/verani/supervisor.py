@@ -12,7 +12,7 @@ import collections
 import logging
 import reprlib
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
@@ -27,6 +27,9 @@ from .schedules import WallClock
 from .sessions import Session, Sessions
 from .store import Store
 
+if TYPE_CHECKING:
+    from .cluster.node import ClusterNode
+
 log = logging.getLogger("verani.supervisor")
 
 #: Events waiting for one room instance; a reader that finds it full waits (backpressure).
@@ -39,11 +42,21 @@ class RoomInstance:
     def __init__(self, supervisor: Supervisor, definition: RoomDefinition[Any], name: str) -> None:
         self.definition = definition
         self.name = name
-        self.sessions = Sessions()
+        cluster = supervisor.cluster
+        self.sessions: Sessions
+        if cluster is None:
+            self.sessions = Sessions()
+        else:
+            from .cluster.node import ClusterSessions  # coredis only for a cluster
+
+            self.sessions = ClusterSessions(cluster, definition.name, name)
         self.actor: Actor | None = None
         self.running = False
         self._supervisor = supervisor
         self._send, self.inbox = trio.open_memory_channel[InboxEvent](INBOX_SIZE)
+        #: Events taken from the inbox and put back, read before it (a cluster node that found
+        #: no owner to forward one to takes the room, and handles it first).
+        self.front: collections.deque[InboxEvent] = collections.deque()
 
     @property
     def key(self) -> tuple[str, str]:
@@ -58,7 +71,19 @@ class RoomInstance:
     def has_pending(self) -> bool:
         """Whether events wait in the inbox (or senders wait for room in it)."""
         stats = self.inbox.statistics()
-        return bool(stats.current_buffer_used or stats.tasks_waiting_send)
+        return bool(self.front or stats.current_buffer_used or stats.tasks_waiting_send)
+
+    def receive_nowait(self) -> InboxEvent:
+        """The next event (put-back ones first), or :class:`trio.WouldBlock`."""
+        if self.front:
+            return self.front.popleft()
+        return self.inbox.receive_nowait()
+
+    async def receive(self) -> InboxEvent:
+        """The next event (put-back ones first), waiting for one."""
+        if self.front:
+            return self.front.popleft()
+        return await self.inbox.receive()
 
     async def submit(self, event: InboxEvent) -> bool:
         """Queue an event for the room, waking it if it sleeps; waits while the inbox is full.
@@ -120,7 +145,10 @@ class Supervisor:
         codec: Codec | None = None,
         max_awake: int = 10_000,
         instance_rules: InstanceRules | None = None,
+        cluster: ClusterNode | None = None,
     ) -> None:
+        #: This node of a cluster (None: a server of its own).
+        self.cluster = cluster
         self.rooms = {room.name: room for room in rooms}
         self.instance_rules = instance_rules or InstanceRules()
         self.store = store
@@ -148,6 +176,8 @@ class Supervisor:
         self.clock = WallClock()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            if self.cluster is not None:
+                await nursery.start(self.cluster.run, self)
             nursery.start_soon(self._wake_due, self.clock)
             task_status.started()
             await trio.sleep_forever()
@@ -164,6 +194,7 @@ class Supervisor:
             # (cut to microseconds), a deadline just passed can look a hair early, and the loop
             # would spin on it without time moving on (for good, on a virtual clock). Seen with
             # due times stored from float timestamps.
+            await self.store.refresh_due_times()
             now = trio.current_time()
             due: list[tuple[float, tuple[str, str]]] = []
             upcoming = now + 1.0
@@ -239,12 +270,18 @@ class Supervisor:
     async def _run_instance(self, inst: RoomInstance) -> None:
         try:
             while True:
+                cluster = self.cluster
+                if cluster is not None and not await cluster.take(inst):
+                    # Another node owns it: its events went there until none came for a while.
+                    if inst.has_pending():
+                        continue
+                    return
                 definition = inst.definition
                 actor = Actor(
                     definition=definition,
                     instance=inst.name,
                     sessions=inst.sessions,
-                    inbox=inst.inbox,
+                    inbox=inst,
                     store=self.store,
                     codec=self.codec,
                     idle_timeout=definition.idle_timeout or self.idle_timeout,
@@ -252,8 +289,19 @@ class Supervisor:
                     runtime=self.runtime,
                 )
                 inst.actor = actor
+                request = None
                 try:
-                    request = await actor.run()
+                    if cluster is None:
+                        request = await actor.run()
+                    else:
+                        with cluster.scope(inst):
+                            request = await actor.run()
+                        if inst.key in cluster.lost:
+                            # Its lease went to another node: stop at once, write nothing.
+                            actor.abandon("the room moved to another node")
+                            cluster.abandon(inst)
+                            self._drain(inst, "the room moved to another node", close_code=1012)
+                            return
                     if actor.restored:
                         self.revive_ms.append(actor.load_ms)
                 except Exception as exc:
@@ -274,6 +322,9 @@ class Supervisor:
                     raise
                 finally:
                     inst.actor = None
+                    if cluster is not None:
+                        with trio.CancelScope(shield=True):
+                            await cluster.release(inst)
                 # Events that arrived during the final flush wake the room again at once.
                 pending = inst.has_pending()
                 if not pending:

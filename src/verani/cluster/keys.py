@@ -65,3 +65,8 @@ def node_key(node: str) -> str:
 def inbox_key(node: str) -> str:
     """A stream: what other nodes send this node (frames for its sockets, events for its rooms)."""
     return f"{PREFIX}:inbox:{node}"
+
+
+def reply_key(token: str) -> str:
+    """A list: the answer to one call made across nodes (it expires unread)."""
+    return f"{PREFIX}:reply:{token}"

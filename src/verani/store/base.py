@@ -250,6 +250,11 @@ class Store(abc.ABC):
         made so far (see :meth:`checkpoint_due`). The default is :meth:`save`."""
         await self.save(room, instance, state, storage, schedules=schedules, recovery=recovery)
 
+    async def refresh_due_times(self) -> None:  # noqa: B027 - an optional hook
+        """Bring :meth:`due_times` up to date with what other processes wrote (a store shared
+        by a cluster); the server's waker calls it before each look. The default has nothing
+        to do: only this process writes."""
+
     def due_times(self) -> dict[tuple[str, str], datetime.datetime]:
         """The index of schedules: each stored instance's earliest due time, without reading
         any document (what a server wakes after a restart)."""
