@@ -65,3 +65,9 @@ def node_key(node: str) -> str:
 def inbox_key(node: str) -> str:
     """A stream: what other nodes send this node (frames for its sockets, events for its rooms)."""
     return f"{PREFIX}:inbox:{node}"
+
+
+def corrupt_key(room: str, instance: str, stamp: str) -> str:
+    """A hash: a copy of the instance's document kept aside (``stamp``: UTC time, made unique
+    by the caller), same slot as the document so one script copies it."""
+    return f"{PREFIX}:{_tag(room, instance)}:corrupt:{stamp}"
