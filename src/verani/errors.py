@@ -115,6 +115,41 @@ class StoreLockedError(StoreError):
     """Another verani server already serves this store directory."""
 
 
+class StoreUnavailableError(StoreError):
+    """The store's server (Redis) cannot be reached or did not answer in time; nothing is
+    known to be written, and the room retries its commit with backoff."""
+
+
+class LeaseLostError(StoreError):
+    """This node no longer holds the lease of a room instance (it expired or was never taken),
+    so it may not write the instance's document; it stops serving the room."""
+
+    def __init__(self, room: str, instance: str, message: str | None = None) -> None:
+        super().__init__(
+            message
+            or f"this node no longer owns room {room}/{instance}: its lease is gone;"
+            " it stops serving the room"
+        )
+        self.room = room
+        self.instance = instance
+
+
+class FencedError(LeaseLostError):
+    """A write carried an epoch older than the instance's newest one: another node took the
+    room over, and the write was refused (nothing of it is stored)."""
+
+    def __init__(self, room: str, instance: str, ours: int, theirs: int | None) -> None:
+        newer = f"a newer owner holds epoch {theirs}" if theirs is not None else "no epoch"
+        super().__init__(
+            room,
+            instance,
+            f"this node no longer owns room {room}/{instance}: {newer} (ours: {ours});"
+            " it stops serving the room",
+        )
+        self.ours = ours
+        self.theirs = theirs
+
+
 # --- the running server and its control endpoint ----------------------------------------------
 
 

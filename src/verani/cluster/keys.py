@@ -70,3 +70,15 @@ def inbox_key(node: str) -> str:
 def reply_key(token: str) -> str:
     """A list: the answer to one call made across nodes (it expires unread)."""
     return f"{PREFIX}:reply:{token}"
+
+
+def corrupt_key(room: str, instance: str, stamp: str) -> str:
+    """A hash: a copy of the instance's document kept aside (``stamp``: UTC time, made unique
+    by the caller), same slot as the document so one script copies it."""
+    return f"{PREFIX}:{_tag(room, instance)}:corrupt:{stamp}"
+
+
+def member_doc_key(value: str) -> str:
+    """:func:`doc_key` of a :func:`member` string, for members whose instance name cannot be
+    decoded from them (long names are hashed): the document's meta holds the real name."""
+    return f"{PREFIX}:{{{value}}}:doc"

@@ -28,9 +28,11 @@ __all__ = [
     "Migration",
     "Store",
     "StoredDocument",
+    "UnreadableDocument",
     "decode_instance_name",
     "encode_instance_name",
     "new_document",
+    "read_document",
     "validate_room_name",
 ]
 
@@ -174,6 +176,10 @@ def new_document(
     }
 
 
+class UnreadableDocument(Exception):
+    """A document's content is not a valid document; the message says why."""
+
+
 class Store(abc.ABC):
     """The interface every store implements (the file store now; SQLite, Redis, Postgres later).
 
@@ -250,15 +256,16 @@ class Store(abc.ABC):
         made so far (see :meth:`checkpoint_due`). The default is :meth:`save`."""
         await self.save(room, instance, state, storage, schedules=schedules, recovery=recovery)
 
-    async def refresh_due_times(self) -> None:  # noqa: B027 - an optional hook
-        """Bring :meth:`due_times` up to date with what other processes wrote (a store shared
-        by a cluster); the server's waker calls it before each look. The default has nothing
-        to do: only this process writes."""
-
     def due_times(self) -> dict[tuple[str, str], datetime.datetime]:
         """The index of schedules: each stored instance's earliest due time, without reading
         any document (what a server wakes after a restart)."""
         return dict(self._due_index())
+
+    async def refresh_due_times(self) -> None:  # noqa: B027 - an optional hook
+        """Reload the index of :meth:`due_times` from where the store keeps it, for a store
+        that other processes write too (the Redis store of a cluster); the server's waker calls
+        it before reading :meth:`due_times`. The default has nothing to reload: this process
+        wrote every due time it knows."""
 
     def _due_index(self) -> dict[tuple[str, str], datetime.datetime]:
         index: dict[tuple[str, str], datetime.datetime] | None = self.__dict__.get("_due")
@@ -331,6 +338,69 @@ class Store(abc.ABC):
         """Release what the store holds (connections, files). The default does nothing."""
 
 
+def read_document(
+    doc: dict[str, Any],
+    room: str,
+    instance: str,
+    migrate: Callable[[dict[str, Any]], dict[str, Any]],
+) -> StoredDocument:
+    """Check a parsed document of ``room``/``instance``, migrate it to :data:`FORMAT_VERSION`
+    and return it; raises :class:`UnreadableDocument` saying what is wrong with it."""
+    if doc.get("format") != DOCUMENT_FORMAT:
+        raise UnreadableDocument(f"format is {_short(doc.get('format'))}, not {DOCUMENT_FORMAT!r}")
+    version = doc.get("version")
+    if type(version) is not int or version < 1:
+        raise UnreadableDocument(f"version is {_short(version)}, not a positive integer")
+    if version > FORMAT_VERSION:
+        raise UnreadableDocument(
+            f"version {version} is newer than this verani reads ({FORMAT_VERSION});"
+            " it was written by a newer verani"
+        )
+    if version < FORMAT_VERSION:
+        try:
+            doc = migrate(doc)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UnreadableDocument(f"cannot migrate it from version {version}: {exc}") from None
+    for field, expected in (("room", room), ("instance", instance)):
+        if doc.get(field) != expected:
+            raise UnreadableDocument(
+                f"its {field} is {_short(doc.get(field))}, not {_short(expected)}"
+            )
+    saved_at = doc.get("saved_at")
+    try:
+        when = datetime.datetime.fromisoformat(saved_at if isinstance(saved_at, str) else "")
+    except ValueError:
+        raise UnreadableDocument(f"saved_at {_short(saved_at)} is not an ISO 8601 time") from None
+    if when.tzinfo is None:
+        raise UnreadableDocument(f"saved_at {saved_at!r} has no time zone")
+    state = doc.get("state")
+    if not isinstance(state, dict):
+        raise UnreadableDocument(f"state is {type(state).__name__}, not an object")
+    storage = doc.get("storage")
+    if not isinstance(storage, dict):
+        raise UnreadableDocument(f"storage is {type(storage).__name__}, not an object")
+    seq = doc.get("seq")
+    if type(seq) is not int or seq < 0:
+        raise UnreadableDocument(f"seq is {_short(seq)}, not an integer >= 0")
+    schedules = doc.get("schedules")
+    if not isinstance(schedules, dict):
+        raise UnreadableDocument(f"schedules is {type(schedules).__name__}, not an object")
+    recovery = doc.get("recovery")
+    if not isinstance(recovery, dict):
+        raise UnreadableDocument(f"recovery is {type(recovery).__name__}, not an object")
+    return StoredDocument(
+        room=room,
+        instance=instance,
+        state=state,
+        saved_at=when.astimezone(datetime.UTC),
+        format_version=version,
+        storage=storage,
+        seq=seq,
+        schedules=schedules,
+        recovery=recovery,
+    )
+
+
 def earliest_due(schedules: Mapping[str, JSONValue]) -> datetime.datetime | None:
     """The earliest ``due`` among encoded schedules (None: none)."""
     times = []
@@ -389,3 +459,9 @@ def decode_instance_name(stem: str) -> str | None:
     if not name or encode_instance_name(name) != stem:
         raise ValueError(f"{stem!r} is not an encoded instance name")
     return name
+
+
+def _short(value: object) -> str:
+    # Instance names may be thousands of characters long; messages only need to identify them.
+    shown = repr(value)
+    return shown if len(shown) <= 100 else shown[:100] + "..."

@@ -25,10 +25,12 @@ from verani.store.base import (
     JSONValue,
     Store,
     StoredDocument,
+    UnreadableDocument,
     decode_instance_name,
     earliest_due,
     encode_instance_name,
     new_document,
+    read_document,
     validate_room_name,
 )
 from verani.store.journal import Journal, Record, fsync_dir, read_segment
@@ -43,8 +45,7 @@ _SUFFIX = ".json"
 _INDEX = "schedules.json"
 
 
-class _Unreadable(Exception):
-    """A document's content is not a valid document; the message says why."""
+_Unreadable = UnreadableDocument
 
 
 class FileStore(Store):
@@ -647,57 +648,7 @@ def _parse(
         raise _Unreadable(f"not JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise _Unreadable(f"not a JSON object but {type(doc).__name__}")
-    if doc.get("format") != _FORMAT:
-        raise _Unreadable(f"format is {_short(doc.get('format'))}, not {_FORMAT!r}")
-    version = doc.get("version")
-    if type(version) is not int or version < 1:
-        raise _Unreadable(f"version is {_short(version)}, not a positive integer")
-    if version > FORMAT_VERSION:
-        raise _Unreadable(
-            f"version {version} is newer than this verani reads ({FORMAT_VERSION});"
-            " it was written by a newer verani"
-        )
-    if version < FORMAT_VERSION:
-        try:
-            doc = migrate(doc)
-        except (ValueError, KeyError, TypeError) as exc:
-            raise _Unreadable(f"cannot migrate it from version {version}: {exc}") from None
-    for field, expected in (("room", room), ("instance", instance)):
-        if doc.get(field) != expected:
-            raise _Unreadable(f"its {field} is {_short(doc.get(field))}, not {_short(expected)}")
-    saved_at = doc.get("saved_at")
-    try:
-        when = datetime.datetime.fromisoformat(saved_at if isinstance(saved_at, str) else "")
-    except ValueError:
-        raise _Unreadable(f"saved_at {_short(saved_at)} is not an ISO 8601 time") from None
-    if when.tzinfo is None:
-        raise _Unreadable(f"saved_at {saved_at!r} has no time zone")
-    state = doc.get("state")
-    if not isinstance(state, dict):
-        raise _Unreadable(f"state is {type(state).__name__}, not an object")
-    storage = doc.get("storage")
-    if not isinstance(storage, dict):
-        raise _Unreadable(f"storage is {type(storage).__name__}, not an object")
-    seq = doc.get("seq")
-    if type(seq) is not int or seq < 0:
-        raise _Unreadable(f"seq is {_short(seq)}, not an integer >= 0")
-    schedules = doc.get("schedules")
-    if not isinstance(schedules, dict):
-        raise _Unreadable(f"schedules is {type(schedules).__name__}, not an object")
-    recovery = doc.get("recovery")
-    if not isinstance(recovery, dict):
-        raise _Unreadable(f"recovery is {type(recovery).__name__}, not an object")
-    return StoredDocument(
-        room=room,
-        instance=instance,
-        state=state,
-        saved_at=when.astimezone(datetime.UTC),
-        format_version=version,
-        storage=storage,
-        seq=seq,
-        schedules=schedules,
-        recovery=recovery,
-    )
+    return read_document(doc, room, instance, migrate)
 
 
 def _document_bytes(
