@@ -9,11 +9,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import coredis
-import orjson
 import trio
 
 from verani import RoomDefinition, Server, open_server
-from verani.cluster import keys, lease
+from verani.cluster import lease
 
 from helpers import Client, connect
 
@@ -51,9 +50,7 @@ async def test_clients_on_every_node_see_every_update_in_one_order(
         async with nodes(counter_rooms, redis_url, "a", "b", "c") as servers:
             async with contextlib.AsyncExitStack() as stack:
                 clients = [
-                    await stack.enter_async_context(
-                        connect(server.url, user_id=f"u{i}")
-                    )
+                    await stack.enter_async_context(connect(server.url, user_id=f"u{i}"))
                     for i, server in enumerate(servers)
                 ]
                 for client in clients:

@@ -665,9 +665,7 @@ def _inspect_cluster(url: str, room: str | None, instance: str | None, as_json: 
         ]
         widths = [max(len(row[i]) for row in table) for i in range(len(header))]
         for row in table:
-            click.echo(
-                "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-            )
+            click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
         return
     assert room is not None
     report = trio.run(cluster_report, url, room, instance)

@@ -208,7 +208,14 @@ class Server:
     async def hibernate(
         self, room: str | None = None, instance: str | None = None
     ) -> list[tuple[str, str, str | None]]:
-        """Hibernate awake rooms now (see :meth:`Supervisor.hibernate`)."""
+        """Hibernate awake rooms now (see :meth:`Supervisor.hibernate`). In a cluster, one
+        instance (``room`` and ``instance`` given) is hibernated by whichever node owns it."""
+        cluster = self.supervisor.cluster
+        if cluster is not None and room is not None and instance is not None:
+            inst = self.supervisor.instances.get((room, instance))
+            if inst is None or cluster.epoch_of(room, instance) is None:
+                error = await cluster.remote_op(room, instance, ("hibernate",))
+                return [(room, instance, error if isinstance(error, str) else None)]
         return await self.supervisor.hibernate(room, instance)
 
     async def _accept(
@@ -712,8 +719,18 @@ async def open_server(
 
         if store is not None:
             raise ServeError("a cluster keeps room state in Redis: give --cluster or --store")
-        node = ClusterNode(cluster, node_id, lease_seconds=lease_seconds or DEFAULT_LEASE_SECONDS)
-        store_obj = RedisStore(node.client, fence=node.epoch_of)
+
+        def fence(room: str, instance: str) -> int | None:
+            return node.epoch_of(room, instance) if node is not None else None
+
+        redis_store = RedisStore.from_url(cluster, fence=fence)
+        node = ClusterNode(
+            cluster,
+            node_id,
+            client=redis_store.client,
+            lease_seconds=lease_seconds or DEFAULT_LEASE_SECONDS,
+        )
+        store_obj = redis_store
     else:
         store_obj = (
             store

@@ -27,7 +27,6 @@ import functools
 import importlib
 import itertools
 import logging
-import math
 import os
 import secrets
 import socket
@@ -48,6 +47,7 @@ from ..protocol import ClientFrame
 from ..recovery import ResumeRequest
 from ..sessions import DETACHED, ConnectionMeta, Session, Sessions
 from . import keys, lease
+from .redis_store import _UNREACHABLE
 
 if TYPE_CHECKING:
     from ..supervisor import RoomInstance, Supervisor
@@ -85,6 +85,7 @@ return 0
 """
 
 #: Seconds between retries when Redis does not answer.
+_READ_ERRORS: tuple[type[BaseException], ...] = (coredis.exceptions.RedisError, *_UNREACHABLE)
 _RETRY: Final = 0.5
 
 
@@ -142,8 +143,8 @@ class ClusterNode:
         url: str,
         node_id: str | None = None,
         *,
+        client: coredis.Redis[Any],
         lease_seconds: float = DEFAULT_LEASE_SECONDS,
-        client: coredis.Redis[bytes] | None = None,
     ) -> None:
         self.url = url
         self.node_id = node_id or default_node_id()
@@ -154,9 +155,8 @@ class ClusterNode:
         self.incarnation = secrets.token_hex(6)
         self.holder = f"{self.node_id}#{self.incarnation}"
         self.lease_ms = int(lease_seconds * 1000)
-        self.client: coredis.Redis[bytes] = client or coredis.Redis.from_url(
-            url, decode_responses=False
-        )
+        #: Opened and closed by the store that shares it (``RedisStore.from_url``).
+        self.client = client
         self._forward_script = self.client.register_script(_FORWARD)
         self._forget_script = self.client.register_script(_FORGET)
         self.codec = make_codec()
@@ -172,7 +172,7 @@ class ClusterNode:
         self.lost: set[tuple[str, str]] = set()
         # What goes to other nodes' inboxes and to Redis, flushed in order by one task.
         self._out: dict[str, list[list[Any]]] = {}
-        self._writes: list[tuple[str, ...]] = []
+        self._writes: list[tuple[Any, ...]] = []
         # Sessions of this node's sockets that ended: (hash, client id, connection).
         self._forget: list[tuple[str, str, str]] = []
         # Disconnects of sockets found gone, for their rooms' owners (see _deliver).
@@ -187,7 +187,10 @@ class ClusterNode:
     # --- life -------------------------------------------------------------------------------
 
     async def run(
-        self, supervisor: Supervisor, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        self,
+        supervisor: Supervisor,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Announce the node, then keep it alive, read its inbox and flush what it sends."""
         self.supervisor = supervisor
@@ -207,10 +210,12 @@ class ClusterNode:
 
     async def _announce(self) -> None:
         try:
-            await self.client.set(
-                keys.node_key(self.node_id), self.incarnation, px=self.lease_ms
-            )
-            info = {"incarnation": self.incarnation, "pid": os.getpid(), "host": socket.gethostname()}
+            await self.client.set(keys.node_key(self.node_id), self.incarnation, px=self.lease_ms)
+            info = {
+                "incarnation": self.incarnation,
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+            }
             await self.client.hset(keys.NODES, {self.node_id: orjson.dumps(info)})
         except (coredis.exceptions.RedisError, OSError) as exc:
             raise StoreError(f"cannot reach Redis at {self.url}: {exc}") from exc
@@ -410,7 +415,7 @@ class ClusterNode:
             if message is None:
                 continue
             holder = await self._retrying(
-                lambda: self._forward(room, instance, message),
+                functools.partial(self._forward, room, instance, message),
                 f"room {room}/{instance}: forwarding to its owner",
             )
             if holder is None:
@@ -426,7 +431,9 @@ class ClusterNode:
         """The inbox message that carries ``event`` to another node (None: none to send)."""
         room, instance = inst.key
         if isinstance(event, Hibernate):
-            self._start(self._hibernate_remote, inst, event)
+            # Nothing of the room is awake here (a shutdown, or `verani hibernate` on this
+            # node); the owner's own hibernation is asked for through remote_op.
+            event.finish(None)
             return None
         if isinstance(event, Call):
             if event.op is None:
@@ -484,14 +491,6 @@ class ClusterNode:
         else:
             event.done.set()
 
-    async def _hibernate_remote(self, inst: RoomInstance, event: Hibernate) -> None:
-        try:
-            error = await self.remote_op(inst.key[0], inst.key[1], ("hibernate",))
-        except VeraniError as exc:
-            event.finish(str(exc))
-        else:
-            event.finish(error if isinstance(error, str) else None)
-
     async def remote_op(
         self, room: str, instance: str, op: Sequence[Any], *, timeout: float = 30.0
     ) -> Any:
@@ -504,6 +503,8 @@ class ClusterNode:
             f"room {room}/{instance}: a call to its owner",
         )
         if holder is None:
+            if op[0] in ("hibernate", "inspect"):
+                return None  # not awake anywhere
             return await self.run_op(room, instance, op)
         return await wait_reply(self.client, reply, f"room {room}/{instance}", timeout)
 
@@ -540,10 +541,9 @@ class ClusterNode:
         )
 
     async def _push_reply(self, reply: str, payload: bytes) -> None:
-        pipe = await self.client.pipeline(transaction=False)
-        await pipe.rpush(reply, [payload])
-        await pipe.expire(reply, 60)
-        await pipe.execute()
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.rpush(reply, [payload])
+            pipe.expire(reply, 60)
 
     # --- what this node sends ---------------------------------------------------------------
 
@@ -573,7 +573,9 @@ class ClusterNode:
             out, self._out = self._out, {}
             writes, self._writes = self._writes, []
             gone, self._gone = self._gone, []
-            await self._retrying(lambda: self._send(out, writes), "sending to other nodes")
+            await self._retrying(
+                functools.partial(self._send, out, writes), "sending to other nodes"
+            )
             for room, instance, message in gone:
                 await self._retrying(
                     functools.partial(self._forward, room, instance, message),
@@ -589,40 +591,39 @@ class ClusterNode:
     async def _forward(self, room: str, instance: str, message: list[Any]) -> str | None:
         """Put ``message`` in the inbox of the owner of ``room``/``instance``; returns the
         owner (None: nobody owns it, nothing was sent)."""
-        holder = await self._forward_script(
+        holder: Any = await self._forward_script(
             keys=[keys.lease_key(room, instance)],
             args=[orjson.dumps([message]), keys.inbox_key(""), INBOX_MAXLEN],
         )
         return holder.decode() if isinstance(holder, bytes) else None
 
-    async def _send(self, out: dict[str, list[list[Any]]], writes: list[tuple[str, ...]]) -> None:
-        pipe = await self.client.pipeline(transaction=False)
-        for target, messages in out.items():
-            await pipe.xadd(
-                keys.inbox_key(target),
-                {"p": orjson.dumps(messages)},
-                trim_strategy=coredis.PureToken.MAXLEN,
-                threshold=INBOX_MAXLEN,
-                trim_operator=coredis.PureToken.APPROXIMATELY,
-            )
-        for command in writes:
-            if command[0] == "HSET":
-                await pipe.hset(command[1], {command[2]: command[3]})
-            else:
-                await pipe.hdel(command[1], list(command[2:]))
-        await pipe.execute()
+    async def _send(self, out: dict[str, list[list[Any]]], writes: list[tuple[Any, ...]]) -> None:
+        async with self.client.pipeline(transaction=False) as pipe:
+            for target, messages in out.items():
+                pipe.xadd(
+                    keys.inbox_key(target),
+                    {"p": orjson.dumps(messages)},
+                    trim_strategy=coredis.PureToken.MAXLEN,
+                    threshold=INBOX_MAXLEN,
+                    trim_operator=coredis.PureToken.APPROXIMATELY,
+                )
+            for command in writes:
+                if command[0] == "HSET":
+                    pipe.hset(command[1], {command[2]: command[3]})
+                else:
+                    pipe.hdel(command[1], list(command[2:]))
         self.stats["batches"] += 1
 
     # --- what this node receives ------------------------------------------------------------
 
     async def _read_inbox(self) -> None:
         inbox = keys.inbox_key(self.node_id)
-        last = b"$"
+        last: str | bytes = b"$"
         read = 0
         while True:
             try:
                 got = await self.client.xread({inbox: last}, count=READ_COUNT, block=1000)
-            except (coredis.exceptions.RedisError, OSError) as exc:
+            except _READ_ERRORS as exc:
                 log.warning("node %s: reading its inbox failed (%s); retrying", self.node_id, exc)
                 await trio.sleep(_RETRY)
                 continue
@@ -639,14 +640,7 @@ class ClusterNode:
                     await self._handle(message)
                 read += 1
             self.stats["read"] = read
-            if read % 256 < READ_COUNT:
-                # Handled entries are not needed again: trim them (cheaply, approximately).
-                try:
-                    await self.client.xtrim(
-                        inbox, trim_strategy=coredis.PureToken.MINID, threshold=last.decode()
-                    )
-                except (coredis.exceptions.RedisError, OSError):
-                    pass
+            # Nothing to trim: every XADD keeps the stream to about INBOX_MAXLEN entries.
 
     async def _handle(self, message: list[Any]) -> None:
         kind = message[0]
@@ -685,7 +679,9 @@ class ClusterNode:
         self._gone_reported[conn_id] = None
         if len(self._gone_reported) > 10_000:
             self._gone_reported.popitem(last=False)
-        self._gone.append((room, instance, ["d", room, instance, self.node_id, conn_id, 1006, None, True]))
+        self._gone.append(
+            (room, instance, ["d", room, instance, self.node_id, conn_id, 1006, None, True])
+        )
         self._out_ready.set()
 
     async def _to_room(self, message: list[Any]) -> None:
@@ -693,7 +689,9 @@ class ClusterNode:
         assert supervisor is not None
         kind, room, instance, node, conn = message[:5]
         if room not in supervisor.rooms:
-            log.error("node %s: an event for room %r, which this node does not serve", self.node_id, room)
+            log.error(
+                "node %s: an event for room %r, which this node does not serve", self.node_id, room
+            )
             return
         inst = supervisor.instance(room, instance)
         key = (node, conn)
@@ -702,31 +700,32 @@ class ClusterNode:
             if meta is None:
                 self.post(node, ["z", conn, 1011, "the session could not be read"])
                 return
-            session = Session(meta, RemoteSink(self, node, conn, room, instance), _big_credit())
-            self.remote[key] = session
+            joining = Session(meta, RemoteSink(self, node, conn, room, instance), _big_credit())
+            self.remote[key] = joining
             resume = ResumeRequest(message[7], int(message[8])) if message[7] else None
-            if not await inst.submit(Connect(session, resume)):
+            if not await inst.submit(Connect(joining, resume)):
                 self.remote.pop(key, None)
                 self.post(node, ["z", conn, 1001, "server shutting down"])
             return
-        session = self.remote.get(key)
+        found = self.remote.get(key)
         if kind == "m":
-            if session is None:
+            if found is None:
                 # Not a session of this room here (it moved, or the socket joined a previous
                 # owner that died before recording it): the client reconnects.
                 self.post(node, ["z", conn, 1012, "the room moved to another node; reconnect"])
                 return
             t, data, channel, ack_id = message[5]
-            session.credit.take_message()
+            found.credit.take_message()
             frame = ClientFrame(str(t), data, channel, ack_id)
-            if not await inst.submit(Message(session, frame)):
-                session.credit.message_done()
+            if not await inst.submit(Message(found, frame)):
+                found.credit.message_done()
             return
-        if session is None:
-            session = self._session_by_conn(inst, node, conn)
-            if session is None:
+        if found is None:
+            found = self._session_by_conn(inst, node, conn)
+            if found is None:
                 return
         self.remote.pop(key, None)
+        session = found
         code, reason, final = int(message[5]), message[6], bool(message[7])
         await inst.submit(Disconnect(session, code, reason, final=final))
 
@@ -740,9 +739,18 @@ class ClusterNode:
     # --- liveness ---------------------------------------------------------------------------
 
     async def _heartbeat(self) -> None:
-        """Every third of a lease: say this node is alive, renew its leases (a lease it cannot
-        renew is lost: the room stops here at once), and let go of sessions on dead nodes."""
+        """Every third of a lease: say this node is alive, renew its leases, and let go of
+        sessions on dead nodes.
+
+        A lease found lost (another node took the room, or it expired while this node was
+        paused or cut off from Redis) is taken again only if nobody owned the room meanwhile —
+        the epoch is then exactly one more, so this node's state is still the latest; otherwise
+        the room stops here at once, writing nothing (its next event revives it from Redis,
+        here or elsewhere). While Redis cannot be reached, the rooms cannot commit: their
+        replies wait, never shown, until it is back.
+        """
         step = self.lease_ms / 3000
+        unreachable = False
         while True:
             await trio.sleep(step)
             try:
@@ -757,24 +765,36 @@ class ClusterNode:
                         self.holder,
                         self.lease_ms,
                     )
-                    for ((key, _), ok) in zip(owned, kept, strict=True):
+                    for (key, epoch), ok in zip(owned, kept, strict=True):
                         if not ok:
-                            self._lose(key)
+                            await self._take_again(key, epoch)
                 await self._drop_dead_nodes()
-            except (coredis.exceptions.RedisError, OSError, StoreError) as exc:
-                log.warning("node %s: heartbeat failed (%s)", self.node_id, exc)
-                # Leases not renewed in time are someone else's: stop serving them before
-                # they expire (a third of the lease is the margin).
-                self._expire_unrenewed()
+            except (*_READ_ERRORS, StoreError) as exc:
+                if not unreachable:
+                    log.warning("node %s: cannot reach Redis (%s); retrying", self.node_id, exc)
+                unreachable = True
                 continue
-            self._last_renewed = trio.current_time()
+            if unreachable:
+                log.warning("node %s: Redis is reachable again", self.node_id)
+                unreachable = False
 
-    _last_renewed: float = -math.inf
-
-    def _expire_unrenewed(self) -> None:
-        if trio.current_time() - self._last_renewed >= self.lease_ms / 1500:
-            for key in list(self.owned):
-                self._lose(key)
+    async def _take_again(self, key: tuple[str, str], epoch: int) -> None:
+        if self.owned.get(key) != epoch:
+            return  # released or lost meanwhile
+        got = await lease.acquire(self.client, key[0], key[1], self.holder, self.lease_ms)
+        if got.ok and got.epoch == epoch + 1:
+            self.owned[key] = got.epoch
+            log.warning(
+                "room %s/%s: its lease had expired (this node was paused or cut off); taken "
+                "again (epoch %d), nobody owned it meanwhile",
+                *key,
+                got.epoch,
+            )
+            return
+        if got.ok:
+            # Another node owned it meanwhile: this node's state is not the latest.
+            await lease.release(self.client, key[0], key[1], self.holder, got.epoch)
+        self._lose(key)
 
     async def _drop_dead_nodes(self) -> None:
         nodes = {node for node, _ in self.remote}
@@ -810,8 +830,10 @@ class ClusterNode:
         while True:
             try:
                 return await call()
-            except (coredis.exceptions.ConnectionError, coredis.exceptions.TimeoutError, OSError) as exc:
-                log.warning("node %s: %s failed (%s); retrying in %.1fs", self.node_id, what, exc, delay)
+            except _UNREACHABLE as exc:
+                log.warning(
+                    "node %s: %s failed (%s); retrying in %.1fs", self.node_id, what, exc, delay
+                )
                 await trio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 

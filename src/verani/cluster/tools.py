@@ -13,7 +13,7 @@ import orjson
 from ..errors import StoreError
 from ..store.base import StoredDocument
 from . import keys, lease
-from .node import INBOX_MAXLEN, _FORWARD, wait_reply
+from .node import _FORWARD, INBOX_MAXLEN, wait_reply
 from .redis_store import RedisStore
 
 #: Seconds a tool waits for an owner's answer.
@@ -131,7 +131,7 @@ async def call_owner(client: coredis.Redis[Any], room: str, instance: str, op: l
     reply = keys.reply_key(secrets.token_hex(12))
     script = client.register_script(_FORWARD)
     message = orjson.dumps([["o", room, instance, reply, op]])
-    holder = await script(
+    holder: Any = await script(
         keys=[keys.lease_key(room, instance)],
         args=[message, keys.inbox_key(""), INBOX_MAXLEN],
     )
