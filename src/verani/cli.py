@@ -419,6 +419,9 @@ def serve(
         else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
     logging.basicConfig(level=log_level.upper(), handlers=[handler])
+    if log_level != "debug":
+        # coredis logs each retry of a lost connection at info; the cluster says it once.
+        logging.getLogger("coredis").setLevel(logging.WARNING)
     try:
         rooms = load_rooms(paths)
     except (RoomLoadError, RoomDefinitionError) as exc:
@@ -558,11 +561,13 @@ def hibernate(target: str | None, all_: bool, store: str, cluster: str | None) -
 
             done = trio.run(cluster_hibernate, cluster, room, instance)
             results = [{"room": r, "instance": i, "error": e} for r, i, e in done]
+            ok = all(e is None for _, _, e in done)
         else:
             reply = trio.run(
                 control_request, store, {"op": "hibernate", "room": room, "instance": instance}
             )
             results = reply.get("hibernated", [])
+            ok = bool(reply.get("ok"))
     except (ControlError, VeraniError) as exc:
         raise CommandFailed(str(exc)) from None
     if not results:
@@ -575,7 +580,7 @@ def hibernate(target: str | None, all_: bool, store: str, cluster: str | None) -
             click.echo(f"failed: {name}: {item['error']}", err=True)
         else:
             click.echo(f"hibernated {name}")
-    if not reply.get("ok"):
+    if not ok:
         # Each failure is printed above, beside the rooms that did hibernate: nothing to add.
         raise click.exceptions.Exit(CommandFailed.exit_code)
 

@@ -19,7 +19,7 @@ import trio
 
 from .actor import Actor, Call, Connect, Disconnect, Hibernate, InboxEvent
 from .codec import Codec, make_codec
-from .errors import NotPersistableError, RoomCrashedError, RoomNotFoundError
+from .errors import NotPersistableError, RoomCrashedError, RoomNotFoundError, StoreError
 from .room import DEFAULT_IDLE_TIMEOUT, RoomDefinition
 from .routing import InstanceRules
 from .runtime import Runtime
@@ -189,12 +189,21 @@ class Supervisor:
         runs its own schedules. The index is looked at again at least once a second (a room
         that goes to sleep adds to it without telling this task).
         """
+        stale = False
         while True:
             # Due or not by Trio's clock, the one the sleep below uses: judged by the wall clock
             # (cut to microseconds), a deadline just passed can look a hair early, and the loop
             # would spin on it without time moving on (for good, on a virtual clock). Seen with
             # due times stored from float timestamps.
-            await self.store.refresh_due_times()
+            try:
+                await self.store.refresh_due_times()
+                stale = False
+            except StoreError as exc:
+                # The index as last read stays in use; rooms that come due meanwhile wake a
+                # little late, once the store answers again. Said once per outage.
+                if not stale:
+                    log.warning("the index of due schedules could not be refreshed: %s", exc)
+                stale = True
             now = trio.current_time()
             due: list[tuple[float, tuple[str, str]]] = []
             upcoming = now + 1.0

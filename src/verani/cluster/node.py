@@ -86,6 +86,7 @@ return 0
 
 #: Seconds between retries when Redis does not answer.
 _READ_ERRORS: tuple[type[BaseException], ...] = (coredis.exceptions.RedisError, *_UNREACHABLE)
+_HEARTBEAT_ERRORS: tuple[type[BaseException], ...] = (*_READ_ERRORS, StoreError)
 _RETRY: Final = 0.5
 
 
@@ -620,13 +621,17 @@ class ClusterNode:
         inbox = keys.inbox_key(self.node_id)
         last: str | bytes = b"$"
         read = 0
+        failing = False
         while True:
             try:
                 got = await self.client.xread({inbox: last}, count=READ_COUNT, block=1000)
             except _READ_ERRORS as exc:
-                log.warning("node %s: reading its inbox failed (%s); retrying", self.node_id, exc)
+                if not failing:  # once per outage
+                    log.warning("node %s: cannot read its inbox (%s); retrying", self.node_id, exc)
+                failing = True
                 await trio.sleep(_RETRY)
                 continue
+            failing = False
             if not got:
                 continue
             for entry in got.get(inbox.encode(), ()):
@@ -769,7 +774,7 @@ class ClusterNode:
                         if not ok:
                             await self._take_again(key, epoch)
                 await self._drop_dead_nodes()
-            except (*_READ_ERRORS, StoreError) as exc:
+            except _HEARTBEAT_ERRORS as exc:
                 if not unreachable:
                     log.warning("node %s: cannot reach Redis (%s); retrying", self.node_id, exc)
                 unreachable = True
