@@ -413,8 +413,13 @@ def test_random_changes_keep_tracked_equal_to_plain_and_mark_exactly_the_changes
     tracked = key.adopt(copy.deepcopy(plain))
     for target, (name, op, may_rewrite), arg in steps:
         before = copy.deepcopy(plain)
-        expected = outcome(op, plain[target], copy.deepcopy(arg))
         got = outcome(op, tracked[target], copy.deepcopy(arg))
+        if (target, name) == ("set", "pop") and got[0] == "ok":
+            # set.pop() takes any element, and which one hangs on the string hash seed of the
+            # process: the plain set loses the one the tracked set gave.
+            expected = outcome(plain[target].remove, got[1]) and ("ok", got[1])
+        else:
+            expected = outcome(op, plain[target], copy.deepcopy(arg))
         if expected[0] == "ok" and expected[1] is plain[target]:
             expected = got  # an in-place operator returns its own container
         assert got == expected, name
