@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import coredis
+import pytest
 import trio
 
 from verani import RoomDefinition, Server, open_server
@@ -70,3 +71,108 @@ async def test_clients_on_every_node_see_every_update_in_one_order(
             assert held[0].split("#")[0] in {"a", "b", "c"}
             owners = [s for s in servers if s.supervisor.cluster.epoch_of("counter", "default")]
             assert len(owners) == 1
+
+
+async def test_the_http_api_and_the_runtime_handle_reach_a_room_owned_elsewhere(
+    redis_url: str, counter_rooms: list[RoomDefinition[Any]]
+) -> None:
+    from verani import ServerConfig
+    from verani.remote import AsyncRoomsClient
+
+    config = ServerConfig(api_token="t0ken")
+    with trio.fail_after(30):
+        async with nodes(counter_rooms, redis_url, "a", "b", config=config) as (a, b):
+            async with connect(a.url, user_id="ann") as ann:  # a owns counter/default
+                await ann.next_event("counter:sync")
+                assert a.supervisor.cluster.epoch_of("counter", "default")
+                base = b.url.replace("ws://", "http://")
+                async with AsyncRoomsClient(base, "t0ken") as api:
+                    sent = await api.emit("counter", "default", "news", {"n": 1})
+                    assert sent == 1
+                    assert (await ann.next_event("news"))[1]["n"] == 1
+                    assert await b.room("counter").get_connected_user_ids() == ["ann"]
+                    await b.room("counter").emit_to_user("ann", "hi", {"from": "b"})
+                    assert (await ann.next_event("hi"))[1]["from"] == "b"
+                    # A Python function cannot travel: it runs only on the owner.
+                    from verani.errors import RoomNotFoundError
+
+                    with pytest.raises(RoomNotFoundError, match="owned by another node"):
+                        await b.room("counter").call(lambda actor: actor.get_session_count())
+                    # Hibernate through b's API: the owner a hibernates and lets the room go.
+                    await api.hibernate("counter", "default")
+                    assert await owner_of(redis_url, "counter", "default") is None
+
+
+async def test_a_session_recovers_on_another_node(redis_url: str) -> None:
+    from verani.client import open_client
+    from verani.loader import load_rooms
+
+    from helpers import ROOMS
+
+    rooms = load_rooms([ROOMS / "presence.py"])
+    with trio.fail_after(30):
+        async with nodes(rooms, redis_url, "a", "b") as (a, b):
+            async with connect(a.url, "/ws/presence", user_id="ann") as ann:  # a owns it
+                await ann.next_event("presence:update")
+                # bob's phone on node b drops without a close, and comes back through node a.
+                async with open_client(
+                    f"{b.url}/ws/presence?userId=bob", recover=True, ping_interval=0
+                ) as bob:
+                    await bob.wait_for_connection()
+                    assert (await bob.receive("presence:update"))["online"] == ["ann", "bob"]
+                    assert (await ann.next_event("presence:update"))[1]["online"] == [
+                        "ann",
+                        "bob",
+                    ]
+                    token = bob._token
+                    offset = bob._offset
+                    assert token is not None
+                    assert bob._ws is not None
+                    await trio.aclose_forcefully(bob._ws._stream)
+                    bob.disconnect()
+                query = f"userId=bob&recover={token}&offset={offset}"
+                async with connect(a.url, f"/ws/presence?{query}") as again:
+                    hello = await again.next_event("verani:session")
+                    assert hello[1]["recovered"] is True
+                    # Nobody saw bob leave and come back: ann got no update meanwhile.
+                    with trio.move_on_after(0.5):
+                        extra = await ann.next_event("presence:update")
+                        raise AssertionError(f"presence flickered: {extra}")
+                # bob leaves for good (a clean close): now ann is told.
+                assert (await ann.next_event("presence:update"))[1]["online"] == ["ann"]
+
+
+async def test_a_due_schedule_wakes_its_sleeping_room_on_exactly_one_node(redis_url: str) -> None:
+    from verani import RoomContext, define_room
+    from verani.cluster.redis_store import RedisStore
+
+    room = define_room(name="alarm", state={"rung": 0}, persisted_keys=["rung"])
+
+    @room.on("set")
+    def set_alarm(ctx: RoomContext[Any], data: Any) -> None:
+        ctx.actor.schedule(1.0, "ring")
+
+    @room.on_schedule("ring")
+    def ring(ctx: Any, data: Any) -> None:
+        ctx.actor.room_state.rung += 1
+
+    with trio.fail_after(30):
+        async with nodes([room], redis_url, "a", "b", "c") as servers:
+            async with connect(servers[0].url, "/ws/alarm") as client:
+                await client.emit("set")
+                while await owner_of(redis_url, "alarm", "default") is None:
+                    await trio.sleep(0.05)
+            # Asleep everywhere, its schedule in Redis' index of due times.
+            assert await servers[1].hibernate("alarm", "default") == [("alarm", "default", None)]
+            assert await owner_of(redis_url, "alarm", "default") is None
+            store = RedisStore.from_url(redis_url)
+            async with store:
+                while True:
+                    doc = await store.load("alarm", "default")
+                    assert doc is not None
+                    if doc.state.get("rung") and not doc.schedules:
+                        break
+                    await trio.sleep(0.1)
+                await trio.sleep(1.5)  # every node's waker looked again meanwhile
+                doc = await store.load("alarm", "default")
+                assert doc is not None and doc.state["rung"] == 1

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import orjson
 import pytest
 import trio
+import trio_websocket
 
 from redis_server import RedisServer
 
@@ -214,6 +215,36 @@ def test_a_redis_outage_holds_replies_then_goes_on(
         shown = verani("inspect", "--cluster", redis_server.url, "counter/default", "--json")
         assert orjson.loads(shown.stdout)["stored"]["state"]["count"] == 3
         assert "cannot reach Redis" in nodes["a"].log()
+
+
+def test_sigterm_drains_a_node_and_its_rooms_come_back_elsewhere(
+    redis_server: RedisServer, tmp_path: pathlib.Path
+) -> None:
+    with cluster(redis_server.url, tmp_path, "a", "b") as nodes:
+        closes: list[int | None] = []
+
+        async def scenario() -> None:
+            async with connect(nodes["a"].url, user_id="ann") as ann:
+                await ann.next_event("counter:sync")
+                async with connect(nodes["b"].url, user_id="bo") as bo:
+                    await bo.next_event("counter:sync")
+                    for _ in range(3):
+                        await bo.emit("counter:increment", {"amount": 1})
+                        await update(bo)
+                    nodes["a"].proc.send_signal(signal.SIGTERM)
+                    # a hands the room over (flush, lease released), then closes its sockets.
+                    with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+                        while True:
+                            await ann.recv()
+                    closes.append(closed.value.reason.code)
+                    assert await trio.to_thread.run_sync(nodes["a"].proc.wait) == 0
+                    # bo's socket stayed; the room comes back on b with its state.
+                    await bo.emit("counter:increment", {"amount": 1})
+                    assert await update(bo) == 4
+
+        trio.run(scenario)
+        assert closes == [1001]
+        assert "hibernated on request" in nodes["a"].log()
 
 
 def test_cluster_tools_show_one_owner_and_hibernate_it(
