@@ -23,9 +23,11 @@ const now = () => performance.now();
 // the bottleneck of the first runs.
 class Conn {
   // One client: connects, answers protocol pings, hands events to onEvent(name, data).
-  constructor(userId, instance, onEvent) {
+  constructor(userId, instance, onEvent, serverUrl = args.url) {
     this.userId = userId;
     this.onEvent = onEvent;
+    this.url = serverUrl;
+    this.instance = instance;
     this.ready = new Promise((resolve, reject) => {
       this._ready = resolve;
       this._fail = reject;
@@ -36,7 +38,7 @@ class Conn {
       args.protocol === "socketio"
         ? `/socket.io/?EIO=4&transport=websocket&${q}&room=${encodeURIComponent(instance)}`
         : `${args.path}/${encodeURIComponent(instance)}?${q}`;
-    const url = new URL(args.url);
+    const url = new URL(serverUrl);
     this.open = false;
     this.buf = Buffer.alloc(0);
     this.parts = [];
@@ -174,6 +176,13 @@ function latency(samples) {
   return { p50_ms: pct(samples, 50), p99_ms: pct(samples, 99), n: samples.length };
 }
 
+function urlFor(j) {
+  // With `urls` (several servers, e.g. the nodes of a cluster), client j goes to
+  // urls[(j + url_offset) % urls.length]; otherwise to `url`.
+  if (!args.urls) return args.url;
+  return args.urls[(j + (args.url_offset ?? 0)) % args.urls.length];
+}
+
 async function openAll(n, instance, onEvent, prefix = "u") {
   // Opens in batches so a connect storm does not overflow the listen backlog. `instance` is a
   // name, or a function of the client's index giving its instance's name.
@@ -182,7 +191,7 @@ async function openAll(n, instance, onEvent, prefix = "u") {
     const batch = [];
     for (let j = i; j < Math.min(n, i + 100); j++) {
       const name = typeof instance === "function" ? instance(j) : instance;
-      const c = new Conn(`${prefix}${j}`, name, (event, data) => onEvent(c, event, data));
+      const c = new Conn(`${prefix}${j}`, name, (event, data) => onEvent(c, event, data), urlFor(j));
       batch.push(c);
     }
     await Promise.all(batch.map((c) => c.ready));
@@ -330,6 +339,11 @@ async function multiroom() {
   let stopping = false;
   let ops = 0;
   const samples = [];
+  diagnose = () => {
+    // On a timeout: the clients still waiting for their own counter:update.
+    const stuck = conns.filter((c) => pending.has(c)).map((c) => `${c.userId}@${c.url}/${c.instance}`);
+    return { stopping, waiting: stuck.length, clients: stuck.slice(0, 20) };
+  };
   const loop = async (c) => {
     while (!stopping) {
       const t = now();
@@ -337,6 +351,7 @@ async function multiroom() {
         pending.set(c, resolve);
         c.increment();
       });
+      pending.delete(c);
       if (recording) {
         ops++;
         samples.push(now() - t);
@@ -474,9 +489,44 @@ async function revive() {
   return null;
 }
 
-const modes = { rtt, pipeline, fanout, multiroom, broadcast, connect, idle, rooms, revive };
+async function duo() {
+  // One client per entry of `clients` ([{url, instance}], user ids d0, d1, ...), all connected
+  // at once. Each stdin line "I N": client I does N sequential round trips (increment -> its own
+  // counter:update -> next); the reply has every round trip's milliseconds.
+  let waiting = null;
+  const conns = [];
+  for (const [j, spec] of args.clients.entries()) {
+    const c = new Conn(`d${j}`, spec.instance, (name, data) => {
+      if (name === "counter:update" && data.updatedBy === c.userId && waiting) waiting();
+    }, spec.url);
+    await c.ready;
+    conns.push(c);
+  }
+  process.stdout.write(`${JSON.stringify({ ready: conns.length })}\n`);
+  await lines(async (line) => {
+    const [i, n] = line.split(/\s+/).map(Number);
+    const c = conns[i];
+    const samples = [];
+    for (let k = 0; k < n; k++) {
+      const t = now();
+      await new Promise((resolve) => {
+        waiting = resolve;
+        c.increment();
+      });
+      samples.push(now() - t);
+    }
+    return { samples };
+  });
+  for (const c of conns) c.close();
+  return null;
+}
+
+const modes = { rtt, pipeline, fanout, multiroom, broadcast, connect, idle, rooms, revive, duo };
+// A mode may set this to say, on a timeout, what it was waiting for.
+let diagnose = () => null;
 const timer = setTimeout(() => {
-  process.stderr.write(`loadgen: ${args.mode} timed out after ${args.timeout_s} s\n`);
+  const what = JSON.stringify(diagnose());
+  process.stderr.write(`loadgen: ${args.mode} timed out after ${args.timeout_s ?? 300} s: ${what}\n`);
   process.exit(3);
 }, (args.timeout_s ?? 300) * 1000);
 try {
