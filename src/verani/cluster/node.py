@@ -619,7 +619,12 @@ class ClusterNode:
 
     async def _read_inbox(self) -> None:
         inbox = keys.inbox_key(self.node_id)
-        last: str | bytes = b"$"
+        # Where to read from: an explicit id, never "$" (which means "what comes after this
+        # call starts": an entry added while no XREAD is waiting would be skipped). What a
+        # previous incarnation of this node left unread is not for this one.
+        last: str | bytes = await self._retrying(
+            functools.partial(self._stream_end, inbox), "reading its inbox"
+        )
         read = 0
         failing = False
         while True:
@@ -646,6 +651,10 @@ class ClusterNode:
                 read += 1
             self.stats["read"] = read
             # Nothing to trim: every XADD keeps the stream to about INBOX_MAXLEN entries.
+
+    async def _stream_end(self, inbox: str) -> str | bytes:
+        newest = await self.client.xrevrange(inbox, count=1)
+        return newest[0].identifier if newest else b"0-0"
 
     async def _handle(self, message: list[Any]) -> None:
         kind = message[0]
