@@ -23,9 +23,11 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Self
 
 import anyio
+import attrs
 import coredis
 import coredis.exceptions
 import orjson
+import trio
 from coredis.commands import Script
 
 from ..errors import (
@@ -204,6 +206,13 @@ class RedisStore(Store):
         # Set by from_url: the store opens and closes the client it made.
         self._owned = False
         self._stack: contextlib.AsyncExitStack | None = None
+        # Group commit: commits that arrive while a write is in flight go out together next,
+        # one pipeline for every room committing at the time (a script call costs ~200 µs of
+        # client CPU alone, ~25 µs in a pipeline of 50).
+        self._queue: list[_Pending] = []
+        self._writing = False
+        #: Round trips made for the commits counted in ``saves``.
+        self.round_trips = 0
 
     @classmethod
     def from_url(
@@ -403,13 +412,63 @@ class RedisStore(Store):
         for field, value in puts:
             args += [field, value]
         args += deletes
-        with self._errors(f"cannot write {_name(room, instance)}"), self._replicated():
-            reply: Any = await _WRITE_SCRIPT(
-                keys=_instance_keys(room, instance), args=args, client=self._client
-            )
+        what = f"cannot write {_name(room, instance)}"
+        if replace or self._wait_replicas > 0:
+            with self._errors(what), self._replicated():
+                reply: Any = await _WRITE_SCRIPT(
+                    keys=_instance_keys(room, instance), args=args, client=self._client
+                )
+            self.round_trips += 1
+        else:
+            reply = await self._write_grouped(_Pending(_instance_keys(room, instance), args), what)
         self._check_fence(reply, room, instance, epoch)
         self.note_schedules(room, instance, changes.schedules)
         self.saves += 1
+
+    @property
+    def writes(self) -> int:
+        """Round trips to Redis for the writes counted in :attr:`saves`."""
+        return self.round_trips
+
+    async def _write_grouped(self, pending: _Pending, what: str) -> Any:
+        """Queue one commit's script call; the first committer that finds no write in flight
+        writes every queued one in one pipeline, and again while more queued up meanwhile."""
+        self._queue.append(pending)
+        if not self._writing:
+            self._writing = True
+            try:
+                # Shielded: the others' commits ride on this write (coredis' stream timeout
+                # bounds it).
+                with trio.CancelScope(shield=True):
+                    while self._queue:
+                        batch, self._queue = self._queue, []
+                        await self._write_batch(batch)
+            finally:
+                self._writing = False
+        await pending.done.wait()
+        if pending.error is not None:
+            raise _again(pending.error, what)
+        return pending.reply
+
+    async def _write_batch(self, batch: list[_Pending]) -> None:
+        try:
+            with self._errors("cannot write"):
+                async with self._client.pipeline(transaction=False, raise_on_error=False) as pipe:
+                    results: list[Any] = [
+                        _WRITE_SCRIPT(keys=p.keys, args=p.args, client=pipe) for p in batch
+                    ]
+            self.round_trips += 1
+            for p, result in zip(batch, results, strict=True):
+                try:
+                    p.reply = await result
+                except coredis.exceptions.RedisError as exc:
+                    p.error = exc
+        except StoreError as exc:
+            for p in batch:
+                p.error = exc
+        finally:
+            for p in batch:
+                p.done.set()
 
     async def _read(self, room: str, instance: str) -> dict[bytes, bytes] | None:
         _validate(room, instance)
@@ -556,6 +615,24 @@ class RedisStore(Store):
             raise StoreError(
                 f"{what}: the Redis client of {self._where} is not open: {exc}"
             ) from exc
+
+
+@attrs.define(eq=False)
+class _Pending:
+    """One commit's script call, waiting for the group write that carries it."""
+
+    keys: list[str]
+    args: list[str | bytes | int]
+    done: trio.Event = attrs.field(factory=trio.Event)
+    reply: Any = None
+    error: BaseException | None = None
+
+
+def _again(error: BaseException, what: str) -> StoreError:
+    """The error of a group write, for one of its commits (its own message, its own type)."""
+    if isinstance(error, StoreError):
+        return type(error)(f"{what}: {str(error).removeprefix('cannot write: ')}")
+    return StoreError(f"{what}: Redis answered: {error}")
 
 
 def _fields(
