@@ -60,6 +60,8 @@ DEFAULT_LEASE_SECONDS: Final = 5.0
 FORWARD_IDLE: Final = 30.0
 #: Entries kept in a node's inbox at most (approximately): a dead node's inbox stops growing.
 INBOX_MAXLEN: Final = 100_000
+#: Events of one room forwarded in one round trip at most.
+FORWARD_BATCH: Final = 64
 #: Entries read from the inbox at once.
 READ_COUNT: Final = 512
 
@@ -403,7 +405,10 @@ class ClusterNode:
 
     async def _forward_until_idle(self, inst: RoomInstance) -> bool:
         """Send ``inst``'s events to its owner until none came for :data:`FORWARD_IDLE`
-        seconds (True), or until it has no owner (False: the event in hand is put back)."""
+        seconds (True), or until it has no owner (False: the events in hand are put back).
+
+        Every event waiting goes in one forward (one round trip, one inbox entry), in order.
+        """
         room, instance = inst.key
         while True:
             event: InboxEvent | None = inst.front.popleft() if inst.front else None
@@ -412,21 +417,34 @@ class ClusterNode:
                     event = await inst.inbox.receive()
                 if event is None:
                     return True
-            message = self._message_for(inst, event)
-            if message is None:
+            events = [event]
+            while len(events) < FORWARD_BATCH:
+                try:
+                    events.append(inst.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            sent: list[InboxEvent] = []
+            messages: list[list[Any]] = []
+            for one in events:
+                message = self._message_for(inst, one)
+                if message is not None:
+                    sent.append(one)
+                    messages.append(message)
+            if not messages:
                 continue
             holder = await self._retrying(
-                functools.partial(self._forward, room, instance, message),
+                functools.partial(self._forward, room, instance, *messages),
                 f"room {room}/{instance}: forwarding to its owner",
             )
             if holder is None:
-                inst.front.appendleft(event)
+                inst.front.extendleft(reversed(sent))
                 return False
             self.stats["forwards"] += 1
-            if isinstance(event, Message):
-                event.session.credit.message_done()
-            elif isinstance(event, Disconnect) and isinstance(event.session.sink, RemoteSink):
-                self.remote.pop((event.session.sink.target, event.session.sink.conn), None)
+            for one in sent:
+                if isinstance(one, Message):
+                    one.session.credit.message_done()
+                elif isinstance(one, Disconnect) and isinstance(one.session.sink, RemoteSink):
+                    self.remote.pop((one.session.sink.target, one.session.sink.conn), None)
 
     def _message_for(self, inst: RoomInstance, event: InboxEvent) -> list[Any] | None:
         """The inbox message that carries ``event`` to another node (None: none to send)."""
@@ -589,12 +607,12 @@ class ClusterNode:
                     "forgetting a session",
                 )
 
-    async def _forward(self, room: str, instance: str, message: list[Any]) -> str | None:
-        """Put ``message`` in the inbox of the owner of ``room``/``instance``; returns the
-        owner (None: nobody owns it, nothing was sent)."""
+    async def _forward(self, room: str, instance: str, *messages: list[Any]) -> str | None:
+        """Put ``messages`` in the inbox of the owner of ``room``/``instance`` (one entry);
+        returns the owner (None: nobody owns it, nothing was sent)."""
         holder: Any = await self._forward_script(
             keys=[keys.lease_key(room, instance)],
-            args=[orjson.dumps([message]), keys.inbox_key(""), INBOX_MAXLEN],
+            args=[orjson.dumps(messages), keys.inbox_key(""), INBOX_MAXLEN],
         )
         return holder.decode() if isinstance(holder, bytes) else None
 
