@@ -453,16 +453,32 @@ class RedisStore(Store):
     async def _write_batch(self, batch: list[_Pending]) -> None:
         try:
             with self._errors("cannot write"):
-                async with self._client.pipeline(transaction=False, raise_on_error=False) as pipe:
-                    results: list[Any] = [
-                        _WRITE_SCRIPT(keys=p.keys, args=p.args, client=pipe) for p in batch
-                    ]
-            self.round_trips += 1
-            for p, result in zip(batch, results, strict=True):
-                try:
-                    p.reply = await result
-                except coredis.exceptions.RedisError as exc:
-                    p.error = exc
+                # EVALSHA itself, not the Script in the pipeline: coredis would ask SCRIPT
+                # EXISTS before every pipeline. The script is loaded again only when Redis
+                # lost it (a restart).
+                for attempt in (1, 2):
+                    async with self._client.pipeline(
+                        transaction=False, raise_on_error=False
+                    ) as pipe:
+                        results: list[Any] = [
+                            pipe.evalsha(_WRITE_SCRIPT.sha, keys=p.keys, args=p.args) for p in batch
+                        ]
+                    self.round_trips += 1
+                    outcomes: list[Any] = []
+                    for result in results:
+                        try:
+                            outcomes.append(await result)
+                        except coredis.exceptions.RedisError as exc:
+                            outcomes.append(exc)
+                    lost = any(isinstance(o, coredis.exceptions.NoScriptError) for o in outcomes)
+                    if not lost or attempt == 2:
+                        break
+                    await self._client.script_load(_WRITE)
+            for p, outcome in zip(batch, outcomes, strict=True):
+                if isinstance(outcome, Exception):
+                    p.error = outcome
+                else:
+                    p.reply = outcome
         except StoreError as exc:
             for p in batch:
                 p.error = exc
