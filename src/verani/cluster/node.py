@@ -92,6 +92,17 @@ _HEARTBEAT_ERRORS: tuple[type[BaseException], ...] = (*_READ_ERRORS, StoreError)
 _RETRY: Final = 0.5
 
 
+@attrs.define(eq=False)
+class _Forward:
+    """One forward, waiting for the group write that carries it."""
+
+    lease_key: str
+    payload: bytes
+    done: trio.Event = attrs.field(factory=trio.Event)
+    holder: Any = None
+    error: BaseException | None = None
+
+
 def default_node_id() -> str:
     """``HOST-PID``: unique on one machine, readable in ``verani inspect --cluster``."""
     return f"{socket.gethostname()}-{os.getpid()}"
@@ -176,6 +187,9 @@ class ClusterNode:
         # What goes to other nodes' inboxes and to Redis, flushed in order by one task.
         self._out: dict[str, list[list[Any]]] = {}
         self._writes: list[tuple[Any, ...]] = []
+        # Group forwarding (see _forward).
+        self._forwards: list[_Forward] = []
+        self._forwarding = False
         # Sessions of this node's sockets that ended: (hash, client id, connection).
         self._forget: list[tuple[str, str, str]] = []
         # Disconnects of sockets found gone, for their rooms' owners (see _deliver).
@@ -609,12 +623,62 @@ class ClusterNode:
 
     async def _forward(self, room: str, instance: str, *messages: list[Any]) -> str | None:
         """Put ``messages`` in the inbox of the owner of ``room``/``instance`` (one entry);
-        returns the owner (None: nobody owns it, nothing was sent)."""
-        holder: Any = await self._forward_script(
-            keys=[keys.lease_key(room, instance)],
-            args=[orjson.dumps(messages), keys.inbox_key(""), INBOX_MAXLEN],
-        )
+        returns the owner (None: nobody owns it, nothing was sent).
+
+        Forwards of every room that arrive while one is in flight go out together next, in
+        one pipeline (a script call costs ~215 µs of client CPU alone, ~25 µs in a batch).
+        """
+        pending = _Forward(keys.lease_key(room, instance), orjson.dumps(messages))
+        self._forwards.append(pending)
+        if not self._forwarding:
+            self._forwarding = True
+            try:
+                with trio.CancelScope(shield=True):  # the others' forwards ride on it
+                    while self._forwards:
+                        batch, self._forwards = self._forwards, []
+                        await self._forward_batch(batch)
+            finally:
+                self._forwarding = False
+        await pending.done.wait()
+        if pending.error is not None:
+            raise pending.error
+        holder = pending.holder
         return holder.decode() if isinstance(holder, bytes) else None
+
+    async def _forward_batch(self, batch: list[_Forward]) -> None:
+        prefix = keys.inbox_key("")
+        try:
+            for attempt in (1, 2):
+                async with self.client.pipeline(transaction=False, raise_on_error=False) as pipe:
+                    results: list[Any] = [
+                        pipe.evalsha(
+                            self._forward_script.sha,
+                            keys=[f.lease_key],
+                            args=[f.payload, prefix, INBOX_MAXLEN],
+                        )
+                        for f in batch
+                    ]
+                outcomes: list[Any] = []
+                for result in results:
+                    try:
+                        outcomes.append(await result)
+                    except coredis.exceptions.RedisError as exc:
+                        outcomes.append(exc)
+                lost = any(isinstance(o, coredis.exceptions.NoScriptError) for o in outcomes)
+                if not lost or attempt == 2:
+                    break
+                await self.client.script_load(_FORWARD)  # Redis restarted: load it again
+            for f, outcome in zip(batch, outcomes, strict=True):
+                if isinstance(outcome, Exception):
+                    f.error = outcome
+                else:
+                    f.holder = outcome
+        except _READ_ERRORS as exc:
+            for f in batch:
+                f.error = exc
+        finally:
+            for f in batch:
+                f.done.set()
 
     async def _send(self, out: dict[str, list[list[Any]]], writes: list[tuple[Any, ...]]) -> None:
         async with self.client.pipeline(transaction=False) as pipe:
