@@ -176,3 +176,30 @@ async def test_a_due_schedule_wakes_its_sleeping_room_on_exactly_one_node(redis_
                 await trio.sleep(1.5)  # every node's waker looked again meanwhile
                 doc = await store.load("alarm", "default")
                 assert doc is not None and doc.state["rung"] == 1
+
+
+async def test_channels_joined_on_one_owner_hold_under_the_next(redis_url: str) -> None:
+    from verani.loader import load_rooms
+
+    from helpers import ROOMS
+
+    rooms = load_rooms([ROOMS / "channels.py"])
+    with trio.fail_after(30):
+        async with nodes(rooms, redis_url, "a", "b") as (a, b):
+            async with (
+                connect(a.url, "/ws/channels", user_id="ann") as ann,  # a owns the room
+                connect(b.url, "/ws/channels", user_id="bo") as bo,
+            ):
+                await bo.emit("channels:join", {"channel": "news"})
+                await bo.next_event("channels:joined")
+                # The room moves: hibernated, then woken by bo's next event, on b this time.
+                assert await a.hibernate("channels", "default") == [("channels", "default", None)]
+                await bo.emit("channels:join", {"channel": "sport"})
+                joined = await bo.next_event("channels:joined")
+                assert b.supervisor.cluster.epoch_of("channels", "default")
+                assert "news" in joined[1]["channels"]
+                await ann.emit("channels:join", {"channel": "news"})
+                await ann.next_event("channels:joined")
+                await ann.emit("channels:message", {"channel": "news", "text": "hi"})
+                message = await bo.next_event("channels:message")
+                assert message[1]["text"] == "hi"

@@ -300,11 +300,13 @@ class RoomContext(Generic[S]):
         socket attachment)."""
         if channel not in self.meta.channels:
             self.meta.channels.append(channel)
+            self.actor._sessions.meta_changed(self.meta)
 
     def leave(self, channel: str) -> None:
         """Unsubscribe this socket from ``channel``."""
         if channel in self.meta.channels:
             self.meta.channels.remove(channel)
+            self.actor._sessions.meta_changed(self.meta)
 
     def close(self, code: int = 4000, reason: str = "") -> None:
         """Close this socket with ``code`` and ``reason`` (cut to 123 bytes), e.g. to kick a

@@ -141,6 +141,10 @@ class Sessions:
             raise ValueError(f"client id {session.meta.client_id!r} is already connected")
         self._by_client[session.meta.client_id] = session
 
+    def meta_changed(self, meta: ConnectionMeta) -> None:
+        """A session's meta changed (its channels): a cluster records it for the next owner.
+        Nothing to do in one process."""
+
     def get(self, client_id: str) -> Session | None:
         """The session of ``client_id``, if it is connected."""
         return self._by_client.get(client_id)

@@ -143,6 +143,11 @@ class ClusterSessions(Sessions):
         if session.sink is not DETACHED:
             self._node.record_session(self._room, self._instance, session)
 
+    def meta_changed(self, meta: ConnectionMeta) -> None:
+        session = self.get(meta.client_id)
+        if session is not None and session.sink is not DETACHED:
+            self._node.record_session(self._room, self._instance, session)
+
 
 def _big_credit() -> Credit:
     # A remote socket's credit is kept by its own node; here only the turn's bookkeeping runs.
