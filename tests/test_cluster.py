@@ -203,3 +203,66 @@ async def test_channels_joined_on_one_owner_hold_under_the_next(redis_url: str) 
                 await ann.emit("channels:message", {"channel": "news", "text": "hi"})
                 message = await bo.next_event("channels:message")
                 assert message[1]["text"] == "hi"
+
+
+async def test_a_room_idle_with_a_socket_open_never_runs_twice_on_one_node(
+    redis_url: str, counter_rooms: list[RoomDefinition[Any]]
+) -> None:
+    key = ("counter", "default")
+    with trio.fail_after(30):
+        async with nodes(counter_rooms, redis_url, "a", idle_timeout=0.5) as (a,):
+            supervisor = a.supervisor
+            async with connect(a.url, user_id="u1") as c1:
+                await c1.next_event("counter:sync")
+                first = supervisor.instances[key]
+                while first.running:  # hibernated, its socket still open
+                    await trio.sleep(0.05)
+                async with connect(a.url, user_id="u2") as c2:
+                    await c2.next_event("counter:sync")
+                    assert supervisor.instances[key] is first  # one instance, one actor
+                    for client in (c1, c2, c1):
+                        await client.emit("counter:increment", {"amount": 1})
+                    assert [(await c2.next_event("counter:update"))[1]["count"] for _ in "123"] == [
+                        1,
+                        2,
+                        3,
+                    ]
+
+
+async def test_a_socket_leaving_a_node_that_stopped_forwarding_still_leaves_the_room(
+    redis_url: str, counter_rooms: list[RoomDefinition[Any]]
+) -> None:
+    with trio.fail_after(30):
+        async with nodes(counter_rooms, redis_url, "a", "b") as (a, b):
+            b.supervisor.cluster.forward_idle = 0.3
+            async with connect(a.url, user_id="u1") as c1:  # a owns the room
+                await c1.next_event("counter:sync")
+                async with connect(b.url, user_id="u2") as c2:
+                    await c2.next_event("counter:sync")
+                    assert await a.room("counter").get_session_count() == 2
+                    while b.supervisor.instances[("counter", "default")].running:
+                        await trio.sleep(0.05)  # b forwards no more: idle
+                while await a.room("counter").get_session_count() != 1:
+                    await trio.sleep(0.05)
+                assert a.supervisor.cluster.remote == {}
+
+
+async def test_a_call_the_owner_never_answers_fails_the_call_not_the_server(
+    redis_url: str, counter_rooms: list[RoomDefinition[Any]]
+) -> None:
+    from verani.cluster import keys as cluster_keys
+    from verani.errors import VeraniError
+
+    with trio.fail_after(30):
+        async with nodes(counter_rooms, redis_url, "a") as (a,):
+            # A lease held by a node that is not there (paused, say): calls go to its inbox.
+            client: coredis.Redis[bytes] = coredis.Redis.from_url(redis_url)
+            async with client:
+                await client.set(
+                    cluster_keys.lease_key("counter", "default"), "ghost#1 7", px=60_000
+                )
+            with pytest.raises(VeraniError, match="did not answer"):
+                await a.room("counter").get_session_count()
+            # The node goes on: other rooms are served.
+            async with connect(a.url, "/ws/counter/other", user_id="u1") as other:
+                assert (await other.next_event("counter:sync"))[1]["count"] == 0

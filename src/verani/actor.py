@@ -791,6 +791,8 @@ class Actor:
             return ctx
         if isinstance(event, Disconnect):
             session = event.session
+            if session in self.sessions:
+                self.sessions.left(session)
             if session.recovery is not None and session in self.sessions:
                 if not event.final:
                     self._detach(event)

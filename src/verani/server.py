@@ -23,7 +23,7 @@ import trio
 
 from . import api, live
 from .connection import Connection
-from .errors import ServeError, single_error
+from .errors import ServeError, VeraniError, single_error
 from .handshake import (
     HttpAnswer,
     RequestHead,
@@ -214,7 +214,10 @@ class Server:
         if cluster is not None and room is not None and instance is not None:
             inst = self.supervisor.instances.get((room, instance))
             if inst is None or cluster.epoch_of(room, instance) is None:
-                error = await cluster.remote_op(room, instance, ("hibernate",))
+                try:
+                    error = await cluster.remote_op(room, instance, ("hibernate",))
+                except VeraniError as exc:
+                    error = str(exc)
                 return [(room, instance, error if isinstance(error, str) else None)]
         return await self.supervisor.hibernate(room, instance)
 
@@ -398,6 +401,7 @@ class Server:
             return
         inst = self.supervisor.instance(route.room.name, route.instance)
         conn = Connection(self, ws, inst, meta, resume)
+        inst.attached += 1
         cluster = self.supervisor.cluster
         if cluster is not None:
             conn.cluster_id = cluster.attach(conn)
@@ -411,8 +415,10 @@ class Server:
             await conn.run()
         finally:
             self._connections.discard(conn)
+            inst.attached -= 1
+            self.supervisor.forget_if_idle(inst)
             if cluster is not None and conn.cluster_id is not None:
-                cluster.detach(conn.cluster_id, *key, conn.session.meta.client_id)
+                cluster.detach(conn.cluster_id)
             left = self._per_room[key] - 1
             if left:
                 self._per_room[key] = left

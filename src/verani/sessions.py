@@ -145,6 +145,10 @@ class Sessions:
         """A session's meta changed (its channels): a cluster records it for the next owner.
         Nothing to do in one process."""
 
+    def left(self, session: Session) -> None:
+        """The socket of ``session`` is gone (it leaves, or waits detached for its client): a
+        cluster stops counting it there. Nothing to do in one process."""
+
     def get(self, client_id: str) -> Session | None:
         """The session of ``client_id``, if it is connected."""
         return self._by_client.get(client_id)

@@ -54,6 +54,9 @@ class RoomInstance:
         self.running = False
         self._supervisor = supervisor
         self._send, self.inbox = trio.open_memory_channel[InboxEvent](INBOX_SIZE)
+        #: This process's sockets connected to the instance: it is not forgotten while any
+        #: holds it (in a cluster they are not among its sessions when another node owns it).
+        self.attached = 0
         #: Events taken from the inbox and put back, read before it (a cluster node that found
         #: no owner to forward one to takes the room, and handles it first).
         self.front: collections.deque[InboxEvent] = collections.deque()
@@ -97,6 +100,8 @@ class RoomInstance:
             isinstance(event, Disconnect)
             and not self.running
             and event.session not in self.sessions
+            # In a cluster the session may be another node's to end: it goes there.
+            and self._supervisor.cluster is None
         ):
             return False
         self._supervisor.ensure_running(self)
@@ -238,6 +243,10 @@ class Supervisor:
             return
         if self._nursery is None:
             raise RuntimeError("the supervisor is not running; start Supervisor.run first")
+        current = self.instances.get(inst.key)
+        if current is not None and current is not inst:
+            # Never two instances (and actors) of one room: this one was let go of while idle.
+            raise RuntimeError(f"room {inst.key[0]}/{inst.key[1]}: a second instance")
         inst.running = True
         self._running += 1
         self.instances[inst.key] = inst
@@ -280,11 +289,30 @@ class Supervisor:
         try:
             while True:
                 cluster = self.cluster
-                if cluster is not None and not await cluster.take(inst):
-                    # Another node owns it: its events went there until none came for a while.
-                    if inst.has_pending():
-                        continue
-                    return
+                if cluster is not None:
+                    if self.stopping:
+                        # Draining: the room is not taken again here; its next owner will.
+                        self._drain(inst, "the node is shutting down", close_code=1012)
+                        return
+                    try:
+                        owned = await cluster.take(inst)
+                    except Exception as exc:
+                        log.error(
+                            "room %s/%s: cannot reach its owner or take it over (%s: %s); "
+                            "closing its sockets here with 1011",
+                            *inst.key,
+                            type(exc).__name__,
+                            exc,
+                            exc_info=exc,
+                        )
+                        self._fail_instance(inst)
+                        return
+                    if not owned:
+                        # Another node owns it: its events went there until none came for a
+                        # while.
+                        if inst.has_pending():
+                            continue
+                        return
                 definition = inst.definition
                 actor = Actor(
                     definition=definition,
@@ -359,7 +387,16 @@ class Supervisor:
         if deadlines and self._nursery is not None and not self.stopping:
             # Asleep with dropped sessions waiting: wake when the first one's grace period ends.
             self._nursery.start_soon(self._wake_at, inst, min(deadlines))
-        if not len(inst.sessions) and self.instances.get(inst.key) is inst:
+        self.forget_if_idle(inst)
+
+    def forget_if_idle(self, inst: RoomInstance) -> None:
+        """Let go of an instance that sleeps with no session and no socket of this process."""
+        if (
+            not inst.running
+            and not len(inst.sessions)
+            and not inst.attached
+            and self.instances.get(inst.key) is inst
+        ):
             del self.instances[inst.key]
 
     async def _wake_at(self, inst: RoomInstance, deadline: float) -> None:
@@ -377,7 +414,7 @@ class Supervisor:
         """Answer every event still queued for an instance whose actor is gone."""
         while True:
             try:
-                event = inst.inbox.receive_nowait()
+                event = inst.receive_nowait()
             except trio.WouldBlock:
                 break
             if isinstance(event, Connect) and close_code is not None:

@@ -47,6 +47,7 @@ from ..protocol import ClientFrame
 from ..recovery import ResumeRequest
 from ..sessions import DETACHED, ConnectionMeta, Session, Sessions
 from . import keys, lease
+from .group import Group, Job
 from .redis_store import _UNREACHABLE
 
 if TYPE_CHECKING:
@@ -60,6 +61,8 @@ DEFAULT_LEASE_SECONDS: Final = 5.0
 FORWARD_IDLE: Final = 30.0
 #: Entries kept in a node's inbox at most (approximately): a dead node's inbox stops growing.
 INBOX_MAXLEN: Final = 100_000
+#: Seconds a call across nodes waits for its answer at most.
+MAX_REPLY_WAIT: Final = 8.0
 #: Events of one room forwarded in one round trip at most.
 FORWARD_BATCH: Final = 64
 #: Entries read from the inbox at once.
@@ -90,17 +93,6 @@ return 0
 _READ_ERRORS: tuple[type[BaseException], ...] = (coredis.exceptions.RedisError, *_UNREACHABLE)
 _HEARTBEAT_ERRORS: tuple[type[BaseException], ...] = (*_READ_ERRORS, StoreError)
 _RETRY: Final = 0.5
-
-
-@attrs.define(eq=False)
-class _Forward:
-    """One forward, waiting for the group write that carries it."""
-
-    lease_key: str
-    payload: bytes
-    done: trio.Event = attrs.field(factory=trio.Event)
-    holder: Any = None
-    error: BaseException | None = None
 
 
 def default_node_id() -> str:
@@ -143,6 +135,9 @@ class ClusterSessions(Sessions):
         if session.sink is not DETACHED:
             self._node.record_session(self._room, self._instance, session)
 
+    def left(self, session: Session) -> None:
+        self._node.forget_session(self._room, self._instance, session)
+
     def meta_changed(self, meta: ConnectionMeta) -> None:
         session = self.get(meta.client_id)
         if session is not None and session.sink is not DETACHED:
@@ -174,6 +169,8 @@ class ClusterNode:
         self.incarnation = secrets.token_hex(6)
         self.holder = f"{self.node_id}#{self.incarnation}"
         self.lease_ms = int(lease_seconds * 1000)
+        #: Seconds a non-owner keeps forwarding for an instance after its last event.
+        self.forward_idle = FORWARD_IDLE
         #: Opened and closed by the store that shares it (``RedisStore.from_url``).
         self.client = client
         self._forward_script = self.client.register_script(_FORWARD)
@@ -181,8 +178,9 @@ class ClusterNode:
         self.codec = make_codec()
         #: The epoch of every room instance this node owns.
         self.owned: dict[tuple[str, str], int] = {}
-        #: This node's sockets, by connection id.
+        #: This node's sockets, by connection id; and the latest ones that closed.
         self.conns: dict[str, Any] = {}
+        self._closed: collections.OrderedDict[str, Any] = collections.OrderedDict()
         self._conn_seq = itertools.count(1)
         #: Sessions of rooms this node owns whose sockets are elsewhere, by (node, conn).
         self.remote: dict[tuple[str, str], Session] = {}
@@ -193,13 +191,13 @@ class ClusterNode:
         self._out: dict[str, list[list[Any]]] = {}
         self._writes: list[tuple[Any, ...]] = []
         # Group forwarding (see _forward).
-        self._forwards: list[_Forward] = []
-        self._forwarding = False
+        self._forwards = Group(self._forward_batch)
         # Sessions of this node's sockets that ended: (hash, client id, connection).
         self._forget: list[tuple[str, str, str]] = []
         # Disconnects of sockets found gone, for their rooms' owners (see _deliver).
         self._gone: list[tuple[str, str, list[Any]]] = []
         self._out_ready = trio.Event()
+        self._flush_lock = trio.Lock()
         self._gone_reported: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.supervisor: Supervisor | None = None
         self._nursery: trio.Nursery | None = None
@@ -257,11 +255,23 @@ class ClusterNode:
         self.conns[conn_id] = conn
         return conn_id
 
-    def detach(self, conn_id: str, room: str, instance: str, client_id: str) -> None:
-        """A socket of this node is gone: no owner counts it from now on."""
-        self.conns.pop(conn_id, None)
-        self._forget.append((keys.sessions_key(room, instance), client_id, conn_id))
-        self._out_ready.set()
+    def detach(self, conn_id: str) -> None:
+        """A socket of this node is gone. Its room's owner ends its session when its
+        Disconnect arrives (``ClusterSessions.left``); until then a new owner may still take
+        it over, so it is kept a while among the closed ones."""
+        conn = self.conns.pop(conn_id, None)
+        if conn is not None:
+            self._closed[conn_id] = conn
+            if len(self._closed) > 10_000:
+                self._closed.popitem(last=False)
+
+    def forget_session(self, room: str, instance: str, session: Session) -> None:
+        """The owner saw ``session``'s socket go: the next owner must not take it over."""
+        where = self._address(session)
+        if where is not None:
+            hkey = keys.sessions_key(room, instance)
+            self._forget.append((hkey, session.meta.client_id, where[1]))
+            self._out_ready.set()
 
     def record_session(self, room: str, instance: str, session: Session) -> None:
         """The owner accepted ``session``: keep it where the next owner will find it."""
@@ -312,8 +322,12 @@ class ClusterNode:
                 return False
 
     def scope(self, inst: RoomInstance) -> trio.CancelScope:
-        """The scope the owner's actor runs in: cancelled when the lease is lost."""
+        """The scope the owner's actor runs in: cancelled when the lease is lost (at once if
+        it was lost while the sessions were being read)."""
         scope = self._scopes[inst.key] = trio.CancelScope()
+        if inst.key not in self.owned:
+            self.lost.add(inst.key)
+            scope.cancel()
         return scope
 
     async def release(self, inst: RoomInstance) -> None:
@@ -326,8 +340,10 @@ class ClusterNode:
             if isinstance(session.sink, RemoteSink):
                 inst.sessions.remove(session)
                 self.remote.pop((session.sink.target, session.sink.conn), None)
-            elif session.sink is not DETACHED:
-                inst.sessions.remove(session)  # this node's: in the hash, read again
+            else:
+                # This node's (in the hash, read again), or detached (in the document's
+                # recovery section, read again by whichever node owns the room next).
+                inst.sessions.remove(session)
         if epoch is not None and key not in self.lost:
             await self._flush()  # frames for other nodes go before the room can move
             try:
@@ -375,7 +391,10 @@ class ClusterNode:
                 dead.append(client_id)
                 continue
             if node not in incarnations:
-                alive = await self.client.get(keys.node_key(node))
+                alive = await self._retrying(
+                    functools.partial(self.client.get, keys.node_key(node)),
+                    f"room {room}/{instance}: reading which nodes are alive",
+                )
                 incarnations[node] = alive.decode() if alive is not None else None
             if incarnations[node] != conn.split(".")[0]:
                 dead.append(client_id)  # that socket went with its node
@@ -383,11 +402,15 @@ class ClusterNode:
             if inst.sessions.has_client(client_id.decode()):
                 continue
             if node == self.node_id:
-                local = self.conns.get(conn)
+                local = self.conns.get(conn) or self._closed.get(conn)
                 if local is None:
                     dead.append(client_id)
                     continue
                 session = local.session
+                recorded = self._decode_meta(entry)
+                if recorded is not None:
+                    # Channels it joined or left under another owner.
+                    session.meta.channels = list(recorded.channels)
             else:
                 existing = self.remote.get((node, conn))
                 if existing is not None:
@@ -432,7 +455,7 @@ class ClusterNode:
         while True:
             event: InboxEvent | None = inst.front.popleft() if inst.front else None
             if event is None:
-                with trio.move_on_after(FORWARD_IDLE):
+                with trio.move_on_after(self.forward_idle):
                     event = await inst.inbox.receive()
                 if event is None:
                     return True
@@ -526,11 +549,13 @@ class ClusterNode:
             event.result = await self.remote_op(inst.key[0], inst.key[1], event.op)
         except VeraniError as exc:
             event.fail(exc)
+        except Exception as exc:  # Redis failed under the call: the caller hears it
+            event.fail(VeraniError(f"room {inst.key[0]}/{inst.key[1]}: the call failed: {exc}"))
         else:
             event.done.set()
 
     async def remote_op(
-        self, room: str, instance: str, op: Sequence[Any], *, timeout: float = 30.0
+        self, room: str, instance: str, op: Sequence[Any], *, timeout: float = MAX_REPLY_WAIT
     ) -> Any:
         """Run ``op`` (see :meth:`run_op`) on the owner of ``room``/``instance`` and return its
         result; with no owner, here (which takes the room)."""
@@ -574,9 +599,12 @@ class ClusterNode:
         except Exception as exc:  # the caller's error, on the caller's node
             answer = {"error": f"{type(exc).__name__}: {exc}"}
         payload = orjson.dumps(answer, default=repr)
-        await self._retrying(
-            functools.partial(self._push_reply, reply, payload), "answering a call"
-        )
+        try:
+            await self._retrying(
+                functools.partial(self._push_reply, reply, payload), "answering a call"
+            )
+        except Exception as exc:  # the caller times out; this node goes on
+            log.error("room %s/%s: a call's answer was not sent: %s", room, instance, exc)
 
     async def _push_reply(self, reply: str, payload: bytes) -> None:
         async with self.client.pipeline(transaction=False) as pipe:
@@ -604,9 +632,18 @@ class ClusterNode:
         while True:
             await self._out_ready.wait()
             self._out_ready = trio.Event()
-            await self._flush()
+            try:
+                await self._flush()
+            except Exception as exc:  # Redis refused (OOM, read-only): said, and go on
+                log.error("node %s: sending to other nodes failed: %s", self.node_id, exc)
 
     async def _flush(self) -> None:
+        # One flush at a time, in order: a release waits for the one in flight, so no frame
+        # of a room it hands over arrives after the new owner's.
+        async with self._flush_lock:
+            await self._flush_all()
+
+    async def _flush_all(self) -> None:
         while self._out or self._writes or self._gone or self._forget:
             out, self._out = self._out, {}
             writes, self._writes = self._writes, []
@@ -628,29 +665,12 @@ class ClusterNode:
 
     async def _forward(self, room: str, instance: str, *messages: list[Any]) -> str | None:
         """Put ``messages`` in the inbox of the owner of ``room``/``instance`` (one entry);
-        returns the owner (None: nobody owns it, nothing was sent).
-
-        Forwards of every room that arrive while one is in flight go out together next, in
-        one pipeline (a script call costs ~215 µs of client CPU alone, ~25 µs in a batch).
-        """
-        pending = _Forward(keys.lease_key(room, instance), orjson.dumps(messages))
-        self._forwards.append(pending)
-        if not self._forwarding:
-            self._forwarding = True
-            try:
-                with trio.CancelScope(shield=True):  # the others' forwards ride on it
-                    while self._forwards:
-                        batch, self._forwards = self._forwards, []
-                        await self._forward_batch(batch)
-            finally:
-                self._forwarding = False
-        await pending.done.wait()
-        if pending.error is not None:
-            raise pending.error
-        holder = pending.holder
+        returns the owner (None: nobody owns it, nothing was sent). Grouped with every other
+        room's forward waiting (see :mod:`.group`)."""
+        holder = await self._forwards.run((keys.lease_key(room, instance), orjson.dumps(messages)))
         return holder.decode() if isinstance(holder, bytes) else None
 
-    async def _forward_batch(self, batch: list[_Forward]) -> None:
+    async def _forward_batch(self, jobs: list[Job]) -> None:
         prefix = keys.inbox_key("")
         try:
             for attempt in (1, 2):
@@ -658,10 +678,10 @@ class ClusterNode:
                     results: list[Any] = [
                         pipe.evalsha(
                             self._forward_script.sha,
-                            keys=[f.lease_key],
-                            args=[f.payload, prefix, INBOX_MAXLEN],
+                            keys=[job.payload[0]],
+                            args=[job.payload[1], prefix, INBOX_MAXLEN],
                         )
-                        for f in batch
+                        for job in jobs
                     ]
                 outcomes: list[Any] = []
                 for result in results:
@@ -673,17 +693,14 @@ class ClusterNode:
                 if not lost or attempt == 2:
                     break
                 await self.client.script_load(_FORWARD)  # Redis restarted: load it again
-            for f, outcome in zip(batch, outcomes, strict=True):
+            for job, outcome in zip(jobs, outcomes, strict=True):
                 if isinstance(outcome, Exception):
-                    f.error = outcome
+                    job.error = outcome
                 else:
-                    f.holder = outcome
-        except _READ_ERRORS as exc:
-            for f in batch:
-                f.error = exc
-        finally:
-            for f in batch:
-                f.done.set()
+                    job.result = outcome
+        except Exception as exc:  # never raise out of a group write: its waiters are told
+            for job in jobs:
+                job.error = exc
 
     async def _send(self, out: dict[str, list[list[Any]]], writes: list[tuple[Any, ...]]) -> None:
         async with self.client.pipeline(transaction=False) as pipe:
@@ -765,6 +782,10 @@ class ClusterNode:
                 log.error("node %s: unknown inbox message %r", self.node_id, kind)
         except (IndexError, KeyError, TypeError, ValueError) as exc:
             log.error("node %s: malformed inbox message %r: %s", self.node_id, message[:5], exc)
+        except Exception as exc:  # one message never stops the reader (and the node)
+            log.error(
+                "node %s: inbox message %r failed: %s", self.node_id, message[:5], exc, exc_info=exc
+            )
 
     def _deliver(self, message: list[Any]) -> None:
         conn_id, room, instance = message[1], message[2], message[3]
@@ -796,23 +817,31 @@ class ClusterNode:
             return
         inst = supervisor.instance(room, instance)
         key = (node, conn)
+        local = self.conns.get(conn) if node == self.node_id else None
         if kind == "c":
+            if node == self.node_id:
+                # This node's own socket, sent back here (the room moved to this node while
+                # its Connect was on its way): its local session, not a remote one.
+                if local is not None:
+                    await inst.submit(Connect(local.session, _resume(message)))
+                return
             meta = self._decode_meta({"m": message[5], "c": message[6]})
             if meta is None:
                 self.post(node, ["z", conn, 1011, "the session could not be read"])
                 return
             joining = Session(meta, RemoteSink(self, node, conn, room, instance), _big_credit())
             self.remote[key] = joining
-            resume = ResumeRequest(message[7], int(message[8])) if message[7] else None
-            if not await inst.submit(Connect(joining, resume)):
+            if not await inst.submit(Connect(joining, _resume(message))):
                 self.remote.pop(key, None)
                 self.post(node, ["z", conn, 1001, "server shutting down"])
             return
-        found = self.remote.get(key)
+        found = local.session if local is not None else self.remote.get(key)
         if kind == "m":
             if found is None:
-                # Not a session of this room here (it moved, or the socket joined a previous
-                # owner that died before recording it): the client reconnects.
+                if inst.key not in self.owned and await self._forward(room, instance, message):
+                    return  # this node let the room go meanwhile: on to its owner
+                # Not a session of this room here (the socket joined a previous owner that
+                # died before recording it): the client reconnects.
                 self.post(node, ["z", conn, 1012, "the room moved to another node; reconnect"])
                 return
             t, data, channel, ack_id = message[5]
@@ -820,15 +849,19 @@ class ClusterNode:
             frame = ClientFrame(str(t), data, channel, ack_id)
             if not await inst.submit(Message(found, frame)):
                 found.credit.message_done()
+                # Draining (SIGTERM): the client reconnects rather than wait for an answer.
+                if local is None:
+                    self.post(node, ["z", conn, 1012, "the node is shutting down; reconnect"])
             return
         if found is None:
             found = self._session_by_conn(inst, node, conn)
             if found is None:
+                if inst.key not in self.owned:
+                    await self._forward(room, instance, message)
                 return
         self.remote.pop(key, None)
-        session = found
         code, reason, final = int(message[5]), message[6], bool(message[7])
-        await inst.submit(Disconnect(session, code, reason, final=final))
+        await inst.submit(Disconnect(found, code, reason, final=final))
 
     def _session_by_conn(self, inst: RoomInstance, node: str, conn: str) -> Session | None:
         for session in inst.sessions:
@@ -920,7 +953,8 @@ class ClusterNode:
                     session.meta.client_id,
                 )
                 inst = supervisor.instance(sink.room, sink.instance)
-                await inst.submit(Disconnect(session, 1006, f"node {node} is gone"))
+                # Not awaited here: a full inbox must not hold up the leases' renewal.
+                self._start(inst.submit, Disconnect(session, 1006, f"node {node} is gone"))
 
     # --- helpers ----------------------------------------------------------------------------
 
@@ -951,15 +985,26 @@ _HANDLE_OPS: Final = frozenset(
 )
 
 
-async def wait_reply(client: coredis.Redis[bytes], reply: str, where: str, timeout: float) -> Any:
+async def wait_reply(client: coredis.Redis[Any], reply: str, where: str, timeout: float) -> Any:
     """The answer pushed to ``reply`` by the node that ran a call (see ``run_op``)."""
-    got = await client.blpop([reply], timeout=timeout)
+    # Below the client's stream timeout (10 s): a blocking pop longer than it is cut short as
+    # a failed read.
+    timeout = min(timeout, MAX_REPLY_WAIT)
+    try:
+        got = await client.blpop([reply], timeout=timeout)
+    except _READ_ERRORS as exc:
+        raise VeraniError(f"{where}: waiting for its owner's answer failed: {exc}") from exc
     if got is None:
         raise VeraniError(f"{where}: its owner did not answer within {timeout:g}s")
     answer = orjson.loads(got[1])
     if "error" in answer:
         raise VeraniError(f"{where}: {answer['error']}")
     return answer["ok"]
+
+
+def _resume(message: list[Any]) -> ResumeRequest | None:
+    """The resume a forwarded Connect asks for, if any."""
+    return ResumeRequest(str(message[7]), int(message[8])) if message[7] else None
 
 
 def _class_path(cls: type) -> str:

@@ -27,7 +27,6 @@ import attrs
 import coredis
 import coredis.exceptions
 import orjson
-import trio
 from coredis.commands import Script
 
 from ..errors import (
@@ -51,6 +50,7 @@ from ..store.base import (
     validate_room_name,
 )
 from . import keys
+from .group import Group, Job
 
 __all__ = ["Fence", "RedisStore"]
 
@@ -209,8 +209,7 @@ class RedisStore(Store):
         # Group commit: commits that arrive while a write is in flight go out together next,
         # one pipeline for every room committing at the time (a script call costs ~200 µs of
         # client CPU alone, ~25 µs in a pipeline of 50).
-        self._queue: list[_Pending] = []
-        self._writing = False
+        self._group = Group(self._write_batch)
         #: Round trips made for the commits counted in ``saves``.
         self.round_trips = 0
 
@@ -431,26 +430,15 @@ class RedisStore(Store):
         return self.round_trips
 
     async def _write_grouped(self, pending: _Pending, what: str) -> Any:
-        """Queue one commit's script call; the first committer that finds no write in flight
-        writes every queued one in one pipeline, and again while more queued up meanwhile."""
-        self._queue.append(pending)
-        if not self._writing:
-            self._writing = True
-            try:
-                # Shielded: the others' commits ride on this write (coredis' stream timeout
-                # bounds it).
-                with trio.CancelScope(shield=True):
-                    while self._queue:
-                        batch, self._queue = self._queue, []
-                        await self._write_batch(batch)
-            finally:
-                self._writing = False
-        await pending.done.wait()
-        if pending.error is not None:
-            raise _again(pending.error, what)
-        return pending.reply
+        """One commit's script call, written with every other room's that is waiting (see
+        :mod:`.group`)."""
+        try:
+            return await self._group.run(pending)
+        except (StoreError, coredis.exceptions.RedisError) as exc:
+            raise _again(exc, what) from exc
 
-    async def _write_batch(self, batch: list[_Pending]) -> None:
+    async def _write_batch(self, jobs: list[Job]) -> None:
+        batch: list[_Pending] = [job.payload for job in jobs]
         try:
             with self._errors("cannot write"):
                 # EVALSHA itself, not the Script in the pipeline: coredis would ask SCRIPT
@@ -474,17 +462,17 @@ class RedisStore(Store):
                     if not lost or attempt == 2:
                         break
                     await self._client.script_load(_WRITE)
-            for p, outcome in zip(batch, outcomes, strict=True):
+            for job, outcome in zip(jobs, outcomes, strict=True):
                 if isinstance(outcome, Exception):
-                    p.error = outcome
+                    job.error = outcome
                 else:
-                    p.reply = outcome
+                    job.result = outcome
         except StoreError as exc:
-            for p in batch:
-                p.error = exc
-        finally:
-            for p in batch:
-                p.done.set()
+            for job in jobs:
+                job.error = exc
+        except Exception as exc:  # never raise out of a group write: its waiters are told
+            for job in jobs:
+                job.error = StoreError(f"cannot write: {type(exc).__name__}: {exc}")
 
     async def _read(self, room: str, instance: str) -> dict[bytes, bytes] | None:
         _validate(room, instance)
@@ -635,13 +623,10 @@ class RedisStore(Store):
 
 @attrs.define(eq=False)
 class _Pending:
-    """One commit's script call, waiting for the group write that carries it."""
+    """One commit's script call: its keys and arguments."""
 
     keys: list[str]
     args: list[str | bytes | int]
-    done: trio.Event = attrs.field(factory=trio.Event)
-    reply: Any = None
-    error: BaseException | None = None
 
 
 def _again(error: BaseException, what: str) -> StoreError:

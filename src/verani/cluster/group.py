@@ -1,0 +1,65 @@
+"""Internal: group writes — many tasks' requests to Redis, one pipeline per round trip.
+
+A script call costs ~215 µs of client CPU in coredis alone and ~25 µs in a pipeline of 50, so the
+store's commits and a node's forwards are grouped: a request that finds no write in flight leads,
+writing everything queued in one batch; requests that arrive meanwhile wait, and the next one of
+them leads the next batch. A leader writes one batch only (its own request is in it), so no
+room's write waits behind an unbounded stream of others', and only that one round trip is
+shielded from cancellation (the waiters' requests ride on it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import attrs
+import trio
+
+
+@attrs.define(eq=False)
+class Job:
+    """One request in a group write; the batch writer sets ``result`` or ``error``."""
+
+    payload: Any
+    result: Any = None
+    error: BaseException | None = None
+    done: bool = False
+    wake: trio.Event = attrs.field(factory=trio.Event)
+
+
+class Group:
+    """Requests written in batches by ``write_batch(jobs)``, which sets each job's ``result``
+    or ``error`` and never raises."""
+
+    def __init__(self, write_batch: Callable[[list[Job]], Awaitable[None]]) -> None:
+        self._write_batch = write_batch
+        self._queue: list[Job] = []
+        self._writing = False
+
+    async def run(self, payload: Any) -> Any:
+        """Write ``payload`` with the next batch; returns its result or raises its error."""
+        job = Job(payload)
+        self._queue.append(job)
+        while not job.done:
+            if self._writing:
+                await job.wake.wait()
+                job.wake = trio.Event()
+                continue
+            self._writing = True
+            batch, self._queue = self._queue, []
+            try:
+                with trio.CancelScope(shield=True):
+                    await self._write_batch(batch)
+            finally:
+                self._writing = False
+                for done in batch:
+                    done.done = True
+                    done.wake.set()
+                # Whoever waits next leads the next batch (all are woken: one that was
+                # cancelled meanwhile must not leave the others waiting).
+                for waiting in self._queue:
+                    waiting.wake.set()
+        if job.error is not None:
+            raise job.error
+        return job.result
