@@ -10,10 +10,12 @@ shielded from cancellation (the waiters' requests ride on it).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import attrs
+import coredis
+import coredis.exceptions
 import trio
 
 
@@ -63,3 +65,40 @@ class Group:
         if job.error is not None:
             raise job.error
         return job.result
+
+
+async def run_scripts(
+    client: coredis.Redis[Any],
+    script: str,
+    sha: str,
+    calls: Sequence[tuple[Sequence[str], Sequence[Any]]],
+) -> list[Any]:
+    """EVALSHA of ``script`` once per ``(keys, args)`` call, all in one pipeline; returns each
+    call's reply, or the Redis error it got. EVALSHA itself, not coredis' Script in the
+    pipeline, which asks SCRIPT EXISTS before every pipeline; the script is loaded again only
+    when Redis lost it (a restart). Connection errors raise."""
+    for attempt in (1, 2):
+        async with client.pipeline(transaction=False, raise_on_error=False) as pipe:
+            results: list[Any] = [
+                pipe.evalsha(sha, keys=list(keys), args=list(args)) for keys, args in calls
+            ]
+        outcomes: list[Any] = []
+        for result in results:
+            try:
+                outcomes.append(await result)
+            except coredis.exceptions.RedisError as exc:
+                outcomes.append(exc)
+        lost = any(isinstance(o, coredis.exceptions.NoScriptError) for o in outcomes)
+        if not lost or attempt == 2:
+            return outcomes
+        await client.script_load(script)
+    raise AssertionError("unreachable")
+
+
+def settle(jobs: Sequence[Job], outcomes: Sequence[Any]) -> None:
+    """Give each job its reply, or its error."""
+    for job, outcome in zip(jobs, outcomes, strict=True):
+        if isinstance(outcome, Exception):
+            job.error = outcome
+        else:
+            job.result = outcome

@@ -47,7 +47,7 @@ from ..protocol import ClientFrame
 from ..recovery import ResumeRequest
 from ..sessions import DETACHED, ConnectionMeta, Session, Sessions
 from . import keys, lease
-from .group import Group, Job
+from .group import Group, Job, run_scripts, settle
 from .redis_store import _UNREACHABLE
 
 if TYPE_CHECKING:
@@ -672,32 +672,9 @@ class ClusterNode:
 
     async def _forward_batch(self, jobs: list[Job]) -> None:
         prefix = keys.inbox_key("")
+        calls = [([job.payload[0]], [job.payload[1], prefix, INBOX_MAXLEN]) for job in jobs]
         try:
-            for attempt in (1, 2):
-                async with self.client.pipeline(transaction=False, raise_on_error=False) as pipe:
-                    results: list[Any] = [
-                        pipe.evalsha(
-                            self._forward_script.sha,
-                            keys=[job.payload[0]],
-                            args=[job.payload[1], prefix, INBOX_MAXLEN],
-                        )
-                        for job in jobs
-                    ]
-                outcomes: list[Any] = []
-                for result in results:
-                    try:
-                        outcomes.append(await result)
-                    except coredis.exceptions.RedisError as exc:
-                        outcomes.append(exc)
-                lost = any(isinstance(o, coredis.exceptions.NoScriptError) for o in outcomes)
-                if not lost or attempt == 2:
-                    break
-                await self.client.script_load(_FORWARD)  # Redis restarted: load it again
-            for job, outcome in zip(jobs, outcomes, strict=True):
-                if isinstance(outcome, Exception):
-                    job.error = outcome
-                else:
-                    job.result = outcome
+            settle(jobs, await run_scripts(self.client, _FORWARD, self._forward_script.sha, calls))
         except Exception as exc:  # never raise out of a group write: its waiters are told
             for job in jobs:
                 job.error = exc

@@ -50,7 +50,7 @@ from ..store.base import (
     validate_room_name,
 )
 from . import keys
-from .group import Group, Job
+from .group import Group, Job, run_scripts, settle
 
 __all__ = ["Fence", "RedisStore"]
 
@@ -441,32 +441,10 @@ class RedisStore(Store):
         batch: list[_Pending] = [job.payload for job in jobs]
         try:
             with self._errors("cannot write"):
-                # EVALSHA itself, not the Script in the pipeline: coredis would ask SCRIPT
-                # EXISTS before every pipeline. The script is loaded again only when Redis
-                # lost it (a restart).
-                for attempt in (1, 2):
-                    async with self._client.pipeline(
-                        transaction=False, raise_on_error=False
-                    ) as pipe:
-                        results: list[Any] = [
-                            pipe.evalsha(_WRITE_SCRIPT.sha, keys=p.keys, args=p.args) for p in batch
-                        ]
-                    self.round_trips += 1
-                    outcomes: list[Any] = []
-                    for result in results:
-                        try:
-                            outcomes.append(await result)
-                        except coredis.exceptions.RedisError as exc:
-                            outcomes.append(exc)
-                    lost = any(isinstance(o, coredis.exceptions.NoScriptError) for o in outcomes)
-                    if not lost or attempt == 2:
-                        break
-                    await self._client.script_load(_WRITE)
-            for job, outcome in zip(jobs, outcomes, strict=True):
-                if isinstance(outcome, Exception):
-                    job.error = outcome
-                else:
-                    job.result = outcome
+                calls = [(p.keys, p.args) for p in batch]
+                outcomes = await run_scripts(self._client, _WRITE, _WRITE_SCRIPT.sha, calls)
+            self.round_trips += 1
+            settle(jobs, outcomes)
         except StoreError as exc:
             for job in jobs:
                 job.error = exc
