@@ -146,7 +146,7 @@ def test_kill_9_of_the_owner_fails_over_and_loses_nothing_shown(
         assert shown.returncode == 0, shown.stderr
         report = orjson.loads(shown.stdout)
         assert report["owner"]["node"] in ("b", "c")
-        assert report["sessions"] == {"b": 1, "c": 1} or report["sessions"] == {}
+        assert report["sessions"] == {}  # b's and c's clients left; a's went with a
         assert report["stored"]["state"]["count"] >= first_after
 
 
