@@ -266,3 +266,31 @@ async def test_a_call_the_owner_never_answers_fails_the_call_not_the_server(
             # The node goes on: other rooms are served.
             async with connect(a.url, "/ws/counter/other", user_id="u1") as other:
                 assert (await other.next_event("counter:sync"))[1]["count"] == 0
+
+
+async def test_a_dropped_session_ends_on_time_though_its_room_moved_to_sleep(
+    redis_url: str,
+) -> None:
+    from verani import Recovery
+    from verani.loader import load_rooms
+
+    from helpers import ROOMS
+
+    rooms = load_rooms([ROOMS / "presence.py"])
+    rooms[0].recovery = Recovery(max_disconnect=1.0)
+    with trio.fail_after(30):
+        async with nodes(rooms, redis_url, "a", "b") as (a, b):
+            async with connect(a.url, "/ws/presence", user_id="ann") as ann:  # a owns it
+                await ann.next_event("presence:update")
+                async with connect(b.url, "/ws/presence", user_id="bo") as bo:
+                    await bo.next_event("presence:update")
+                    assert (await ann.next_event("presence:update"))[1]["online"] == ["ann", "bo"]
+                    await trio.aclose_forcefully(bo.ws._stream)  # bo's network drops
+                while not any(
+                    s.detached for s in a.supervisor.instances[("presence", "default")].sessions
+                ):
+                    await trio.sleep(0.02)
+                # The room goes to sleep with bo's session waiting in its document.
+                assert await a.hibernate("presence", "default") == [("presence", "default", None)]
+                # Its grace period ends: the room wakes and bo leaves (ann is told).
+                assert (await ann.next_event("presence:update"))[1]["online"] == ["ann"]

@@ -54,6 +54,9 @@ class RoomInstance:
         self.running = False
         self._supervisor = supervisor
         self._send, self.inbox = trio.open_memory_channel[InboxEvent](INBOX_SIZE)
+        #: In a cluster: when the first detached session of the room, as this node let it go,
+        #: ends its grace period (Trio's clock; None: none).
+        self.grace_deadline: float | None = None
         #: This process's sockets connected to the instance: it is not forgotten while any
         #: holds it (in a cluster they are not among its sessions when another node owns it).
         self.attached = 0
@@ -384,6 +387,11 @@ class Supervisor:
             for s in inst.sessions
             if s.detached and s.recovery is not None and s.recovery.deadline is not None
         ]
+        if inst.grace_deadline is not None:
+            # A cluster node let the room go with dropped sessions waiting (they are in its
+            # document now): it wakes the room once, when the first one's grace period ends.
+            deadlines.append(inst.grace_deadline)
+            inst.grace_deadline = None
         if deadlines and self._nursery is not None and not self.stopping:
             # Asleep with dropped sessions waiting: wake when the first one's grace period ends.
             self._nursery.start_soon(self._wake_at, inst, min(deadlines))
@@ -401,7 +409,10 @@ class Supervisor:
 
     async def _wake_at(self, inst: RoomInstance, deadline: float) -> None:
         await trio.sleep_until(deadline)
-        if not inst.running and not self.stopping and any(s.detached for s in inst.sessions):
+        waiting = self.cluster is not None or any(s.detached for s in inst.sessions)
+        if not inst.running and not self.stopping and waiting:
+            if self.instances.get(inst.key) is not inst:
+                inst = self.instance(*inst.key)  # let go of meanwhile: the current one
             self.ensure_running(inst)
 
     def _fail_instance(self, inst: RoomInstance) -> None:

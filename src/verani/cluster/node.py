@@ -336,14 +336,19 @@ class ClusterNode:
         key = inst.key
         self._scopes.pop(key, None)
         epoch = self.owned.pop(key, None)
+        # Every session is read again by whichever node owns the room next: live ones from
+        # the sessions hash, detached ones from the document's recovery section (this node
+        # wakes the room when the first of those ends its grace period).
+        deadlines = [
+            s.recovery.deadline
+            for s in inst.sessions
+            if s.detached and s.recovery is not None and s.recovery.deadline is not None
+        ]
+        inst.grace_deadline = min(deadlines, default=None)
         for session in list(inst.sessions):
+            inst.sessions.remove(session)
             if isinstance(session.sink, RemoteSink):
-                inst.sessions.remove(session)
                 self.remote.pop((session.sink.target, session.sink.conn), None)
-            else:
-                # This node's (in the hash, read again), or detached (in the document's
-                # recovery section, read again by whichever node owns the room next).
-                inst.sessions.remove(session)
         if epoch is not None and key not in self.lost:
             await self._flush()  # frames for other nodes go before the room can move
             try:
