@@ -98,6 +98,10 @@ async def test_the_http_api_and_the_runtime_handle_reach_a_room_owned_elsewhere(
 
                     with pytest.raises(RoomNotFoundError, match="owned by another node"):
                         await b.room("counter").call(lambda actor: actor.get_session_count())
+                    rooms = await api.rooms()
+                    assert [r["owner"]["node"] for r in rooms] == ["a"]
+                    report = await api.inspect("counter", "default")
+                    assert report["owner"]["node"] == "a" and report["sessions"] == {"a": 1}
                     # Hibernate through b's API: the owner a hibernates and lets the room go.
                     await api.hibernate("counter", "default")
                     assert await owner_of(redis_url, "counter", "default") is None

@@ -283,8 +283,16 @@ async def _perform(server: Server, endpoint: Endpoint, body: bytes) -> HttpAnswe
     store = server.supervisor.store
     ask = functools.partial(dispatch, server)
     room, instance = endpoint.room, endpoint.instance
+    cluster = server.supervisor.cluster
+    if endpoint.action in ("rooms", "inspect") and cluster is not None:
+        # What `verani inspect --cluster --json` shows: the cluster's view, from Redis.
+        from .cluster.tools import cluster_report, cluster_rows
+
+        if endpoint.action == "rooms":
+            return json_answer(200, {"instances": await cluster_rows(cluster.url, None)})
+        return json_answer(200, await cluster_report(cluster.url, room, instance))
     if endpoint.action in ("rooms", "inspect") and not isinstance(store, FileStore):
-        return error(501, "inspection through the API needs a file store")
+        return error(501, "inspection through the API needs a file store or a cluster")
     if endpoint.action == "rooms":
         assert isinstance(store, FileStore)
         return json_answer(200, {"instances": await list_instances(store, ask=ask)})
