@@ -38,7 +38,15 @@ from .errors import (
 from .flow import Credit
 from .gate import GroupCommit, OutputGate, Outputs
 from .protocol import ERROR_EVENT, AckId, ClientFrame, encode_ack, encode_ack_error, encode_event
-from .recovery import SESSION_EVENT, ResumeRequest, SessionLog, decode_log, new_token
+from .recovery import (
+    SESSION_EVENT,
+    LogMark,
+    ResumeRequest,
+    SessionLog,
+    decode_log,
+    new_token,
+    stored_mark,
+)
 from .room import RoomDefinition
 from .schedules import RoomSchedules, Schedule, WallClock
 from .sessions import DETACHED, Close, Output, Session, Sessions, send_to
@@ -436,10 +444,17 @@ class Actor:
         """Find the recoverable sessions again: the live ones (a hibernation keeps them), then
         the stored ones no socket holds (from before a restart), detached."""
         assert self._recovery is not None
+        stored = doc.recovery if doc is not None else {}
         for session in self.sessions:
-            if session.recovery is not None:
-                self._recoverable[session.recovery.token] = session
-        for token, raw in (doc.recovery if doc is not None else {}).items():
+            log = session.recovery
+            if log is not None:
+                self._recoverable[log.token] = session
+                # Commits carry what changed since what the store has: the document says.
+                log.stored = stored_mark(stored.get(log.token))
+                put, delta, _ = log.changes(session.meta)
+                if put is not None or delta is not None:
+                    self._recovery_dirty.add(log.token)
+        for token, raw in stored.items():
             if token in self._recoverable:
                 continue
             try:
@@ -603,16 +618,32 @@ class Actor:
             await self._call("on_disconnect", ctx, hook, ctx)
         return ctx
 
-    def _encoded_recovery(self, tokens: set[str]) -> tuple[dict[str, JSONValue], list[str]]:
-        put: dict[str, JSONValue] = {}
-        deleted: list[str] = []
+    def _recovery_changes(self, tokens: set[str]) -> _RecoveryChanges:
+        """What a commit writes of the sessions ``tokens``: the non-frame parts that changed,
+        the frames appended and dropped since the last commit that carried each log, the
+        sessions that ended; and each log's :attr:`~SessionLog.stored` once it is stored."""
+        changes = _RecoveryChanges()
         for token in sorted(tokens):
             session = self._recoverable.get(token)
-            if session is not None and session.recovery is not None:
-                put[token] = session.recovery.encode(session.meta)
-            else:
-                deleted.append(token)
-        return put, deleted
+            log = session.recovery if session is not None else None
+            if session is None or log is None:
+                changes.deleted.append(token)
+                continue
+            put, delta, mark = log.changes(session.meta)
+            if put is not None:
+                changes.put[token] = put
+            if delta is not None:
+                changes.frames[token] = delta
+            changes.marks.append((log, mark))
+        return changes
+
+    def _whole_recovery(self) -> dict[str, JSONValue]:
+        """Every recoverable session's log, whole (a checkpoint's)."""
+        return {
+            token: session.recovery.encode(session.meta)
+            for token, session in sorted(self._recoverable.items())
+            if session.recovery is not None
+        }
 
     def _due_deadline(self, schedules: RoomSchedules) -> float:
         due = schedules.next_due()
@@ -1053,25 +1084,29 @@ class Actor:
             self.schedules.encoded() if schedules_changed and self.schedules is not None else None
         )
         tokens, self._recovery_uncommitted = self._recovery_uncommitted, set()
-        recovery_put, recovery_deleted = self._encoded_recovery(tokens)
+        recovery = self._recovery_changes(tokens)
         # In declaration order (a set's is arbitrary): documents list keys as the room does.
         changes = Changes(
             {k: v for k, v in self._encoded.items() if k in keys},
             put,
             deleted,
             schedules,
-            recovery_put,
-            recovery_deleted,
+            recovery.put,
+            recovery.deleted,
+            recovery.frames,
         )
         try:
             await self._store.commit(self.definition.name, self.instance, changes)
         except BaseException:
-            # Not stored: the next commit carries these again (with their latest values).
+            # Not stored: the next commit carries these again (with their latest values; a
+            # log's frames since what the store had, which is still its ``stored``).
             self._uncommitted |= keys
             self.storage.restore_changes(storage_keys)
             self._schedules_uncommitted |= schedules_changed
             self._recovery_uncommitted |= tokens
             raise
+        for log, mark in recovery.marks:
+            log.stored = mark
 
     def _durable(self, seq: int) -> None:
         if seq == self._commit.seq:
@@ -1097,7 +1132,7 @@ class Actor:
                 dict(self._encoded),
                 self.storage.snapshot(),
                 schedules=self.schedules.encoded() if self.schedules is not None else None,
-                recovery=self._encoded_recovery(set(self._recoverable))[0],
+                recovery=self._whole_recovery(),
             )
         except StoreError as exc:
             log.warning(
@@ -1171,6 +1206,16 @@ class Actor:
         # changed persisted state (an early frame may precede the change within the same turn).
         outputs.append((targets, frame))
         return len(targets)
+
+
+@attrs.define
+class _RecoveryChanges:
+    """The recovery part of one commit (see :meth:`Actor._recovery_changes`)."""
+
+    put: dict[str, JSONValue] = attrs.field(factory=dict)
+    frames: dict[str, JSONValue] = attrs.field(factory=dict)
+    deleted: list[str] = attrs.field(factory=list)
+    marks: list[tuple[SessionLog, LogMark]] = attrs.field(factory=list)
 
 
 def _released(event: Any) -> None:

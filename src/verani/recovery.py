@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import collections
 import secrets
-from typing import Any, Final
+from typing import Any, Final, TypeAlias
 
 import attrs
 
@@ -105,6 +105,9 @@ class SessionLog:
         #: Read from the store (no socket of this process had it): its meta is only the
         #: identity part of the original.
         self.restored = False
+        #: What the store holds of this log as of the last commit that carried it (None:
+        #: nothing known): a commit carries only what changed since (see :meth:`changes`).
+        self.stored: LogMark | None = None
 
     def number(self, frame: bytes) -> bytes:
         """Give ``frame`` the next offset and keep it (a non-event frame is returned as is)."""
@@ -129,8 +132,13 @@ class SessionLog:
             return None
         return [f for o, f in self.frames if o > offset]
 
-    def encode(self, meta: ConnectionMeta) -> JSONValue:
-        """The log as the store keeps it."""
+    @property
+    def first(self) -> int:
+        """The offset of the first kept frame (the next one's when none is kept)."""
+        return self.frames[0][0] if self.frames else self.offset + 1
+
+    def encode_meta(self, meta: ConnectionMeta) -> dict[str, JSONValue]:
+        """The log as the store keeps it, but its frames: the session's non-frame part."""
         return {
             "user_id": meta.user_id,
             "client_id": meta.client_id,
@@ -138,8 +146,57 @@ class SessionLog:
             "offset": self.offset,
             "expires": self.expires,
             "close_code": self.close_code,
-            "frames": [[o, f.decode()] for o, f in self.frames],
         }
+
+    def encode(self, meta: ConnectionMeta) -> JSONValue:
+        """The log as the store keeps it."""
+        return {**self.encode_meta(meta), "frames": [[o, f.decode()] for o, f in self.frames]}
+
+    def changes(
+        self, meta: ConnectionMeta
+    ) -> tuple[dict[str, JSONValue] | None, dict[str, JSONValue] | None, LogMark]:
+        """What a commit writes of this log, given what the store has (:attr:`stored`): the
+        non-frame part when it is new or changed, the frames appended and dropped since
+        (``{"from": FIRST_KEPT, "add": [[offset, frame], ...]}``, see
+        :class:`~verani.store.base.Changes`), each None when unchanged; and what the store has
+        once that commit is stored (for :attr:`stored`, set when it is)."""
+        part = self.encode_meta(meta)
+        first = self.first
+        mark = (part, first, self.offset)
+        stored = self.stored
+        if stored is None:
+            frames: list[JSONValue] = [[o, f.decode()] for o, f in self.frames]
+            return part, {"from": first, "add": frames}, mark
+        stored_part, stored_first, stored_last = stored
+        added: list[JSONValue] = []
+        for o, f in reversed(self.frames):
+            if o <= stored_last:
+                break
+            added.append([o, f.decode()])
+        added.reverse()
+        put = part if part != stored_part else None
+        delta: dict[str, JSONValue] | None = None
+        if added or first != stored_first or put is not None:
+            # With a put always: a put without frames would replace the stored log whole.
+            delta = {"from": first, "add": added}
+        return put, delta, mark
+
+
+#: What the store holds of a session log: its non-frame part, first kept offset, last offset.
+LogMark: TypeAlias = tuple[dict[str, JSONValue], int, int]
+
+
+def stored_mark(raw: Any) -> LogMark | None:
+    """What a stored log (as :meth:`SessionLog.encode` made it) holds, for
+    :attr:`SessionLog.stored`; None when it is not one."""
+    try:
+        frames = raw["frames"]
+        offset = int(raw["offset"])
+        first = int(frames[0][0]) if frames else offset + 1
+        part = {k: v for k, v in raw.items() if k != "frames"}
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError):
+        return None
+    return part, first, offset
 
 
 def decode_log(config: Recovery, token: str, raw: Any) -> tuple[SessionLog, ConnectionMeta]:
@@ -147,6 +204,7 @@ def decode_log(config: Recovery, token: str, raw: Any) -> tuple[SessionLog, Conn
     is not one."""
     frames = [(int(o), str(f).encode()) for o, f in raw["frames"]]
     log = SessionLog(config, token, offset=int(raw["offset"]), frames=frames)
+    log.stored = stored_mark(raw)
     expires = raw.get("expires")
     log.expires = float(expires) if expires is not None else None
     log.close_code = int(raw.get("close_code", 1006))

@@ -7,10 +7,16 @@ the fields
 - ``meta``: ``{"format", "version", "room", "instance", "saved_at", "seq"}`` as JSON;
 - ``s:KEY``: each persisted key's encoded value; ``t:KEY``: each ``actor.storage`` key's;
 - ``schedules``: all the instance's schedules, one JSON object (a commit carries them whole);
-- ``r:TOKEN``: each recoverable session.
+- ``r:TOKEN``: each recoverable session, but its log's frames: each kept frame is a field of
+  its own, ``rf:TOKEN:OFFSET`` (the frame's text), and ``rr:TOKEN`` is the offset of the first
+  kept one; so a commit writes a session's new frames and deletes the ones it no longer keeps,
+  never its whole log. The frames are ``rr:TOKEN``'s and the ones after it, in order, up to the
+  first offset missing. (A document written before held each log whole in ``r:TOKEN``: it still
+  reads, and :meth:`RedisStore.load` rewrites it in this layout.)
 
-Every value is JSON made by orjson here; the scripts only HSET and HDEL them as opaque strings,
-never parse them (Redis' cjson would round big integers and floats). :data:`.keys.INSTANCES`
+Every value is JSON made by orjson here (a frame is its text, itself JSON); the scripts only HSET
+and HDEL them as opaque strings, never parse them (Redis' cjson would round big integers and
+floats). :data:`.keys.INSTANCES`
 lists every instance with a document, :data:`.keys.DUE` holds each one's earliest due schedule.
 """
 
@@ -44,6 +50,7 @@ from ..store.base import (
     Store,
     StoredDocument,
     UnreadableDocument,
+    apply_frames,
     earliest_due,
     encode_instance_name,
     read_document,
@@ -73,18 +80,40 @@ end
 
 #: KEYS: doc, epoch, instances, due. ARGV: [1] epoch, [2] '1' to replace the document whole,
 #: [3] member, [4] '' / 'add' / 'rem' for the due index, [5] due score, [6] number of fields to
-#: set, then field, value pairs, then the fields to delete.
+#: set, [7] number of session logs to trim, [8] number of session logs to drop; then field,
+#: value pairs to set; token, first kept offset pairs (each log's frames before it are deleted);
+#: tokens (each log's frames and ``rr:`` field are deleted); then the fields to delete. Trims
+#: and drops read the ``rr:`` field they change, so they come before the fields are set.
 _WRITE = (
     _FENCE
     + """
 if ARGV[2] == '1' then
     redis.call('DEL', KEYS[1])
 end
-local n = tonumber(ARGV[6])
+local n, m, k = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+local trims, drops = 9 + 2 * n, 9 + 2 * n + 2 * m
+for j = drops, drops + k - 1 do
+    local token = ARGV[j]
+    local o = tonumber(redis.call('HGET', KEYS[1], 'rr:' .. token))
+    if o then
+        while redis.call('HDEL', KEYS[1], 'rf:' .. token .. ':' .. o) == 1 do
+            o = o + 1
+        end
+        redis.call('HDEL', KEYS[1], 'rr:' .. token)
+    end
+end
+for j = 0, m - 1 do
+    local token, first = ARGV[trims + 2 * j], tonumber(ARGV[trims + 2 * j + 1])
+    local o = tonumber(redis.call('HGET', KEYS[1], 'rr:' .. token))
+    -- The kept frames run on from rr: without a gap: stop at the first one missing.
+    while o and o < first and redis.call('HDEL', KEYS[1], 'rf:' .. token .. ':' .. o) == 1 do
+        o = o + 1
+    end
+end
 local chunk = {}
 for j = 0, n - 1 do
-    chunk[#chunk + 1] = ARGV[7 + 2 * j]
-    chunk[#chunk + 1] = ARGV[8 + 2 * j]
+    chunk[#chunk + 1] = ARGV[9 + 2 * j]
+    chunk[#chunk + 1] = ARGV[10 + 2 * j]
     -- unpack() has a limit on how many values it spreads: HSET a big document in chunks
     if #chunk >= 1000 then
         redis.call('HSET', KEYS[1], unpack(chunk))
@@ -94,7 +123,7 @@ end
 if #chunk > 0 then
     redis.call('HSET', KEYS[1], unpack(chunk))
 end
-for j = 7 + 2 * n, #ARGV do
+for j = drops + k, #ARGV do
     redis.call('HDEL', KEYS[1], ARGV[j])
 end
 redis.call('SADD', KEYS[3], ARGV[3])
@@ -289,9 +318,16 @@ class RedisStore(Store):
         if fields is None:
             return None
         try:
-            return self._parse(fields, room, instance)
+            doc, whole = self._parse_fields(fields, room, instance)
         except UnreadableDocument as exc:
             cause = str(exc)
+        else:
+            if whole:
+                # Written by the layout before (each log whole in its r: field): rewritten in
+                # this one before a commit adds frames to it.
+                logs = {token: doc.recovery[token] for token in whole}
+                await self._write(room, instance, Changes(recovery_put=logs), replace=False)
+            return doc
         moved = await self._aside(room, instance, move=True)
         message = f"the document of {_name(room, instance)} is unreadable ({cause})" + (
             f"; moved it to {moved}" if moved else ""
@@ -393,7 +429,7 @@ class RedisStore(Store):
         _validate(room, instance)
         epoch = self._epoch(room, instance)
         try:
-            puts, deletes = _fields(room, instance, changes)
+            fields = _fields(room, instance, changes)
         except orjson.JSONEncodeError as exc:
             raise TypeError(f"state of {room}/{instance} is not JSON: {exc}") from exc
         due_op, score = "", ""
@@ -406,11 +442,16 @@ class RedisStore(Store):
             keys.member(room, instance),
             due_op,
             score,
-            len(puts),
+            len(fields.puts),
+            len(fields.trims),
+            len(fields.drops),
         ]
-        for field, value in puts:
+        for field, value in fields.puts:
             args += [field, value]
-        args += deletes
+        for token, first in fields.trims:
+            args += [token, first]
+        args += fields.drops
+        args += fields.deletes
         what = f"cannot write {_name(room, instance)}"
         if replace or self._wait_replicas > 0:
             with self._errors(what), self._replicated():
@@ -459,6 +500,13 @@ class RedisStore(Store):
         return {bytes(k): bytes(v) for k, v in raw.items()} or None
 
     def _parse(self, fields: dict[bytes, bytes], room: str, instance: str) -> StoredDocument:
+        return self._parse_fields(fields, room, instance)[0]
+
+    def _parse_fields(
+        self, fields: dict[bytes, bytes], room: str, instance: str
+    ) -> tuple[StoredDocument, list[str]]:
+        """The document, and the tokens of its session logs stored whole in their ``r:``
+        field (the layout before ``rf:``), if any."""
         meta_raw = fields.get(b"meta")
         if meta_raw is None:
             raise UnreadableDocument("it has no meta field")
@@ -470,10 +518,22 @@ class RedisStore(Store):
             raise UnreadableDocument(f"meta is not a JSON object but {type(meta).__name__}")
         sections: dict[str, dict[str, Any]] = {"s": {}, "t": {}, "r": {}}
         schedules: Any = {}
+        firsts: dict[str, int] = {}
+        frames: dict[tuple[str, int], bytes] = {}
         for raw_field, raw_value in fields.items():
             field = raw_field.decode("utf-8", "replace")
             if field == "meta":
                 continue
+            try:
+                if field.startswith("rr:"):
+                    firsts[field[3:]] = int(raw_value)
+                    continue
+                if field.startswith("rf:"):
+                    token, _, number = field[3:].rpartition(":")
+                    frames[(token, int(number))] = raw_value
+                    continue
+            except ValueError as exc:
+                raise UnreadableDocument(f"field {field!r} is not a session frame: {exc}") from None
             try:
                 value = orjson.loads(raw_value)
             except orjson.JSONDecodeError as exc:
@@ -483,6 +543,21 @@ class RedisStore(Store):
             elif field[:2] in ("s:", "t:", "r:"):
                 sections[field[0]][field[2:]] = value
             # Other fields are ignored: a newer verani's additions are refused by version.
+        logs = sections["r"]
+        whole = [t for t, v in logs.items() if t not in firsts and _split(v) is not None]
+        for token, first in firsts.items():
+            part = logs.get(token)
+            if not isinstance(part, dict):
+                continue  # frames of no session (a commit's for one that had ended)
+            kept: list[JSONValue] = []
+            offset = first
+            while (token, offset) in frames:
+                try:
+                    kept.append([offset, frames[(token, offset)].decode()])
+                except UnicodeDecodeError as exc:
+                    raise UnreadableDocument(f"a frame of a session is not text: {exc}") from None
+                offset += 1
+            logs[token] = {**{k: v for k, v in part.items() if k != "frames"}, "frames": kept}
         version = meta.get("version")
         known = version if type(version) is int else FORMAT_VERSION
         # Sections a format version did not have are left out, so the migrations add them.
@@ -492,8 +567,8 @@ class RedisStore(Store):
         if known >= 4:
             doc["schedules"] = schedules
         if known >= 5:
-            doc["recovery"] = sections["r"]
-        return read_document(doc, room, instance, self.migrate)
+            doc["recovery"] = logs
+        return read_document(doc, room, instance, self.migrate), whole
 
     async def _aside(self, room: str, instance: str, *, move: bool) -> str | None:
         epoch = self._epoch(room, instance) if move else ""
@@ -614,9 +689,18 @@ def _again(error: BaseException, what: str) -> StoreError:
     return StoreError(f"{what}: Redis answered: {error}")
 
 
-def _fields(
-    room: str, instance: str, changes: Changes
-) -> tuple[list[tuple[str, bytes]], list[str]]:
+@attrs.define
+class _Fields:
+    """What one write does to a document's hash (see ``_WRITE``)."""
+
+    puts: list[tuple[str, bytes]] = attrs.field(factory=list)
+    deletes: list[str] = attrs.field(factory=list)
+    #: Session logs whose frames before an offset are deleted, and whose frames all are.
+    trims: list[tuple[str, int]] = attrs.field(factory=list)
+    drops: list[str] = attrs.field(factory=list)
+
+
+def _fields(room: str, instance: str, changes: Changes) -> _Fields:
     """The hash fields ``changes`` set (``meta`` always: its ``saved_at``) and delete."""
     meta = {
         "format": DOCUMENT_FORMAT,
@@ -626,16 +710,85 @@ def _fields(
         "saved_at": datetime.datetime.now(datetime.UTC),
         "seq": 0,
     }
-    puts: list[tuple[str, bytes]] = [("meta", orjson.dumps(meta, option=orjson.OPT_UTC_Z))]
+    out = _Fields()
+    puts = out.puts
+    puts.append(("meta", orjson.dumps(meta, option=orjson.OPT_UTC_Z)))
     puts += [(f"s:{k}", orjson.dumps(v)) for k, v in changes.state.items()]
     puts += [(f"t:{k}", orjson.dumps(v)) for k, v in changes.storage_put.items()]
-    puts += [(f"r:{k}", orjson.dumps(v)) for k, v in changes.recovery_put.items()]
     if changes.schedules is not None:
         puts.append(("schedules", orjson.dumps(dict(changes.schedules))))
-    # As Changes.apply does: deletes first, then puts, so a key in both is put.
+    # As Changes.apply does: deletes first, then puts, then frames.
     deletes = [f"t:{k}" for k in changes.storage_delete if k not in changes.storage_put]
-    deletes += [f"r:{t}" for t in changes.recovery_delete if t not in changes.recovery_put]
-    return puts, deletes
+    out.deletes = deletes
+    for token in changes.recovery_delete:
+        out.drops.append(token)
+        if token not in changes.recovery_put:
+            deletes.append(f"r:{token}")
+    deltas = dict(changes.recovery_frames)
+    for token, value in changes.recovery_put.items():
+        delta = deltas.pop(token, None)
+        split = _split(value)
+        if split is not None and delta is not None:
+            # A whole log and frames to add to it: written whole, with them.
+            part, kept, start = split
+            frames = apply_frames([[o, text] for o, text in kept], delta)
+            split = _split({**part, "frames": frames})
+        if split is not None:
+            # A whole log: its frames replace the stored ones.
+            part, kept, start = split
+            out.drops.append(token)
+            puts.append((f"r:{token}", orjson.dumps(part)))
+            puts.append((f"rr:{token}", b"%d" % start))
+            puts += [(f"rf:{token}:{o}", text.encode()) for o, text in kept]
+        elif delta is not None and isinstance(value, dict):
+            # The session's non-frame part: its stored frames stay, then the delta applies.
+            puts.append((f"r:{token}", orjson.dumps(value)))
+            deltas[token] = delta
+        else:
+            # Any other value: stored as it is, and no frames.
+            out.drops.append(token)
+            puts.append((f"r:{token}", orjson.dumps(value)))
+    for token, delta in deltas.items():
+        first = delta.get("from") if isinstance(delta, dict) else None
+        if not isinstance(delta, dict) or not isinstance(first, int) or isinstance(first, bool):
+            continue
+        out.trims.append((token, first))
+        puts.append((f"rr:{token}", b"%d" % first))
+        add = delta.get("add")
+        for frame in add if isinstance(add, list) else ():
+            if (
+                isinstance(frame, list)
+                and len(frame) == 2
+                and type(frame[0]) is int
+                and frame[0] >= first
+                and isinstance(frame[1], str)
+            ):
+                puts.append((f"rf:{token}:{frame[0]}", frame[1].encode()))
+    return out
+
+
+def _split(value: Any) -> tuple[dict[str, Any], list[tuple[int, str]], int] | None:
+    """A whole session log (as ``SessionLog.encode`` makes it) as its non-frame part, its frames
+    and the offset of the first one kept; None for any other value (stored as it is)."""
+    if not isinstance(value, dict):
+        return None
+    frames = value.get("frames")
+    if not isinstance(frames, list):
+        return None
+    kept: list[tuple[int, str]] = []
+    for frame in frames:
+        if not (
+            isinstance(frame, list)
+            and len(frame) == 2
+            and type(frame[0]) is int
+            and isinstance(frame[1], str)
+            and (not kept or frame[0] == kept[-1][0] + 1)
+        ):
+            return None
+        kept.append((frame[0], frame[1]))
+    offset = value.get("offset")
+    first = kept[0][0] if kept else (offset + 1 if type(offset) is int else 1)
+    return {k: v for k, v in value.items() if k != "frames"}, kept, first
 
 
 def _instance_keys(room: str, instance: str) -> list[str]:

@@ -29,6 +29,8 @@ __all__ = [
     "Store",
     "StoredDocument",
     "UnreadableDocument",
+    "apply_frames",
+    "apply_recovery",
     "decode_instance_name",
     "encode_instance_name",
     "new_document",
@@ -106,8 +108,12 @@ class StoredDocument:
 class Changes:
     """What one commit changes in one room instance's document: the persisted keys it sets
     (encoded), the ``actor.storage`` keys it puts (encoded) and the ones it deletes, and all its
-    schedules when they changed (None: unchanged), and the recoverable sessions it puts (by
-    token, each whole) and the ones it deletes."""
+    schedules when they changed (None: unchanged), and what it changes in the recoverable
+    sessions (by token): the ones it deletes, the ones it puts (each replacing the stored
+    entry, unless ``recovery_frames`` also has its token: then it is the session's non-frame
+    part and the stored frames are kept), and the frames it appends to and drops from each
+    session's log (``recovery_frames``: token to ``{"from": FIRST_KEPT, "add": [[offset,
+    frame], ...]}``, see :func:`apply_frames`)."""
 
     state: Mapping[str, JSONValue] = attrs.field(factory=dict)
     storage_put: Mapping[str, JSONValue] = attrs.field(factory=dict)
@@ -115,6 +121,7 @@ class Changes:
     schedules: Mapping[str, JSONValue] | None = None
     recovery_put: Mapping[str, JSONValue] = attrs.field(factory=dict)
     recovery_delete: Sequence[str] = ()
+    recovery_frames: Mapping[str, JSONValue] = attrs.field(factory=dict)
 
     def __bool__(self) -> bool:
         return bool(
@@ -124,6 +131,7 @@ class Changes:
             or self.schedules is not None
             or self.recovery_put
             or self.recovery_delete
+            or self.recovery_frames
         )
 
     def apply(
@@ -143,9 +151,56 @@ class Changes:
             schedules.clear()
             schedules.update(self.schedules)
         if recovery is not None:
-            for token in self.recovery_delete:
-                recovery.pop(token, None)
-            recovery.update(self.recovery_put)
+            apply_recovery(self, recovery)
+
+
+def apply_recovery(changes: Changes, recovery: dict[str, JSONValue]) -> None:
+    """Apply the recovery part of ``changes`` to a document's ``recovery`` section, in place:
+    deletes, then puts, then frames (see :class:`Changes`)."""
+    for token in changes.recovery_delete:
+        recovery.pop(token, None)
+    for token, value in changes.recovery_put.items():
+        old = recovery.get(token)
+        if token in changes.recovery_frames and isinstance(value, dict) and "frames" not in value:
+            # The non-frame part: the stored frames stay (then the delta applies to them).
+            kept = old.get("frames") if isinstance(old, dict) else None
+            value = {**value, "frames": kept if isinstance(kept, list) else []}
+        recovery[token] = value
+    for token, delta in changes.recovery_frames.items():
+        entry = recovery.get(token)
+        if isinstance(entry, dict):
+            frames = entry.get("frames")
+            entry = {
+                **entry,
+                "frames": apply_frames(frames if isinstance(frames, list) else [], delta),
+            }
+            recovery[token] = entry
+
+
+def apply_frames(frames: list[JSONValue], delta: JSONValue) -> list[JSONValue]:
+    """A session log's stored ``frames`` (``[[offset, frame], ...]``, in order) after ``delta``
+    (``{"from": FIRST_KEPT, "add": [[offset, frame], ...]}``): the frames before ``from`` are
+    dropped, then those of ``add`` after the last one kept are appended (so applying a delta
+    twice, or to a document that already has some of its frames, changes nothing more)."""
+    if not isinstance(delta, dict):
+        return frames
+    first = delta.get("from")
+    add = delta.get("add")
+    start = first if type(first) is int else 0
+    kept = [f for f in frames if _frame_offset(f) >= start]
+    last = _frame_offset(kept[-1]) if kept else start - 1
+    for frame in add if isinstance(add, list) else ():
+        offset = _frame_offset(frame)
+        if offset > last:
+            kept.append(frame)
+            last = offset
+    return kept
+
+
+def _frame_offset(frame: JSONValue) -> int:
+    if isinstance(frame, list) and frame and type(frame[0]) is int:
+        return frame[0]
+    return -1
 
 
 #: The ``format`` field of every stored document.

@@ -11,8 +11,10 @@ whichever committing task finds no write in progress writes everything pending, 
 wait for that write to end. So a store behaves the same inside a server and out.
 
 A record is framed as ``length (4 bytes, little-endian) | CRC-32 of the payload (4 bytes) |
-payload`` (the payload is JSON: ``room``, ``instance``, ``seq``, ``state``, ``put``, ``delete``, and
-``drop`` for a deleted document), so a torn or corrupt tail is found when the journal is read and
+payload`` (the payload is JSON: ``room``, ``instance``, ``seq``, ``state``, ``put``, ``delete``,
+``schedules`` when they changed, ``recovery`` (``put``, ``delete`` and ``frames``, the frames
+appended to and dropped from session logs; older records have no ``frames``), and ``drop`` for a
+deleted document), so a torn or corrupt tail is found when the journal is read and
 everything from it on in that segment is dropped with a warning naming the file and offset,
 never applied. ``seq`` counts each instance's commits; a document records the last one it includes
 and a record at or below it is skipped.
@@ -86,11 +88,14 @@ def encode_record(
         body["delete"] = list(changes.storage_delete)
         if changes.schedules is not None:
             body["schedules"] = changes.schedules
-        if changes.recovery_put or changes.recovery_delete:
+        if changes.recovery_put or changes.recovery_delete or changes.recovery_frames:
             body["recovery"] = {
                 "put": changes.recovery_put,
                 "delete": list(changes.recovery_delete),
             }
+            if changes.recovery_frames:
+                # Optional when read: records written before it existed have none.
+                body["recovery"]["frames"] = changes.recovery_frames
     try:
         payload = orjson.dumps(body, option=orjson.OPT_UTC_Z)
     except orjson.JSONEncodeError as exc:
@@ -143,7 +148,10 @@ def _parse_record(body: Any, size: int) -> Record:
         raise TypeError("recovery put must be an object, delete a list")
     if not all(isinstance(k, str) for k in r_delete):
         raise ValueError("deleted recovery tokens must be strings")
-    changes = Changes(state, put, delete, schedules, r_put, r_delete)
+    r_frames = recovery.get("frames", {})
+    if not isinstance(r_frames, dict):
+        raise TypeError("recovery frames must be an object")
+    changes = Changes(state, put, delete, schedules, r_put, r_delete, r_frames)
     return Record(room, instance, seq, changes, size=size)
 
 
