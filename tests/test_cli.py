@@ -537,3 +537,21 @@ def test_sigterm_with_a_room_that_cannot_be_saved_exits_1_and_names_it(
     with serving(store) as (proc, url):
         assert trio.run(_count_up, url, 0) == 2
     assert orjson.loads(path.read_bytes())["state"]["count"] == 2
+
+
+def test_inspect_says_where_a_state_only_in_the_journal_is(tmp_path: pathlib.Path) -> None:
+    from verani.store.base import Changes
+
+    async def commit() -> None:
+        store = FileStore(tmp_path, durability="os")
+        try:
+            await store.commit("counter", "j", Changes(state={"count": 7}))
+        finally:
+            await store.aclose()
+
+    trio.run(commit)
+    assert not FileStore(tmp_path).path_for("counter", "j").exists()  # no checkpoint yet
+    shown = run("inspect", "counter/j", "--store", str(tmp_path))
+    assert shown.returncode == 0, shown.stderr
+    assert "stored: in the journal (the document" in shown.stdout
+    assert "count: 7" in shown.stdout

@@ -754,9 +754,14 @@ def _print_report(report: dict[str, Any]) -> None:
     if report["error"]:
         click.echo(f"stored document unreadable: {report['error']}")
     if stored:
+        where = (
+            f"{stored['path']}, {stored['bytes']} bytes"
+            if stored["bytes"]
+            # Committed, not yet checkpointed: the document file comes with the next checkpoint.
+            else f"in the journal (the document {stored['path']} is written at a checkpoint)"
+        )
         click.echo(
-            f"stored: {stored['path']}, {stored['bytes']} bytes, saved {stored['saved_at']} "
-            f"(format {stored['format_version']})"
+            f"stored: {where}, saved {stored['saved_at']} (format {stored['format_version']})"
         )
         _print_values("persisted state", stored["state"])
         if stored["storage"]:
