@@ -398,21 +398,13 @@ async def test_redis_down_is_a_store_error_naming_the_instance(
             await store.load("chat", "lobby")
         with pytest.raises(StoreUnavailableError):
             await store.list_instances()
-        with pytest.raises(StoreUnavailableError):
-            await lease_error(store.client)
+        with pytest.raises(StoreUnavailableError, match="lease of room chat/lobby"):
+            await lease.acquire(store.client, "chat", "lobby", lease.holder_for("a"), 1000)
 
         await trio.to_thread.run_sync(redis_server.start)
         await store.commit("chat", "lobby", Changes(state={"n": 3}))
         doc = await store.load("chat", "lobby")
         assert doc is not None and doc.state == {"n": 3}
-
-
-async def lease_error(client: coredis.Redis[Any]) -> None:
-    """Lease calls raise coredis' errors (the node maps them); wrapped here to check."""
-    try:
-        await lease.owner(client, "chat", "lobby")
-    except coredis.exceptions.ConnectionError as exc:
-        raise StoreUnavailableError(str(exc)) from exc
 
 
 async def test_a_store_that_is_not_open_says_so(redis_url: str) -> None:

@@ -11,17 +11,63 @@ process: a node restarted with the same id is a new holder and never reuses its 
 
 from __future__ import annotations
 
+import contextlib
 import secrets
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, cast
 
+import anyio
 import attrs
 import coredis
+import coredis.exceptions
 from coredis.commands import Script
 
+from ..errors import StoreError, StoreUnavailableError
 from . import keys
 
-__all__ = ["Acquired", "acquire", "holder_for", "owner", "release", "renew"]
+__all__ = [
+    "UNREACHABLE",
+    "Acquired",
+    "acquire",
+    "holder_for",
+    "owner",
+    "redis_errors",
+    "release",
+    "renew",
+    "where",
+]
+
+#: What a lost or refused connection looks like from coredis and the anyio streams under it.
+UNREACHABLE: tuple[type[BaseException], ...] = (
+    coredis.exceptions.ConnectionError,
+    TimeoutError,
+    OSError,
+    anyio.BrokenResourceError,
+    anyio.ClosedResourceError,
+    anyio.EndOfStream,
+)
+
+
+@contextlib.contextmanager
+def redis_errors(what: str, client: coredis.Redis[Any]) -> Iterator[None]:
+    """At Redis' edge: an unreachable Redis becomes
+    :class:`~verani.errors.StoreUnavailableError`, an error reply
+    :class:`~verani.errors.StoreError`, each saying ``what`` could not be done and where."""
+    try:
+        yield
+    except UNREACHABLE as exc:
+        raise StoreUnavailableError(
+            f"{what}: Redis at {where(client)} is unreachable: {exc or type(exc).__name__}"
+        ) from exc
+    except coredis.exceptions.RedisError as exc:
+        raise StoreError(f"{what}: Redis at {where(client)} answered: {exc}") from exc
+
+
+def where(client: coredis.Redis[Any]) -> str:
+    """Where ``client`` connects to, for messages."""
+    location = getattr(client.connection_pool, "location", None)
+    return str(location) if location is not None else repr(client)
+
 
 #: ``KEYS[1]`` lease, ``KEYS[2]`` epoch; ``ARGV[1]`` holder, ``ARGV[2]`` ttl (ms).
 #: Returns ``{ok, holder, epoch}``; ``ok`` is 1 when the caller holds the lease now.
@@ -107,11 +153,12 @@ async def acquire(
     """
     if " " in holder:
         raise ValueError(f"holder {holder!r} must not contain spaces")
-    reply: Any = await _ACQUIRE_SCRIPT(
-        keys=[keys.lease_key(room, instance), keys.epoch_key(room, instance)],
-        args=[holder, ttl_ms],
-        client=client,
-    )
+    with redis_errors(f"cannot take the lease of room {room}/{instance}", client):
+        reply: Any = await _ACQUIRE_SCRIPT(
+            keys=[keys.lease_key(room, instance), keys.epoch_key(room, instance)],
+            args=[holder, ttl_ms],
+            client=client,
+        )
     ok, found, epoch = cast(list[Any], reply)
     return Acquired(ok == 1, _text(found), int(_text(epoch)))
 
@@ -131,11 +178,12 @@ async def renew(
     """
     if not leases:
         return []
-    found: Any = await _RENEW_SCRIPT(
-        keys=[keys.lease_key(room, instance) for room, instance, _ in leases],
-        args=[ttl_ms, *(_value(holder, epoch) for _, _, epoch in leases)],
-        client=client,
-    )
+    with redis_errors(f"cannot renew {len(leases)} leases", client):
+        found: Any = await _RENEW_SCRIPT(
+            keys=[keys.lease_key(room, instance) for room, instance, _ in leases],
+            args=[ttl_ms, *(_value(holder, epoch) for _, _, epoch in leases)],
+            client=client,
+        )
     return [flag == 1 for flag in cast(list[Any], found)]
 
 
@@ -144,15 +192,17 @@ async def release(
 ) -> bool:
     """Give up the lease if ``holder`` at ``epoch`` still holds it; returns whether it did.
     The epoch key stays: the next owner takes a newer epoch."""
-    done: Any = await _RELEASE_SCRIPT(
-        keys=[keys.lease_key(room, instance)], args=[_value(holder, epoch)], client=client
-    )
+    with redis_errors(f"cannot release the lease of room {room}/{instance}", client):
+        done: Any = await _RELEASE_SCRIPT(
+            keys=[keys.lease_key(room, instance)], args=[_value(holder, epoch)], client=client
+        )
     return bool(done == 1)
 
 
 async def owner(client: coredis.Redis[Any], room: str, instance: str) -> tuple[str, int] | None:
     """The current holder and epoch of ``room``/``instance`` (None: nobody holds it)."""
-    value = await client.get(keys.lease_key(room, instance))
+    with redis_errors(f"cannot read the lease of room {room}/{instance}", client):
+        value = await client.get(keys.lease_key(room, instance))
     if value is None:
         return None
     holder, _, epoch = _text(value).rpartition(" ")

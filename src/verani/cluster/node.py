@@ -48,7 +48,7 @@ from ..recovery import ResumeRequest
 from ..sessions import DETACHED, ConnectionMeta, Session, Sessions
 from . import keys, lease
 from .group import Group, Job, run_scripts, settle
-from .redis_store import _UNREACHABLE
+from .lease import UNREACHABLE as _UNREACHABLE
 
 if TYPE_CHECKING:
     from ..supervisor import RoomInstance, Supervisor

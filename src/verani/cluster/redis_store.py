@@ -28,7 +28,6 @@ import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Self
 
-import anyio
 import attrs
 import coredis
 import coredis.exceptions
@@ -58,6 +57,7 @@ from ..store.base import (
 )
 from . import keys
 from .group import Group, Job, run_scripts, settle
+from .lease import UNREACHABLE, where
 
 __all__ = ["Fence", "RedisStore"]
 
@@ -173,16 +173,6 @@ _WRITE_SCRIPT: Script[Any] = Script(script=_WRITE)
 _DELETE_SCRIPT: Script[Any] = Script(script=_DELETE)
 _ASIDE_SCRIPT: Script[Any] = Script(script=_ASIDE)
 
-# What a lost connection looks like from coredis and the anyio streams under it.
-_UNREACHABLE: tuple[type[BaseException], ...] = (
-    coredis.exceptions.ConnectionError,
-    TimeoutError,
-    OSError,
-    anyio.BrokenResourceError,
-    anyio.ClosedResourceError,
-    anyio.EndOfStream,
-)
-
 
 class RedisStore(Store):
     """Documents in Redis, shared by the nodes of a cluster; each commit is one script call.
@@ -231,7 +221,7 @@ class RedisStore(Store):
         self._fence = fence
         self._wait_replicas = wait_replicas
         self._wait_timeout_ms = wait_timeout_ms
-        self._where = _describe(client)
+        self._where = where(client)
         # Set by from_url: the store opens and closes the client it made.
         self._owned = False
         self._stack: contextlib.AsyncExitStack | None = None
@@ -659,7 +649,7 @@ class RedisStore(Store):
                 f" acknowledged the write within {self._wait_timeout_ms} ms (it is on the"
                 f" primary and may be lost in a failover): {exc}"
             ) from exc
-        except _UNREACHABLE as exc:
+        except UNREACHABLE as exc:
             raise StoreUnavailableError(
                 f"{what}: Redis at {self._where} is unreachable: {exc or type(exc).__name__}"
             ) from exc
@@ -812,8 +802,3 @@ def _text(value: Any) -> str:
 def _name(room: str, instance: str) -> str:
     shown = repr(instance)
     return f"room {room!r} instance {shown if len(shown) <= 100 else shown[:100] + '...'}"
-
-
-def _describe(client: coredis.Redis[Any]) -> str:
-    location = getattr(client.connection_pool, "location", None)
-    return str(location) if location is not None else repr(client)
