@@ -12,12 +12,7 @@ import time
 
 import pytest
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+from helpers import free_port
 
 
 class RedisServer:
@@ -29,7 +24,7 @@ class RedisServer:
             pytest.fail("redis-server is not installed: apt-get install redis-server")
         self.binary = binary
         self.directory = directory
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self._process: subprocess.Popen[bytes] | None = None
         self._log = directory / "redis.log"

@@ -49,18 +49,20 @@ UNREACHABLE: tuple[type[BaseException], ...] = (
 
 
 @contextlib.contextmanager
-def redis_errors(what: str, client: coredis.Redis[Any]) -> Iterator[None]:
+def redis_errors(what: str, client: coredis.Redis[Any] | str) -> Iterator[None]:
     """At Redis' edge: an unreachable Redis becomes
     :class:`~verani.errors.StoreUnavailableError`, an error reply
-    :class:`~verani.errors.StoreError`, each saying ``what`` could not be done and where."""
+    :class:`~verani.errors.StoreError`, each saying ``what`` could not be done and where
+    (``client``, or the location to name)."""
+    location = client if isinstance(client, str) else where(client)
     try:
         yield
     except UNREACHABLE as exc:
         raise StoreUnavailableError(
-            f"{what}: Redis at {where(client)} is unreachable: {exc or type(exc).__name__}"
+            f"{what}: Redis at {location} is unreachable: {exc or type(exc).__name__}"
         ) from exc
     except coredis.exceptions.RedisError as exc:
-        raise StoreError(f"{what}: Redis at {where(client)} answered: {exc}") from exc
+        raise StoreError(f"{what}: Redis at {location} answered: {exc}") from exc
 
 
 def where(client: coredis.Redis[Any]) -> str:

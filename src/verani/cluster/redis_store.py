@@ -39,7 +39,6 @@ from ..errors import (
     FencedError,
     LeaseLostError,
     StoreError,
-    StoreUnavailableError,
 )
 from ..store.base import (
     DOCUMENT_FORMAT,
@@ -57,7 +56,7 @@ from ..store.base import (
 )
 from . import keys
 from .group import Group, Job, run_scripts, settle
-from .lease import UNREACHABLE, where
+from .lease import redis_errors, where
 
 __all__ = ["Fence", "RedisStore"]
 
@@ -641,27 +640,22 @@ class RedisStore(Store):
                 f"{what}: the Redis client of {self._where} is not open (open the store first:"
                 " RedisStore.open(), recover() or `async with store`)"
             )
-        try:
-            yield
-        except coredis.exceptions.ReplicationError as exc:
-            raise StoreError(
-                f"{what}: fewer than {self._wait_replicas} replicas of Redis at {self._where}"
-                f" acknowledged the write within {self._wait_timeout_ms} ms (it is on the"
-                f" primary and may be lost in a failover): {exc}"
-            ) from exc
-        except UNREACHABLE as exc:
-            raise StoreUnavailableError(
-                f"{what}: Redis at {self._where} is unreachable: {exc or type(exc).__name__}"
-            ) from exc
-        except coredis.exceptions.RedisError as exc:
-            raise StoreError(f"{what}: Redis at {self._where} answered: {exc}") from exc
-        except RuntimeError as exc:
-            if "not initialized" not in str(exc) and "has exited" not in str(exc):
-                raise
-            # A caller's client that the caller has not entered (or already left).
-            raise StoreError(
-                f"{what}: the Redis client of {self._where} is not open: {exc}"
-            ) from exc
+        with redis_errors(what, self._where):
+            try:
+                yield
+            except coredis.exceptions.ReplicationError as exc:
+                raise StoreError(
+                    f"{what}: fewer than {self._wait_replicas} replicas of Redis at "
+                    f"{self._where} acknowledged the write within {self._wait_timeout_ms} ms "
+                    f"(it is on the primary and may be lost in a failover): {exc}"
+                ) from exc
+            except RuntimeError as exc:
+                if "not initialized" not in str(exc) and "has exited" not in str(exc):
+                    raise
+                # A caller's client that the caller has not entered (or already left).
+                raise StoreError(
+                    f"{what}: the Redis client of {self._where} is not open: {exc}"
+                ) from exc
 
 
 @attrs.define(eq=False)
