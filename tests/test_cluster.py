@@ -298,3 +298,25 @@ async def test_a_dropped_session_ends_on_time_though_its_room_moved_to_sleep(
                 assert await a.hibernate("presence", "default") == [("presence", "default", None)]
                 # Its grace period ends: the room wakes and bo leaves (ann is told).
                 assert (await ann.next_event("presence:update"))[1]["online"] == ["ann"]
+
+
+async def test_a_broadcast_reaches_another_nodes_sockets_as_one_copy(
+    redis_url: str, counter_rooms: list[RoomDefinition[Any]]
+) -> None:
+    with trio.fail_after(30):
+        async with nodes(counter_rooms, redis_url, "a", "b") as (a, b):
+            async with contextlib.AsyncExitStack() as stack:
+                owner = await stack.enter_async_context(connect(a.url, user_id="ann"))
+                await owner.next_event("counter:sync")  # a owns the room
+                on_b = [
+                    await stack.enter_async_context(connect(b.url, user_id=f"b{i}"))
+                    for i in range(3)
+                ]
+                for client in on_b:
+                    await client.next_event("counter:sync")
+                for n in (1, 2):
+                    await owner.emit("counter:increment", {"amount": 1})
+                    for client in on_b:
+                        assert (await client.next_event("counter:update"))[1]["count"] == n
+                cluster = b.supervisor.cluster
+                assert cluster is not None and cluster.stats["shared_frames"] >= 1

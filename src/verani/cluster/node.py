@@ -189,6 +189,8 @@ class ClusterNode:
         self.lost: set[tuple[str, str]] = set()
         # What goes to other nodes' inboxes and to Redis, flushed in order by one task.
         self._out: dict[str, list[list[Any]]] = {}
+        # Per target: the last frame queued and the message carrying it (see post_frame).
+        self._last_frame: dict[str, tuple[bytes, list[Any]]] = {}
         self._writes: list[tuple[Any, ...]] = []
         # Group forwarding (see _forward).
         self._forwards = Group(self._forward_batch)
@@ -624,14 +626,25 @@ class ClusterNode:
         self._out_ready.set()
 
     def post_frame(self, target: str, conn: str, room: str, instance: str, frame: bytes) -> None:
-        """Queue a frame for socket ``conn`` of node ``target``."""
+        """Queue a frame for socket ``conn`` of node ``target``: one message per run of frames
+        for one socket (``f``), or per frame sent to a run of sockets (``b``: a broadcast
+        reaches another node as one copy, decoded and encoded once)."""
         queue = self._out.setdefault(target, [])
         last = queue[-1] if queue else None
+        shared = self._last_frame.get(target)
+        self._out_ready.set()
+        if last is not None and shared is not None and shared[0] is frame and shared[1] is last:
+            if last[0] == "b":
+                last.append(conn)
+                return
+            if len(last) == 5 and last[1] != conn:
+                last[:] = ["b", room, instance, last[4], last[1], conn]
+                return
         if last is not None and last[0] == "f" and last[1] == conn:
-            last.append(frame.decode())  # one message per run of frames for one socket
+            last.append(frame.decode())
         else:
             queue.append(["f", conn, room, instance, frame.decode()])
-        self._out_ready.set()
+        self._last_frame[target] = (frame, queue[-1])
 
     async def _flush_loop(self) -> None:
         while True:
@@ -651,6 +664,7 @@ class ClusterNode:
     async def _flush_all(self) -> None:
         while self._out or self._writes or self._gone or self._forget:
             out, self._out = self._out, {}
+            self._last_frame.clear()
             writes, self._writes = self._writes, []
             gone, self._gone = self._gone, []
             await self._retrying(
@@ -745,7 +759,7 @@ class ClusterNode:
     async def _handle(self, message: list[Any]) -> None:
         kind = message[0]
         try:
-            if kind == "f":
+            if kind in ("f", "b"):
                 self._deliver(message)
             elif kind == "z":
                 conn = self.conns.get(message[1])
@@ -770,11 +784,22 @@ class ClusterNode:
             )
 
     def _deliver(self, message: list[Any]) -> None:
-        conn_id, room, instance = message[1], message[2], message[3]
+        if message[0] == "b":
+            # One frame for many sockets (a broadcast): encoded once.
+            room, instance, text = message[1], message[2], message[3]
+            frames = [text.encode()]
+            self.stats["shared_frames"] += 1
+            for conn_id in message[4:]:
+                self._deliver_to(conn_id, room, instance, frames)
+        else:
+            frames = [text.encode() for text in message[4:]]
+            self._deliver_to(message[1], message[2], message[3], frames)
+
+    def _deliver_to(self, conn_id: str, room: str, instance: str, frames: list[bytes]) -> None:
         conn = self.conns.get(conn_id)
         if conn is not None:
-            for frame in message[4:]:
-                conn.send_frame(frame.encode())
+            for frame in frames:
+                conn.send_frame(frame)
             return
         if conn_id in self._gone_reported:
             return
