@@ -12,7 +12,14 @@ import time
 
 import pytest
 
-from helpers import free_port
+
+def _free_port() -> int:
+    # Not helpers.free_port: tests/bench/cluster.py imports this module as tests.redis_server,
+    # where the tests' own modules are not importable by their bare names.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 class RedisServer:
@@ -24,7 +31,7 @@ class RedisServer:
             pytest.fail("redis-server is not installed: apt-get install redis-server")
         self.binary = binary
         self.directory = directory
-        self.port = free_port()
+        self.port = _free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self._process: subprocess.Popen[bytes] | None = None
         self._log = directory / "redis.log"
